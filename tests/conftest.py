@@ -1,0 +1,81 @@
+"""Shared fixtures: one real vLLM engine on the real SmolLM2 model per test session, and a fresh
+server (port 0, temp store and registry) per test that needs one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+# Small KV cache: the tests batch a handful of short requests.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+ENGINE_MAX_MODEL_LEN = 1024
+
+
+def engine_config(**overrides: object):
+    from tuneloop.server.config import ServerConfig
+
+    base: dict[str, object] = dict(
+        port=0, metrics_port=0, max_model_len=ENGINE_MAX_MODEL_LEN, max_tokens_limit=512,
+        max_num_seqs=32, kv_cache_gib=1.0, max_loras=2, max_lora_rank=16, grace_period_s=5.0,
+    )
+    base.update(overrides)
+    return ServerConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from tuneloop.server.model_cache import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+async def engine(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[object]:
+    from tuneloop.server.engine import start_engine
+
+    home = tmp_path_factory.mktemp("engine")
+    eng = await start_engine(engine_config(store_url=f"sqlite:///{home}/unused.db", adapter_dir=str(home)), str(model_dir))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture
+async def make_server(engine: object, tmp_path: Path) -> AsyncIterator[object]:
+    """Builds servers on the shared engine, each with its own store and registry in tmp_path."""
+    from tuneloop.server.app import TuneloopServer
+
+    servers: list[TuneloopServer] = []
+
+    async def make(**overrides: object) -> TuneloopServer:
+        cfg = engine_config(
+            **{
+                "store_url": f"sqlite:///{tmp_path}/tuneloop-{len(servers)}.db",
+                "adapter_dir": str(tmp_path / "adapters"),
+                **overrides,
+            }
+        )
+        srv = TuneloopServer(cfg, engine=engine)  # type: ignore[arg-type]
+        servers.append(srv)
+        await srv.start()
+        await srv.wait_ready(timeout=30)
+        return srv
+
+    yield make
+    for srv in servers:
+        await srv.stop(grace=2)
+
+
+@pytest.fixture
+async def server(make_server):  # type: ignore[no-untyped-def]
+    return await make_server()
+
+
+@pytest.fixture
+async def channel(server) -> AsyncIterator[grpc.aio.Channel]:  # type: ignore[no-untyped-def]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
