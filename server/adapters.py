@@ -13,7 +13,7 @@ import logging
 
 from .domain import BASE, AdapterRef
 from .engine import Engine, LoadedAdapter
-from .errors import InvalidArgument, NotFound
+from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .registry import AdapterRegistry, AdapterVersion
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class AdapterManager:
             if key in self._loaded:  # loaded by the request we waited behind
                 return self._loaded[key]
             if found.rank is not None and found.rank > self._max_rank:
-                raise InvalidArgument(
+                raise FailedPrecondition(
                     f"adapter {key} has rank {found.rank}, above this server's max_lora_rank {self._max_rank}"
                 )
             adapter = LoadedAdapter(key=key, int_id=next(self._ids), path=str(found.path))

@@ -26,7 +26,8 @@ from .metrics import Metrics
 from .model_cache import ensure_default_model
 from .registry import AdapterRegistry
 from .servicers import generation as generation_servicer
-from .store import CompletionLog, open_store
+from .store import open_store
+from .store.completion_log import CompletionLog
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,6 @@ class TuneloopServer:
             httpd, _thread = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.metrics.registry)
             self._http = httpd
             self.metrics_port = httpd.server_port
-        self.completion_log.start()
         log.info("gRPC listening on %s:%d%s", cfg.host, self.port, " (TLS)" if cfg.tls else "")
         self._tasks.append(asyncio.create_task(self._bring_up_engine(), name="engine-start"))
         return self.port

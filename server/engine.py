@@ -15,7 +15,7 @@ from typing import Protocol
 
 from .config import ServerConfig
 from .domain import SamplingSpec
-from .errors import EngineUnavailable, InvalidArgument, RequestFailed
+from .errors import EngineUnavailable, FailedPrecondition, InvalidArgument, RequestFailed
 
 log = logging.getLogger(__name__)
 
@@ -202,22 +202,22 @@ class VllmEngine:
 
     # -- adapters --------------------------------------------------------------------------
     async def add_adapter(self, adapter: LoadedAdapter) -> None:
-        """Load the adapter into the engine; raises InvalidArgument when vLLM refuses its files."""
+        """Load the adapter into the engine; raises FailedPrecondition when vLLM refuses its files."""
         try:
             ok = await self._llm.add_lora(self._lora_request(adapter))  # type: ignore[attr-defined]
         except Exception as exc:  # vLLM raises plain ValueError/RuntimeError for bad adapter files
             if getattr(self._llm, "errored", False):
                 raise EngineUnavailable("the inference engine has stopped") from exc
-            raise InvalidArgument(f"adapter {adapter.key} cannot be loaded: {exc}") from exc
+            raise FailedPrecondition(f"adapter {adapter.key} cannot be loaded: {exc}") from exc
         if not ok:
-            raise InvalidArgument(f"adapter {adapter.key} was refused by the engine")
+            raise FailedPrecondition(f"adapter {adapter.key} was refused by the engine")
 
     async def remove_adapter(self, adapter: LoadedAdapter) -> None:
         await self._llm.remove_lora(adapter.int_id)  # type: ignore[attr-defined]
 
     # -- lifecycle -------------------------------------------------------------------------
     async def check_health(self) -> None:
-        if getattr(self._llm, "errored", False):
+        if self._llm is None or getattr(self._llm, "errored", False):
             raise EngineUnavailable("the inference engine has stopped")
 
     def unfinished_requests(self) -> int:
@@ -226,10 +226,15 @@ class VllmEngine:
 
     @property
     def errored(self) -> bool:
-        return bool(getattr(self._llm, "errored", False))
+        return self._llm is None or bool(getattr(self._llm, "errored", False))
 
     def shutdown(self) -> None:
-        self._llm.shutdown()  # type: ignore[attr-defined]
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()  # type: ignore[attr-defined]
+            # Dropping the last reference now lets AsyncLLM.__del__ run while the interpreter is
+            # whole, instead of at exit when its module globals are already gone.
+            del llm
 
 
 async def start_engine(config: ServerConfig, model_dir: str) -> VllmEngine:

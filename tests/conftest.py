@@ -22,6 +22,8 @@ def engine_config(**overrides: object):
     base: dict[str, object] = dict(
         port=0, metrics_port=0, max_model_len=ENGINE_MAX_MODEL_LEN, max_tokens_limit=512,
         max_num_seqs=32, kv_cache_gib=1.0, max_loras=2, max_lora_rank=16, grace_period_s=5.0,
+        # Set to "on" to see the CPU engine crash the seeded-batch test guards against.
+        chunked_prefill=os.environ.get("TUNELOOP_TEST_CHUNKED_PREFILL", "auto"),
     )
     base.update(overrides)
     return ServerConfig(**base)  # type: ignore[arg-type]

@@ -1,0 +1,29 @@
+"""The completion log and feedback store. `open_store(url)` picks the implementation by URL scheme."""
+
+from __future__ import annotations
+
+from .base import CompletionRef, FeedbackTx, Store, StoredEventKey
+from .migrations import SchemaTooNew
+from .schema import prompt_sha256
+
+SUPPORTED_SCHEMES = ("sqlite:///",)
+
+
+def open_store(url: str) -> Store:
+    """Opens (creating and migrating as needed) the store at `url`.
+
+    Supported: "sqlite:///relative/path.db" and "sqlite:////absolute/path.db" (parent folders are
+    created). Raises ValueError for any other scheme, SchemaTooNew for a database written by a
+    newer tuneloop.
+    """
+    from .sql import SQLITE_PREFIX, SqlStore  # deferred: sql imports the feedback domain types
+
+    if url.startswith(SQLITE_PREFIX):
+        return SqlStore.open(url)
+    raise ValueError(
+        f"unsupported store URL {url!r}; supported schemes: {', '.join(SUPPORTED_SCHEMES)} "
+        "(e.g. sqlite:////var/lib/tuneloop/tuneloop.db)"
+    )
+
+
+__all__ = ["CompletionRef", "FeedbackTx", "SchemaTooNew", "Store", "StoredEventKey", "open_store", "prompt_sha256"]

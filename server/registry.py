@@ -1,0 +1,389 @@
+"""The adapter registry: versioned LoRA adapters in a directory, with named channels.
+
+Layout (an object store can take its place later; the layout maps onto keys one to one):
+
+    <root>/<name>/versions/<version>/   adapter_config.json, adapter_model.safetensors, manifest.json
+    <root>/<name>/channels/<channel>.json   {"version": "v3", "updated_at": ...}
+    <root>/<name>/channels/<channel>.log    one JSON line per channel move (for rollback)
+    <root>/<name>/.lock                     fcntl lock held while a version or a channel is written
+
+The trainer publishes and the server reads. Readers take no lock: every write becomes visible by
+one `rename`, so a reader sees a whole version or none, and a channel file is always complete.
+A publisher that dies mid-way leaves at most a hidden `.staging-*` directory, which is never
+listed and is removed by the next publish.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .errors import FailedPrecondition, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MANIFEST = "manifest.json"
+DEFAULT_CHANNEL = "current"
+RESERVED_NAMES = frozenset({"base"})
+ACCEPTED, REJECTED = "accepted", "rejected"
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_VERSION_RE = re.compile(r"v([1-9][0-9]*)")
+_STAGING_PREFIX = ".staging-"
+
+
+def default_registry_dir() -> Path:
+    """`$TUNELOOP_HOME/adapters` (the server's default too)."""
+    from .config import tuneloop_home  # noqa: PLC0415 - config is only needed for this default
+
+    return (tuneloop_home() / "adapters").resolve()
+
+
+def validate_name(name: str, what: str = "adapter name") -> str:
+    """Refuse names that are not `[a-z0-9][a-z0-9_-]{0,63}`; adapter names may not be "base"."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise InvalidArgument(
+            f"{what} {name!r} is invalid: use 1-64 of a-z, 0-9, '_' and '-', starting with a letter or digit"
+        )
+    if what == "adapter name" and name in RESERVED_NAMES:
+        raise InvalidArgument(f"{what} {name!r} is reserved for the bare base model; pick another name")
+    return name
+
+
+def version_number(version: str) -> int:
+    """`"v12"` -> 12; anything else is refused."""
+    m = _VERSION_RE.fullmatch(version)
+    if not m:
+        raise InvalidArgument(f"version {version!r} is invalid: versions look like v1, v2, ...")
+    return int(m.group(1))
+
+
+def base_model_fingerprint(model_dir: str | Path) -> str:
+    """An identity for a base model directory that survives being copied to another machine.
+
+    `<dir name>@<16 hex>` over config.json and, per weight file, its name, size and first and last
+    MiB. Reading the ends rather than whole files keeps this cheap for multi-GB models while still
+    telling apart two checkpoints of the same architecture (their weights differ at both ends).
+    """
+    d = Path(model_dir)
+    cfg = d / "config.json"
+    if not cfg.is_file():
+        raise InvalidArgument(f"{d} is not a model directory: config.json is missing")
+    h = hashlib.sha256(cfg.read_bytes())
+    weights = sorted(p for p in d.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    chunk = 1 << 20
+    for p in weights:
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}".encode())
+        with p.open("rb") as f:
+            h.update(f.read(chunk))
+            if size > chunk:
+                f.seek(max(chunk, size - chunk))
+                h.update(f.read(chunk))
+    return f"{d.name}@{h.hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One published version: its directory and manifest, as read (and validated) from disk."""
+
+    name: str
+    version: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def status(self) -> str:
+        """"accepted" (passed its gate, may be served) or "rejected" (kept for its metrics)."""
+        return ACCEPTED if self.manifest.get("status", ACCEPTED) == ACCEPTED else REJECTED
+
+    @property
+    def base_model(self) -> str:
+        return str(self.manifest.get("base_model", ""))
+
+    @property
+    def parent_version(self) -> str | None:
+        parent = self.manifest.get("parent_version")
+        return str(parent) if parent else None
+
+    @property
+    def number(self) -> int:
+        return version_number(self.version)
+
+    @cached_property
+    def adapter_config(self) -> dict[str, Any]:
+        return _read_json(self.path / "adapter_config.json")
+
+    @property
+    def rank(self) -> int | None:
+        r = self.adapter_config.get("r")
+        return int(r) if isinstance(r, int) else None
+
+
+class CorruptEntry(Exception):
+    """A version directory that cannot be trusted (missing files, unparsable manifest)."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with path.open(encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name} does not hold a JSON object")
+    return data
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename is durable only once the directory that holds it is synced.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class AdapterRegistry:
+    """Directory-backed registry; safe for one writer per name at a time across processes (fcntl),
+    and for any number of lock-free readers."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root) if str(root) else default_registry_dir()
+
+    # -- reading -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.fullmatch(p.name))
+
+    def versions(self, name: str) -> list[AdapterVersion]:
+        """All readable versions, oldest first; corrupt ones are logged and skipped."""
+        vdir = self.root / validate_name(name) / "versions"
+        if not vdir.is_dir():
+            return []
+        found: list[AdapterVersion] = []
+        for p in vdir.iterdir():
+            if not _VERSION_RE.fullmatch(p.name):
+                continue  # staging dirs and stray files are never versions
+            try:
+                found.append(self._load(name, p.name))
+            except CorruptEntry as exc:
+                log.warning("adapter registry: skipping %s/%s: %s", name, p.name, exc)
+        return sorted(found, key=lambda v: v.number)
+
+    def corrupt_versions(self, name: str) -> list[tuple[str, str]]:
+        """`(version, reason)` for each version directory that `versions` skips."""
+        vdir = self.root / validate_name(name) / "versions"
+        bad: list[tuple[str, str]] = []
+        if vdir.is_dir():
+            for p in sorted(vdir.iterdir(), key=lambda q: q.name):
+                if _VERSION_RE.fullmatch(p.name):
+                    try:
+                        self._load(name, p.name)
+                    except CorruptEntry as exc:
+                        bad.append((p.name, str(exc)))
+        return bad
+
+    def get(self, name: str, version: str) -> AdapterVersion:
+        validate_name(name)
+        version_number(version)
+        path = self.root / name / "versions" / version
+        if not path.is_dir():
+            known = ", ".join(v.version for v in self.versions(name)) or "none"
+            raise NotFound(f"adapter {name} has no version {version} (known versions: {known})")
+        try:
+            return self._load(name, version)
+        except CorruptEntry as exc:
+            raise NotFound(f"adapter {name} version {version} is unreadable: {exc}") from exc
+
+    def channel(self, name: str, channel: str = DEFAULT_CHANNEL) -> str | None:
+        path = self.root / validate_name(name) / "channels" / f"{validate_name(channel, 'channel')}.json"
+        try:
+            data = _read_json(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("adapter registry: channel file %s is unreadable: %s", path, exc)
+            return None
+        version = data.get("version")
+        return version if isinstance(version, str) and _VERSION_RE.fullmatch(version) else None
+
+    def resolve(self, name: str, version: str = "") -> AdapterVersion:
+        """A pinned version, or the one channel `current` points to."""
+        if version:
+            return self.get(name, version)
+        current = self.channel(name, DEFAULT_CHANNEL)
+        if current is None:
+            if not (self.root / validate_name(name)).is_dir():
+                raise NotFound(f"no adapter named {name} in the registry at {self.root}")
+            raise NotFound(f"adapter {name} has no '{DEFAULT_CHANNEL}' version yet; pin a version or publish one")
+        return self.get(name, current)
+
+    def history(self, name: str, channel: str = DEFAULT_CHANNEL) -> list[str]:
+        """The versions the channel pointed to before its present one, oldest first
+        (so `history(...)[-1]` is what a rollback returns to)."""
+        path = self.root / validate_name(name) / "channels" / f"{validate_name(channel, 'channel')}.log"
+        previous: list[str] = []
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        for line in lines:
+            try:
+                prev = json.loads(line).get("previous")
+            except (ValueError, AttributeError):
+                continue  # a torn last line from a crash mid-append
+            if isinstance(prev, str) and prev:
+                previous.append(prev)
+        return previous
+
+    def _load(self, name: str, version: str) -> AdapterVersion:
+        path = self.root / name / "versions" / version
+        missing = [f for f in (*ADAPTER_FILES, MANIFEST) if not (path / f).is_file()]
+        if missing:
+            raise CorruptEntry(f"missing {', '.join(missing)}")
+        try:
+            manifest = _read_json(path / MANIFEST)
+            _read_json(path / "adapter_config.json")
+        except (OSError, ValueError) as exc:
+            raise CorruptEntry(f"unparsable JSON: {exc}") from exc
+        if manifest.get("version") != version:
+            raise CorruptEntry(f"manifest names version {manifest.get('version')!r}, directory is {version}")
+        return AdapterVersion(name=name, version=version, path=path, manifest=manifest)
+
+    # -- writing -------------------------------------------------------------------------------
+    @contextmanager
+    def _locked(self, name: str) -> Iterator[Path]:
+        ndir = self.root / name
+        ndir.mkdir(parents=True, exist_ok=True)
+        with (ndir / ".lock").open("a+") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield ndir
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def publish(
+        self,
+        name: str,
+        adapter_dir: Path,
+        manifest: dict[str, Any],
+        *,
+        accepted: bool = True,
+        channel: str | None = DEFAULT_CHANNEL,
+    ) -> AdapterVersion:
+        """Copy a peft adapter directory in as the next version, then (if accepted) move `channel`.
+
+        The version is staged in a hidden directory, fsynced, and renamed into place under the
+        name's lock, so the number is never reused and a crash leaves no visible half-version.
+        A rejected version is stored with its manifest and never moves a channel.
+        """
+        validate_name(name)
+        if channel is not None:
+            validate_name(channel, "channel")
+        src = Path(adapter_dir)
+        missing = [f for f in ADAPTER_FILES if not (src / f).is_file()]
+        if missing:
+            raise InvalidArgument(f"{src} is not a peft adapter directory: missing {', '.join(missing)}")
+        with self._locked(name) as ndir:
+            vdir = ndir / "versions"
+            vdir.mkdir(exist_ok=True)
+            self._remove_stale_staging(vdir)
+            numbers = [int(m.group(1)) for p in vdir.iterdir() if (m := _VERSION_RE.fullmatch(p.name))]
+            version = f"v{max(numbers, default=0) + 1}"
+            full = {
+                **manifest,
+                "name": name,
+                "version": version,
+                "status": ACCEPTED if accepted else REJECTED,
+                "created_at": time.time(),
+            }
+            staging = self._stage(vdir, src, full)
+            self._commit(staging, vdir / version)
+            published = self._load(name, version)
+            if accepted and channel is not None:
+                self._move_channel(ndir, channel, version)
+        log.info("adapter registry: published %s/%s (%s)", name, version, full["status"])
+        return published
+
+    def set_channel(self, name: str, channel: str, version: str) -> None:
+        """Point `channel` at an accepted version, atomically."""
+        validate_name(name)
+        validate_name(channel, "channel")
+        target = self.get(name, version)
+        if target.status != ACCEPTED:
+            raise FailedPrecondition(f"adapter {name} version {version} was rejected by its gate and cannot be served")
+        with self._locked(name) as ndir:
+            self._move_channel(ndir, channel, version)
+
+    @staticmethod
+    def _remove_stale_staging(vdir: Path) -> None:
+        # Staging only exists while the lock is held, so any found now belongs to a dead publisher.
+        for p in vdir.iterdir():
+            if p.name.startswith(_STAGING_PREFIX):
+                log.warning("adapter registry: removing leftover %s from an interrupted publish", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+    @staticmethod
+    def _stage(vdir: Path, src: Path, manifest: dict[str, Any]) -> Path:
+        staging = vdir / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
+        staging.mkdir()
+        for f in ADAPTER_FILES:
+            shutil.copyfile(src / f, staging / f)
+            _fsync_file(staging / f)
+        with (staging / MANIFEST).open("w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(staging)
+        return staging
+
+    @staticmethod
+    def _commit(staging: Path, final: Path) -> None:
+        os.rename(staging, final)
+        _fsync_dir(final.parent)
+
+    def _move_channel(self, ndir: Path, channel: str, version: str) -> None:
+        cdir = ndir / "channels"
+        cdir.mkdir(exist_ok=True)
+        previous = self.channel(ndir.name, channel)
+        if previous == version:
+            return
+        now = time.time()
+        _write_json_atomic(cdir / f"{channel}.json", {"version": version, "updated_at": now})
+        # The log is appended after the switch: a crash in between loses one history line, never
+        # leaves the log claiming a switch that did not happen.
+        with (cdir / f"{channel}.log").open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"version": version, "previous": previous, "updated_at": now}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
