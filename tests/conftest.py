@@ -3,12 +3,18 @@ server (port 0, temp store and registry) per test that needs one."""
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 # Small KV cache: the tests batch a handful of short requests.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -81,3 +87,54 @@ async def server(make_server):  # type: ignore[no-untyped-def]
 async def channel(server) -> AsyncIterator[grpc.aio.Channel]:  # type: ignore[no-untyped-def]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         yield ch
+
+
+# --------------------------------------------------------------------------- TLS: a throwaway CA, server and client pairs
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _cert(subject: str, key, issuer_cert=None, issuer_key=None, *, ca: bool = False, server: bool = False) -> x509.Certificate:  # type: ignore[no-untyped-def]
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = dt.datetime.now(dt.timezone.utc)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_cert.subject if issuer_cert else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if server:
+        b = b.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    return b.sign(issuer_key or key, hashes.SHA256())
+
+
+def _pem(obj) -> bytes:  # type: ignore[no-untyped-def]
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    ca_key = _key()
+    ca = _cert("tuneloop-test-ca", ca_key, ca=True)
+    srv_key, cli_key = _key(), _key()
+    files = {
+        "ca": _pem(ca),
+        "server.crt": _pem(_cert("localhost", srv_key, ca, ca_key, server=True)),
+        "server.key": _pem(srv_key),
+        "client.crt": _pem(_cert("client", cli_key, ca, ca_key)),
+        "client.key": _pem(cli_key),
+    }
+    out = {}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        out[name] = tmp_path / name
+    return out

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tuneloop.v1 import generation_pb2 as pb
@@ -55,57 +49,6 @@ async def test_without_keys_everything_is_open(server, channel) -> None:
 async def _drain(call: grpc.aio.UnaryStreamCall) -> None:
     async for _ in call:
         pass
-
-
-# --------------------------------------------------------------------------- TLS
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _cert(subject: str, key, issuer_cert=None, issuer_key=None, *, ca: bool = False, server: bool = False) -> x509.Certificate:  # type: ignore[no-untyped-def]
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = dt.datetime.now(dt.timezone.utc)
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer_cert.subject if issuer_cert else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        b = b.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-    return b.sign(issuer_key or key, hashes.SHA256())
-
-
-def _pem(obj) -> bytes:  # type: ignore[no-untyped-def]
-    if isinstance(obj, x509.Certificate):
-        return obj.public_bytes(serialization.Encoding.PEM)
-    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> dict[str, Path]:
-    ca_key = _key()
-    ca = _cert("tuneloop-test-ca", ca_key, ca=True)
-    srv_key, cli_key = _key(), _key()
-    files = {
-        "ca": _pem(ca),
-        "server.crt": _pem(_cert("localhost", srv_key, ca, ca_key, server=True)),
-        "server.key": _pem(srv_key),
-        "client.crt": _pem(_cert("client", cli_key, ca, ca_key)),
-        "client.key": _pem(cli_key),
-    }
-    out = {}
-    for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-        out[name] = tmp_path / name
-    return out
 
 
 async def test_tls_and_mutual_tls(make_server, pki: dict[str, Path]) -> None:

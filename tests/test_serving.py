@@ -202,3 +202,20 @@ async def test_metrics_are_exposed_and_parseable(server, channel) -> None:
     assert samples[("tuneloop_prompt_tokens_total", base)] >= 1
     assert samples[("tuneloop_requests_in_flight", base)] == 0
     assert samples[("tuneloop_engine_healthy", ())] == 1
+
+
+async def test_reflection_lists_and_describes_every_service(server) -> None:
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    def describe(target: str) -> tuple[set[str], list[str]]:
+        with grpc.insecure_channel(target) as sync_ch:
+            db = ProtoReflectionDescriptorDatabase(sync_ch)
+            services = set(db.get_services())
+            pool = DescriptorPool(db)
+            methods = [m.name for m in pool.FindServiceByName("tuneloop.v1.GenerationService").methods]
+            return services, methods
+
+    services, methods = await asyncio.to_thread(describe, f"127.0.0.1:{server.port}")
+    assert {"tuneloop.v1.GenerationService", "grpc.health.v1.Health"} <= services
+    assert methods == ["Generate", "GenerateStream"]

@@ -1,0 +1,259 @@
+"""Channels and calls: the only code that differs between the sync and the asyncio client.
+
+The service modules (`generation`, `feedback`, ...) build requests and convert responses once, and
+hand the call itself to a transport. `SyncTransport` returns results; `AsyncTransport` returns
+awaitables and async iterators. Both attach the API key and the default timeout to every call and
+turn every failed call into a `TuneloopError` subclass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import grpc
+import grpc.aio
+
+from .errors import error_from_rpc, invalid_argument
+
+Resp = TypeVar("Resp")
+T = TypeVar("T")
+StubT = TypeVar("StubT")
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """Where and how to connect.
+
+    TLS is used when `tls` is set or any of `tls_ca`, `tls_cert`, `tls_key` is given; without
+    `tls_ca` the system's root certificates verify the server. `tls_cert` + `tls_key` (both or
+    neither) present a client certificate for mutual TLS.
+    """
+
+    target: str = DEFAULT_TARGET
+    api_key: str | None = None
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    timeout: float | None = None  # seconds per call; None waits as long as the call takes
+
+    def __post_init__(self) -> None:
+        if not self.target:
+            raise invalid_argument("target is empty; use host:port")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise invalid_argument(
+                "tls_cert and tls_key go together: give both for mutual TLS, or neither"
+            )
+        if self.timeout is not None and not self.timeout > 0:
+            raise invalid_argument(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise invalid_argument("api_key is empty; omit it or pass the key")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.tls_ca is not None or self.tls_cert is not None
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials read from the configured files, or None for a plaintext channel."""
+        if not self.uses_tls:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.tls_ca, "tls_ca"),
+            private_key=_read(self.tls_key, "tls_key"),
+            certificate_chain=_read(self.tls_cert, "tls_cert"),
+        )
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        # Plain metadata rather than grpc call credentials: those refuse plaintext channels, and a
+        # local server without TLS may still check keys.
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise invalid_argument(f"cannot read {what} file {path!r}: {exc.strerror}") from None
+
+
+def _capture(requests: Iterable[T], failures: list[Exception]) -> Iterator[T]:
+    """Yields `requests`, remembering an exception they raise.
+
+    grpc reads the request stream itself and turns such an exception into a bare CANCELLED or
+    UNKNOWN status; remembering it lets the caller see the real cause (e.g. a malformed event).
+    """
+    try:
+        yield from requests
+    except Exception as exc:
+        failures.append(exc)
+        raise
+
+
+async def _acapture(requests: AsyncIterable[T], failures: list[Exception]) -> AsyncIterator[T]:
+    try:
+        async for request in requests:
+            yield request
+    except Exception as exc:
+        failures.append(exc)
+        raise
+
+
+def _failure(exc: grpc.RpcError, failures: Sequence[Exception]) -> Exception:
+    """What a failed stream raises: the request stream's own exception if it broke, else the status."""
+    return failures[0] if failures else error_from_rpc(exc)
+
+
+class Transport(Protocol):
+    """What the service mixins call. Results are `Any` because they are values for `Client` and
+    awaitables / async iterators for `AsyncClient`; each mixin's type parameters say which."""
+
+    def stub(self, stub_class: Callable[[Any], StubT]) -> StubT: ...
+    def unary(self, method: Callable[..., Any], request: Any, convert: Callable[[Any], T]) -> Any: ...
+    def server_stream(self, method: Callable[..., Any], request: Any, convert: Callable[[Any], T]) -> Any: ...
+    def stream_stream(self, method: Callable[..., Any], requests: Any, convert: Callable[[Any], T]) -> Any: ...
+
+
+class ServiceMethods:
+    """Base of the per-service method mixins, which reach their channel through `_transport`."""
+
+    @property
+    def _transport(self) -> Transport:
+        raise NotImplementedError  # provided by the client class
+
+
+class _Transport:
+    """What both transports share: the config, the per-call arguments and the stub cache."""
+
+    def __init__(self, config: ChannelConfig) -> None:
+        self.config = config
+        self._call_kwargs: dict[str, Any] = {"timeout": config.timeout, "metadata": config.metadata()}
+        self._stubs: dict[type, Any] = {}
+
+    def stub(self, stub_class: Callable[[Any], StubT]) -> StubT:
+        """The generated stub of a service over this channel (built once)."""
+        key: Any = stub_class
+        if key not in self._stubs:
+            self._stubs[key] = stub_class(self.channel)
+        stub: StubT = self._stubs[key]
+        return stub
+
+    @property
+    def channel(self) -> Any:
+        raise NotImplementedError
+
+
+class SyncTransport(_Transport):
+    def __init__(self, config: ChannelConfig) -> None:
+        super().__init__(config)
+        creds = config.credentials()
+        self._channel = grpc.secure_channel(config.target, creds) if creds else grpc.insecure_channel(config.target)
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._channel
+
+    def unary(self, method: Callable[..., Resp], request: Any, convert: Callable[[Resp], T]) -> T:
+        try:
+            response = method(request, **self._call_kwargs)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return convert(response)
+
+    def server_stream(self, method: Callable[..., Any], request: Any, convert: Callable[[Any], T]) -> Iterator[T]:
+        return self._iterate(lambda: method(request, **self._call_kwargs), convert)
+
+    def stream_stream(
+        self, method: Callable[..., Any], requests: Iterable[Any], convert: Callable[[Any], T]
+    ) -> Iterator[T]:
+        if isinstance(requests, AsyncIterable):
+            raise invalid_argument("Client streams from a plain iterable; use AsyncClient for an async iterable")
+        failures: list[Exception] = []
+        # grpc reads `requests` on its own thread, as the server's flow control allows.
+        return self._iterate(
+            lambda: method(_capture(requests, failures), **self._call_kwargs), convert, failures
+        )
+
+    @staticmethod
+    def _iterate(
+        start: Callable[[], Any], convert: Callable[[Any], T], failures: Sequence[Exception] = ()
+    ) -> Iterator[T]:
+        # The call starts on the first next(), so an iterator that is never consumed costs nothing.
+        call = start()
+        try:
+            for message in call:
+                yield convert(message)
+        except grpc.RpcError as exc:
+            raise _failure(exc, failures) from None
+        finally:
+            # A caller that stops early (break, Ctrl-C) must not leave the server generating;
+            # cancelling a finished call is a no-op.
+            call.cancel()
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class AsyncTransport(_Transport):
+    def __init__(self, config: ChannelConfig) -> None:
+        super().__init__(config)
+        self._credentials = config.credentials()  # read now, so a bad file fails at construction
+        self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        # An aio channel binds to the running event loop, so it is opened on first use, inside
+        # the loop, letting an AsyncClient be built anywhere (module level, a sync factory).
+        if self._channel is None:
+            creds, target = self._credentials, self.config.target
+            self._channel = grpc.aio.secure_channel(target, creds) if creds else grpc.aio.insecure_channel(target)
+        return self._channel
+
+    def unary(self, method: Callable[..., Any], request: Any, convert: Callable[[Any], T]) -> Awaitable[T]:
+        return self._unary(method, request, convert)
+
+    async def _unary(self, method: Callable[..., Any], request: Any, convert: Callable[[Any], T]) -> T:
+        try:
+            response = await method(request, **self._call_kwargs)
+        except grpc.RpcError as exc:  # AioRpcError; asyncio.CancelledError passes through
+            raise error_from_rpc(exc) from None
+        return convert(response)
+
+    def server_stream(
+        self, method: Callable[..., Any], request: Any, convert: Callable[[Any], T]
+    ) -> AsyncIterator[T]:
+        return self._iterate(lambda: method(request, **self._call_kwargs), convert)
+
+    def stream_stream(
+        self,
+        method: Callable[..., Any],
+        requests: Iterable[Any] | AsyncIterable[Any],
+        convert: Callable[[Any], T],
+    ) -> AsyncIterator[T]:
+        failures: list[Exception] = []
+        # grpc.aio takes both plain and async iterables as the request stream.
+        wrapped = _acapture(requests, failures) if isinstance(requests, AsyncIterable) else _capture(requests, failures)
+        return self._iterate(lambda: method(wrapped, **self._call_kwargs), convert, failures)
+
+    @staticmethod
+    async def _iterate(
+        start: Callable[[], Any], convert: Callable[[Any], T], failures: Sequence[Exception] = ()
+    ) -> AsyncIterator[T]:
+        call = start()
+        try:
+            async for message in call:
+                yield convert(message)
+        except grpc.RpcError as exc:  # AioRpcError; asyncio.CancelledError passes through
+            raise _failure(exc, failures) from None
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close(None)
