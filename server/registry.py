@@ -227,6 +227,11 @@ class AdapterRegistry:
             raise NotFound(f"adapter {name} version {version} is unreadable: {exc}") from exc
 
     def channel(self, name: str, channel: str = DEFAULT_CHANNEL) -> str | None:
+        info = self.channel_info(name, channel)
+        return info[0] if info else None
+
+    def channel_info(self, name: str, channel: str = DEFAULT_CHANNEL) -> tuple[str, float] | None:
+        """The channel's version and when it was last moved (unix seconds), or None if unset."""
         path = self.root / validate_name(name) / "channels" / f"{validate_name(channel, 'channel')}.json"
         try:
             data = _read_json(path)
@@ -235,8 +240,10 @@ class AdapterRegistry:
         except (OSError, ValueError) as exc:
             log.warning("adapter registry: channel file %s is unreadable: %s", path, exc)
             return None
-        version = data.get("version")
-        return version if isinstance(version, str) and _VERSION_RE.fullmatch(version) else None
+        version, updated_at = data.get("version"), data.get("updated_at")
+        if not (isinstance(version, str) and _VERSION_RE.fullmatch(version)):
+            return None
+        return version, float(updated_at) if isinstance(updated_at, (int, float)) else 0.0
 
     def resolve(self, name: str, version: str = "") -> AdapterVersion:
         """A pinned version, or the one channel `current` points to."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tuneloop.server.registry import AdapterRegistry
+from tuneloop.server.registry import AdapterRegistry, base_model_fingerprint
 from tuneloop.v1 import generation_pb2 as pb
 from tuneloop.v1 import generation_pb2_grpc as pb_grpc
 
@@ -44,11 +44,12 @@ GREEDY = pb.SamplingParams(max_tokens=12, temperature=0.0)
 PROMPT = "The best way to spend a weekend is"
 
 
-async def test_adapter_versions_are_served_and_named(make_server, lora_dirs, tmp_path: Path) -> None:
+async def test_adapter_versions_are_served_and_named(make_server, lora_dirs, model_dir: Path) -> None:
     server = await make_server()
     reg = AdapterRegistry(server.config.adapter_dir)
-    reg.publish("support", lora_dirs["r8a"], {"base_model": "SmolLM2-135M-Instruct"})
-    reg.publish("support", lora_dirs["r8b"], {"base_model": "SmolLM2-135M-Instruct"})
+    manifest = {"base_model": base_model_fingerprint(model_dir)}
+    reg.publish("support", lora_dirs["r8a"], manifest)
+    reg.publish("support", lora_dirs["r8b"], manifest)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         stub = pb_grpc.GenerationServiceStub(ch)
         base = (await stub.Generate(pb.GenerateRequest(prompt=PROMPT, sampling=GREEDY))).completions[0]
@@ -72,11 +73,16 @@ async def test_adapter_versions_are_served_and_named(make_server, lora_dirs, tmp
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "v9" in err.value.details()
 
         # A rank above the server's max_lora_rank is refused with a message naming both ranks.
-        reg.publish("wide", lora_dirs["r32"], {"base_model": "SmolLM2-135M-Instruct"})
+        reg.publish("wide", lora_dirs["r32"], manifest)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Generate(pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterSelector(name="wide")))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
         assert "32" in err.value.details() and "16" in err.value.details()
+        # So is an adapter trained on another base model.
+        reg.publish("alien", lora_dirs["r8a"], {"base_model": "some-other-model@0123456789abcdef"})
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Generate(pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterSelector(name="alien")))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "base model" in err.value.details()
         ok = await stub.Generate(pb.GenerateRequest(prompt=PROMPT, sampling=GREEDY))
         assert ok.completions[0].text == base.text
 
