@@ -10,6 +10,7 @@
 subclasses, one per gRPC status code (see `tuneloop.client.errors`).
 """
 
+from .admin import AdapterInfo, CanaryInfo, VersionInfo
 from .client import AsyncClient, Client
 from .errors import (
     AbortedError,
@@ -34,6 +35,9 @@ from .feedback import Comment, Correction, FeedbackAck, FeedbackEvent, Preferenc
 from .generation import Completion, GenerateResult, StreamChunk, TokenLogprob
 
 __all__ = [
+    "AdapterInfo",
+    "CanaryInfo",
+    "VersionInfo",
     "AbortedError",
     "AlreadyExistsError",
     "AsyncClient",

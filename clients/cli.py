@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import cli_feedback, cli_generate
+from . import cli_adapters, cli_feedback, cli_generate
 from .cli_common import UsageError, client_options
 from .errors import TuneloopError
 
@@ -29,12 +29,19 @@ def _register_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     sub.add_parser("serve", help=SERVE_HELP, add_help=False)
 
 
+def _register_trainer(sub: Any, common: argparse.ArgumentParser) -> None:
+    # Like serve: `main` hands the arguments to the trainer's own parser.
+    sub.add_parser("trainer", help="train adapters from feedback (see `tuneloop trainer --help`)", add_help=False)
+
+
 # name -> registrar(subparsers, client options parent). The registrar adds the command's parser
 # and sets `run`.
 COMMANDS: dict[str, Callable[[Any, argparse.ArgumentParser], None]] = {
     "serve": _register_serve,
     "generate": cli_generate.register,
     "feedback": cli_feedback.register,
+    "adapters": cli_adapters.register,
+    "trainer": _register_trainer,
 }
 
 
@@ -60,6 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["serve"]:
         return serve(args_list[1:])
+    if args_list[:1] == ["trainer"]:
+        from tuneloop.trainer.cli import main as trainer_main  # noqa: PLC0415 - imports torch: only here
+
+        return trainer_main(args_list[1:])
+    if args_list[:1] == ["adapters"] and args_list[1:2] in (["list"], ["show"]):
+        from tuneloop.trainer.cli import adapters_main  # noqa: PLC0415 - reads the registry files
+
+        return adapters_main(args_list[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(args_list)

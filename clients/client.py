@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Generic, TypeVar
 
 from ._transport import DEFAULT_TARGET, AsyncTransport, ChannelConfig, SyncTransport
+from .admin import AdapterInfo, AdminMethods
 from .feedback import FeedbackAck, FeedbackMethods
 from .generation import GenerateResult, GenerationMethods, StreamChunk
 
@@ -66,6 +67,7 @@ class Client(
     _ClientBase[SyncTransport],
     GenerationMethods[GenerateResult, Iterator[StreamChunk]],
     FeedbackMethods[FeedbackAck, Iterator[FeedbackAck]],
+    AdminMethods[AdapterInfo, list[AdapterInfo]],
 ):
     """Blocking client. Use as a context manager, or call `close()`; safe to share across threads."""
 
@@ -87,6 +89,7 @@ class AsyncClient(
     _ClientBase[AsyncTransport],
     GenerationMethods[Awaitable[GenerateResult], AsyncIterator[StreamChunk]],
     FeedbackMethods[Awaitable[FeedbackAck], AsyncIterator[FeedbackAck]],
+    AdminMethods[Awaitable[AdapterInfo], Awaitable[list[AdapterInfo]]],
 ):
     """asyncio client: the same methods as `Client`, awaitable (streams are async iterators).
 

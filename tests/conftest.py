@@ -89,6 +89,32 @@ async def channel(server) -> AsyncIterator[grpc.aio.Channel]:  # type: ignore[no
         yield ch
 
 
+# --------------------------------------------------------------------------- LoRA adapters
+def make_lora(model_dir: Path, out: Path, rank: int, seed: int) -> Path:
+    """A peft LoRA on q/k/v/o with random (non-zero) B, so it visibly changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                     init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, cfg)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_dirs(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        "r8a": make_lora(model_dir, root / "r8a", 8, 1),
+        "r8b": make_lora(model_dir, root / "r8b", 8, 2),
+        "r32": make_lora(model_dir, root / "r32", 32, 3),
+    }
+
+
 # --------------------------------------------------------------------------- TLS: a throwaway CA, server and client pairs
 def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())

@@ -15,31 +15,6 @@ from tuneloop.v1 import generation_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.engine
 
 
-def make_lora(model_dir: Path, out: Path, rank: int, seed: int) -> Path:
-    """A peft LoRA on q/k/v/o with random (non-zero) B, so it visibly changes the output."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                     init_lora_weights=False, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, cfg)
-    peft_model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def lora_dirs(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("loras")
-    return {
-        "r8a": make_lora(model_dir, root / "r8a", 8, 1),
-        "r8b": make_lora(model_dir, root / "r8b", 8, 2),
-        "r32": make_lora(model_dir, root / "r32", 32, 3),
-    }
-
-
 GREEDY = pb.SamplingParams(max_tokens=12, temperature=0.0)
 PROMPT = "The best way to spend a weekend is"
 

@@ -1,0 +1,192 @@
+"""Operating adapters: listing, promotion, rollback, canaries, unloading; and the monitor that lets
+live feedback promote or roll back a canary on its own.
+
+Promotion and rollback move the registry's `current` channel first and then switch this server,
+so the registry stays the source of truth: other replicas (and this one after a restart) follow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from .adapters import AdapterManager
+from .canary import CONTINUE, PROMOTE, ROLL_BACK, CanaryPolicy, Verdict, judge
+from .errors import FailedPrecondition, NotFound
+from .metrics import Metrics
+from .registry import ACCEPTED, DEFAULT_CHANNEL, AdapterRegistry, version_number
+from .store.base import Store, VersionFeedback
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VersionView:
+    version: str
+    status: str
+    parent_version: str
+    created_at: float
+    loaded: bool
+    active_requests: int
+    traffic_share: float
+    role: str
+    feedback: VersionFeedback
+    metrics: dict[str, float]
+    refusal: str
+
+
+@dataclass(frozen=True)
+class AdapterView:
+    name: str
+    current_version: str
+    canary_version: str
+    canary_share: float
+    versions: list[VersionView]
+    canary: Verdict | None
+    auto_decide: bool
+
+
+@dataclass
+class _CanaryWatch:
+    auto_decide: bool
+    verdict: Verdict | None = None
+    decided: bool = False
+
+
+@dataclass
+class AdminService:
+    adapters: AdapterManager
+    registry: AdapterRegistry
+    store: Store
+    metrics: Metrics
+    policy: CanaryPolicy = field(default_factory=CanaryPolicy)
+    _watches: dict[str, _CanaryWatch] = field(default_factory=dict)
+
+    # -- reading -------------------------------------------------------------------------------
+    async def list(self, name: str = "") -> list[AdapterView]:
+        names = [name] if name else self.registry.names()
+        if name and name not in self.registry.names():
+            raise NotFound(f"no adapter named {name} in the registry")
+        return [await asyncio.to_thread(self._view, n) for n in sorted(names)]
+
+    def _view(self, name: str) -> AdapterView:
+        route = self.adapters.route(name)
+        loaded = self.adapters.loaded()
+        feedback = self.store.version_feedback(name)
+        stable = route.stable.version if route and route.stable else ""
+        canary = route.canary.version if route and route.canary else ""
+        share = route.canary_share if route and route.canary else 0.0
+        versions = []
+        for v in self.registry.versions(name):
+            key = f"{name}@{v.version}"
+            role = "stable" if v.version == stable else "canary" if v.version == canary else ""
+            traffic = (1.0 - share) if role == "stable" else share if role == "canary" else 0.0
+            metrics = {k: float(x) for k, x in (v.manifest.get("metrics") or {}).items() if isinstance(x, (int, float))}
+            versions.append(
+                VersionView(
+                    version=v.version,
+                    status=v.status,
+                    parent_version=v.parent_version or "",
+                    created_at=float(v.manifest.get("created_at", 0.0)),
+                    loaded=key in loaded,
+                    active_requests=loaded.get(key, 0),
+                    traffic_share=traffic,
+                    role=role,
+                    feedback=feedback.get(v.version, VersionFeedback()),
+                    metrics=metrics,
+                    refusal=self.adapters.refusal(name, v.version) or "",
+                )
+            )
+        watch = self._watches.get(name)
+        return AdapterView(
+            name=name,
+            current_version=stable,
+            canary_version=canary,
+            canary_share=share,
+            versions=versions,
+            canary=watch.verdict if watch and canary else None,
+            auto_decide=bool(watch and watch.auto_decide),
+        )
+
+    # -- acting --------------------------------------------------------------------------------
+    async def promote(self, name: str, version: str) -> AdapterView:
+        found = self.registry.get(name, version)
+        if found.status != ACCEPTED:
+            raise FailedPrecondition(f"{name}@{version} was rejected by its gate and cannot be served")
+        # Check this server can serve it before moving the channel every replica follows.
+        self.adapters.check_servable(found)
+        await asyncio.to_thread(self.registry.set_channel, name, DEFAULT_CHANNEL, version)
+        await self.adapters.switch(name, version)
+        self._watches.pop(name, None)
+        return (await self.list(name))[0]
+
+    async def rollback(self, name: str, to_version: str = "") -> AdapterView:
+        current = self.registry.channel(name, DEFAULT_CHANNEL)
+        if current is None:
+            raise FailedPrecondition(f"adapter {name} has no current version to roll back from")
+        target = to_version or self._previous(name, current)
+        if target == current:
+            raise FailedPrecondition(f"{name}@{current} is already current")
+        log.warning("rolling back %s: %s -> %s", name, current, target)
+        return await self.promote(name, target)
+
+    def _previous(self, name: str, current: str) -> str:
+        """The newest accepted version that served before `current` and is older than it, so
+        repeated rollbacks walk back v3 -> v2 -> v1 instead of toggling."""
+        accepted = {v.version for v in self.registry.versions(name) if v.status == ACCEPTED}
+        for v in reversed(self.registry.history(name, DEFAULT_CHANNEL)):
+            if v in accepted and version_number(v) < version_number(current):
+                return v
+        raise FailedPrecondition(f"adapter {name} has no earlier served version to roll back to from {current}")
+
+    async def set_canary(self, name: str, version: str, share: float, auto_decide: bool) -> AdapterView:
+        if share == 0.0:
+            await self.adapters.end_canary(name)
+            self._watches.pop(name, None)
+        else:
+            await self.adapters.set_canary(name, version, share)
+            self._watches[name] = _CanaryWatch(auto_decide=auto_decide)
+        return (await self.list(name))[0]
+
+    async def unload(self, name: str, version: str) -> AdapterView:
+        await self.adapters.unload(name, version)
+        return (await self.list(name))[0]
+
+    # -- the canary monitor --------------------------------------------------------------------
+    async def check_canaries(self) -> None:
+        """One pass of the monitor: update each canary's verdict; act on it when allowed."""
+        for name, watch in list(self._watches.items()):
+            route = self.adapters.route(name)
+            if route is None or route.canary is None or route.canary_started_at is None:
+                self._watches.pop(name, None)
+                continue
+            stable = route.stable.version if route.stable else ""
+            canary = route.canary.version
+            evidence = await asyncio.to_thread(
+                self.store.canary_evidence, name, canary, stable, route.canary_started_at
+            )
+            watch.verdict = judge(evidence.canary_thumbs, evidence.stable_thumbs, evidence.head_to_head, self.policy)
+            if not watch.auto_decide or watch.verdict.decision == CONTINUE:
+                continue
+            v = watch.verdict
+            if v.decision == ROLL_BACK:
+                log.warning("canary %s@%s is worse than %s (LLR %.2f, %d/%d): rolled back",
+                            name, canary, stable or "base", v.llr, v.wins, v.losses)
+                await self.adapters.end_canary(name)
+                self.metrics.canary_decisions.labels(name, "rolled_back").inc()
+            elif v.decision == PROMOTE:
+                log.info("canary %s@%s is not worse than %s (LLR %.2f, %d/%d): promoted",
+                         name, canary, stable or "base", v.llr, v.wins, v.losses)
+                await self.promote(name, canary)
+                self.metrics.canary_decisions.labels(name, "promoted").inc()
+            self._watches.pop(name, None)
+
+
+async def monitor_canaries(admin: AdminService, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await admin.check_canaries()
+        except Exception:  # noqa: BLE001 - the monitor must outlive one bad pass
+            log.exception("canary monitor pass failed")

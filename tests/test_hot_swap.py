@@ -1,0 +1,143 @@
+"""Publishing, rollback, canary split and refusal of broken adapters, on the real engine."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tuneloop.server.adapters import canary_bucket
+from tuneloop.server.registry import AdapterRegistry, base_model_fingerprint
+from tuneloop.v1 import admin_pb2 as apb
+from tuneloop.v1 import admin_pb2_grpc as apb_grpc
+from tuneloop.v1 import generation_pb2 as pb
+from tuneloop.v1 import generation_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.engine
+
+NAME = "default"  # the adapter the server routes requests that name none to
+
+
+@pytest.fixture
+async def swap_env(make_server, model_dir: Path):  # type: ignore[no-untyped-def]
+    server = await make_server(default_adapter=NAME)
+    reg = AdapterRegistry(server.config.adapter_dir)
+    manifest = {"base_model": base_model_fingerprint(model_dir), "metrics": {"heldout_accuracy": 0.8}}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield server, reg, manifest, pb_grpc.GenerationServiceStub(ch), apb_grpc.AdminServiceStub(ch)
+
+
+async def _version_of_next(stub: pb_grpc.GenerationServiceStub, user: str = "") -> str:
+    r = await stub.Generate(pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParams(max_tokens=1), caller=pb.CallerMetadata(user_id=user)))
+    return r.completions[0].adapter.version
+
+
+async def _wait_version(stub: pb_grpc.GenerationServiceStub, version: str, timeout: float = 10.0) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if await _version_of_next(stub) == version:
+            return time.monotonic() - t0
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"default traffic did not reach {version} in {timeout} s")
+
+
+async def test_publish_during_streams_then_rollback(swap_env, lora_dirs) -> None:
+    server, reg, manifest, stub, admin = swap_env
+    assert await _version_of_next(stub) == "base"  # nothing published yet: the base model serves
+
+    async def stream(i: int) -> tuple[str, str]:
+        req = pb.GenerateRequest(prompt=f"Tell me a story about {i} cats.", sampling=pb.SamplingParams(max_tokens=48, temperature=1.0, seed=i))
+        final = None
+        async for msg in stub.GenerateStream(req):
+            if msg.HasField("completion"):
+                final = msg.completion
+        assert final is not None
+        return final.adapter.name, final.adapter.version
+
+    running = [asyncio.create_task(stream(i)) for i in range(8)]
+    await asyncio.sleep(0.5)
+    reg.publish(NAME, lora_dirs["r8a"], manifest)
+    took = await _wait_version(stub, "v1")
+    results = await asyncio.gather(*running)  # none failed
+    assert {v for _, v in results} <= {"base", "v1"}
+    assert ("base", "base") in results  # those that started before the swap finished on base
+    assert took < 5.0
+
+    reg.publish(NAME, lora_dirs["r8b"], manifest)
+    await _wait_version(stub, "v2")
+    state = await admin.Rollback(apb.RollbackRequest(name=NAME))
+    assert state.current_version == "v1"
+    assert await _version_of_next(stub) == "v1"
+    assert reg.channel(NAME) == "v1"  # the registry moved too, so other replicas follow
+    # v2 is unloaded once nothing uses it.
+    await asyncio.sleep(0.2)
+    listed = {v.version: v for v in (await admin.ListAdapters(apb.ListAdaptersRequest(name=NAME))).adapters[0].versions}
+    assert listed["v1"].role == "stable" and listed["v1"].traffic_share == 1.0 and listed["v1"].loaded
+    assert not listed["v2"].loaded and listed["v2"].role == ""
+    assert listed["v1"].metrics["heldout_accuracy"] == pytest.approx(0.8)
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin.Rollback(apb.RollbackRequest(name=NAME))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "roll back" in err.value.details()
+
+
+async def test_canary_split_is_sticky_and_proportional(swap_env, lora_dirs) -> None:
+    server, reg, manifest, stub, admin = swap_env
+    reg.publish(NAME, lora_dirs["r8a"], manifest)
+    await _wait_version(stub, "v1")
+    reg.publish(NAME, lora_dirs["r8b"], manifest, channel=None)  # published, not moved to current
+    state = await admin.SetCanary(apb.SetCanaryRequest(name=NAME, version="v2", share=0.25))
+    assert state.canary_version == "v2" and state.canary_share == pytest.approx(0.25)
+
+    users = [f"user-{i}" for i in range(120)]
+    sem = asyncio.Semaphore(16)
+
+    async def version_for(u: str) -> str:
+        async with sem:
+            return await _version_of_next(stub, u)
+
+    first = await asyncio.gather(*(version_for(u) for u in users))
+    again = await asyncio.gather(*(version_for(u) for u in users[:30]))
+    assert again == first[:30]  # sticky per user
+    expected = ["v2" if canary_bucket(u, NAME) < 0.25 else "v1" for u in users]
+    assert first == expected
+    share = first.count("v2") / len(first)
+    assert 0.15 <= share <= 0.35
+
+    state = await admin.SetCanary(apb.SetCanaryRequest(name=NAME, share=0.0))
+    assert state.canary_version == ""
+    assert {await _version_of_next(stub, u) for u in users[:20]} == {"v1"}
+
+
+async def test_broken_adapters_are_refused_and_serving_goes_on(swap_env, lora_dirs, tmp_path: Path) -> None:
+    server, reg, manifest, stub, admin = swap_env
+    reg.publish(NAME, lora_dirs["r8a"], manifest)
+    await _wait_version(stub, "v1")
+    refused_before = _refused_total(server)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(lora_dirs["r8b"], broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    cases = [
+        ("v2", broken, manifest, "cannot be loaded"),  # files present but unreadable
+        ("v3", lora_dirs["r32"], manifest, "max_lora_rank"),  # rank 32 > 16
+        ("v4", lora_dirs["r8b"], {**manifest, "base_model": "another-model@00"}, "base model"),
+    ]
+    for version, files, man, words in cases:
+        assert reg.publish(NAME, files, man).version == version
+        await asyncio.sleep(1.5)  # a few registry polls
+        assert await _version_of_next(stub) == "v1", version
+        listed = {v.version: v for v in (await admin.ListAdapters(apb.ListAdaptersRequest(name=NAME))).adapters[0].versions}
+        assert words in listed[version].refusal, (version, listed[version].refusal)
+    assert _refused_total(server) - refused_before == 3
+    # A good version published after the broken ones is still picked up.
+    reg.publish(NAME, lora_dirs["r8b"], manifest)
+    await _wait_version(stub, "v5")
+
+
+def _refused_total(server) -> float:  # type: ignore[no-untyped-def]
+    return sum(s.value for m in server.metrics.adapter_refused.collect() for s in m.samples if s.name.endswith("_total"))
