@@ -16,16 +16,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from tuneloop.v1 import generation_pb2, generation_pb2_grpc
+from tuneloop.v1 import admin_pb2, admin_pb2_grpc, feedback_pb2, feedback_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 from .auth import ApiKeyInterceptor
 from .config import ServerConfig, read_api_keys
 from .engine import Engine, start_engine
+from .errors import EngineUnavailable
 from .generation import GenerationService
 from .metrics import Metrics
 from .model_cache import default_cache_dir, ensure_default_model
 from .adapters import AdapterManager, follow_registry
+from .admin import AdminService, monitor_canaries
 from .registry import AdapterRegistry, base_model_fingerprint
+from .feedback import FeedbackService
+from .servicers import admin as admin_servicer
+from .servicers import feedback as feedback_servicer
 from .servicers import generation as generation_servicer
 from .store import open_store
 from .store.completion_log import CompletionLog
@@ -51,7 +56,9 @@ class TuneloopServer:
         self.store = open_store(config.store_url)
         self.completion_log = CompletionLog(self.store, self.metrics)
         self.registry = AdapterRegistry(config.adapter_dir)
+        self.feedback = FeedbackService(self.store, self.metrics, completion_log=self.completion_log)
         self.adapters: AdapterManager | None = None
+        self.admin: AdminService | None = None
         self.generation = GenerationService(
             record=self.completion_log.submit if config.completion_log else _discard,
             metrics=self.metrics,
@@ -61,15 +68,32 @@ class TuneloopServer:
 
     # -- services --------------------------------------------------------------------------
     def _service_names(self) -> list[str]:
-        return [generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name]
+        return [
+            generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+            feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name,
+            admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+        ]
 
     def _required_roles(self) -> dict[str, str]:
-        return dict(generation_servicer.REQUIRED_ROLES)
+        return {
+            **generation_servicer.REQUIRED_ROLES,
+            **feedback_servicer.REQUIRED_ROLES,
+            **admin_servicer.REQUIRED_ROLES,
+        }
 
     def _add_servicers(self, server: grpc.aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             generation_servicer.GenerationServicer(self.generation, self.metrics), server
         )
+        feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(
+            feedback_servicer.FeedbackServicer(self.feedback, self.metrics), server
+        )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(admin_servicer.AdminServicer(self._admin, self.metrics), server)
+
+    def _admin(self) -> AdminService:
+        if self.admin is None:
+            raise EngineUnavailable("the engine is still starting; adapters cannot be managed yet")
+        return self.admin
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> int:
@@ -103,6 +127,7 @@ class TuneloopServer:
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {address}")
         self._server = server
+        self.feedback.start()
         await server.start()
         if cfg.metrics_port >= 0:
             httpd, _thread = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.metrics.registry)
@@ -132,6 +157,9 @@ class TuneloopServer:
             )
             # Default traffic starts on the registry's current version, before the port says SERVING.
             await self.adapters.sync()
+            self.admin = AdminService(
+                self.adapters, self.registry, self.store, self.metrics, policy=self.config.canary_policy()
+            )
             self.generation.attach_engine(engine, self.adapters)
         except Exception:
             log.exception("the engine failed to start; health stays NOT_SERVING")
@@ -143,6 +171,9 @@ class TuneloopServer:
         self._tasks.append(asyncio.create_task(self._watch_engine(), name="engine-watch"))
         self._tasks.append(
             asyncio.create_task(follow_registry(self.adapters, self.config.registry_poll_s), name="registry-watch")
+        )
+        self._tasks.append(
+            asyncio.create_task(monitor_canaries(self.admin, self.config.canary_check_s), name="canary-monitor")
         )
 
     async def _set_serving(self, serving: bool) -> None:
@@ -174,7 +205,8 @@ class TuneloopServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.stop(grace)
-        # Every completion already answered is in the log's queue: write it before exiting.
+        # Everything acknowledged or answered is queued: commit it before exiting.
+        await self.feedback.close()
         await asyncio.to_thread(self.completion_log.close)
         self.store.close()
         if self._http is not None:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .canary import CanaryPolicy
+
 ROLES = ("generate", "feedback", "admin")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -77,6 +79,15 @@ class ServerConfig:
         "(the trainer publishes to `default`). Empty or 'base': always the base model.",
     )
     registry_poll_s: float = _opt(0.5, "How often the registry's channels are checked for a new version (seconds).")
+    canary_check_s: float = _opt(2.0, "How often a canary's sequential test re-reads live feedback (seconds).")
+    canary_alpha: float = _opt(0.05, "Canary test: chance of rolling back a canary that is not worse.")
+    canary_beta: float = _opt(0.10, "Canary test: chance of promoting a canary worse by canary_worse_odds_ratio.")
+    canary_worse_odds_ratio: float = _opt(
+        0.5, "Canary test: the effect to catch, as the canary's odds of a thumbs up (or a pairwise win) over the "
+        "current version's (0.5: half the odds)."
+    )
+    canary_min_observations: int = _opt(20, "Canary test: informative observations needed before a promotion.")
+    canary_max_observations: int = _opt(2000, "Canary test: promote after this many without a verdict of worse.")
     completion_log: bool = _opt(
         True, "Record every served completion in the store. Feedback and training need it; turn it off only "
         "to serve without learning."
@@ -120,6 +131,11 @@ class ServerConfig:
         need(self.kv_cache_gib > 0, "kv_cache_gib must be > 0")
         need(self.max_message_bytes >= 1024, "max_message_bytes must be >= 1024")
         need(0.05 <= self.registry_poll_s <= 1.0, "registry_poll_s must be between 0.05 and 1 second")
+        need(self.canary_check_s > 0, "canary_check_s must be > 0")
+        try:
+            self.canary_policy()
+        except ValueError as exc:
+            raise ConfigError(f"canary settings: {exc}") from None
         need(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together")
         need(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca needs tls_cert and tls_key")
         for path_field in ("tls_cert", "tls_key", "tls_client_ca", "api_keys_file"):
@@ -127,6 +143,15 @@ class ServerConfig:
             need(not value or Path(value).is_file(), f"{path_field}: no such file {value!r}")
         if self.model:
             need((Path(self.model) / "config.json").is_file(), f"model: {self.model!r} is not a Hugging Face model directory (no config.json)")
+
+    def canary_policy(self) -> CanaryPolicy:
+        return CanaryPolicy(
+            alpha=self.canary_alpha,
+            beta=self.canary_beta,
+            worse_odds_ratio=self.canary_worse_odds_ratio,
+            min_observations=self.canary_min_observations,
+            max_observations=self.canary_max_observations,
+        )
 
     @property
     def tls(self) -> bool:

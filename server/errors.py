@@ -41,8 +41,12 @@ class PermissionDenied(TuneloopError):
     """The credentials do not carry the role this RPC needs."""
 
 
-class EngineUnavailable(TuneloopError):
-    """The engine is not running (starting, dead, or shutting down); retry elsewhere or later."""
+class Unavailable(TuneloopError):
+    """A dependency cannot serve right now (engine or store); retry elsewhere or later."""
+
+
+class EngineUnavailable(Unavailable):
+    """The engine is not running (starting, dead, or shutting down)."""
 
 
 class RequestFailed(TuneloopError):
@@ -57,7 +61,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (EngineUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (RequestFailed, grpc.StatusCode.INTERNAL),
 )
 

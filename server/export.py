@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import product
-from typing import Literal, TextIO
+from typing import Literal, Protocol, TextIO
 
 from .domain import CompletionRecord
 from .feedback import FeedbackRecord
@@ -72,7 +72,9 @@ def current(records: Iterable[FeedbackRecord], kind: str) -> list[FeedbackRecord
     return sorted((r for r in records if r.kind == kind and r.is_current), key=lambda r: r.seq)
 
 
-def pairwise_pairs(records: Iterable[FeedbackRecord], completions: Mapping[str, CompletionRecord]) -> list[PreferencePair]:
+def pairwise_pairs(
+    records: Iterable[FeedbackRecord], completions: Mapping[str, CompletionRecord]
+) -> list[PreferencePair]:
     """One pair per explicit pairwise choice; ties carry no preference and are skipped."""
     pairs = []
     for r in current(records, "pairwise"):
@@ -104,7 +106,7 @@ def thumbs_pairs(
     for cid, votes in net.items():
         if votes:
             by_prompt[prompt_of[cid]][0 if votes > 0 else 1].append(cid)
-    pairs = []
+    pairs: list[PreferencePair] = []
     for good, bad in by_prompt.values():
         kept = [
             (completions[g], completions[b])
@@ -119,7 +121,7 @@ def correction_pairs(
     records: Iterable[FeedbackRecord], completions: Mapping[str, CompletionRecord]
 ) -> list[PreferencePair]:
     """The corrected text chosen over the original completion (a no-op edit is skipped)."""
-    pairs = []
+    pairs: list[PreferencePair] = []
     for r in current(records, "correction"):
         original = completions[r.completion_id]
         text = r.event.corrected_text or ""
@@ -144,22 +146,27 @@ def unpaired_examples(
     records: Iterable[FeedbackRecord], completions: Mapping[str, CompletionRecord]
 ) -> list[LabeledCompletion]:
     """One labelled example per current thumbs (several raters of a completion give several)."""
-    out = []
-    for r in current(records, "thumbs"):
-        c = completions[r.completion_id]
-        out.append(LabeledCompletion(c.prompt_text, c.output_text, bool(r.event.thumb_up), c.completion_id))
-    return out
+    return [
+        LabeledCompletion(c.prompt_text, c.output_text, bool(r.event.thumb_up), c.completion_id)
+        for r, c in _judged(records, "thumbs", completions)
+    ]
 
 
 def rated_examples(
     records: Iterable[FeedbackRecord], completions: Mapping[str, CompletionRecord]
 ) -> list[RatedCompletion]:
     """One example per current rating."""
-    out = []
-    for r in current(records, "rating"):
-        c = completions[r.completion_id]
-        out.append(RatedCompletion(c.prompt_text, c.output_text, int(r.event.rating or 0), c.completion_id))
-    return out
+    return [
+        RatedCompletion(c.prompt_text, c.output_text, int(r.event.rating or 0), c.completion_id)
+        for r, c in _judged(records, "rating", completions)
+    ]
+
+
+def _judged(
+    records: Iterable[FeedbackRecord], kind: str, completions: Mapping[str, CompletionRecord]
+) -> Iterator[tuple[FeedbackRecord, CompletionRecord]]:
+    for r in current(records, kind):
+        yield r, completions[r.completion_id]
 
 
 def _pair(chosen: CompletionRecord, rejected: CompletionRecord, source: PairSource) -> PreferencePair:
@@ -169,7 +176,12 @@ def _pair(chosen: CompletionRecord, rejected: CompletionRecord, source: PairSour
     )  # fmt: skip
 
 
-_BUILDERS = {"pairs": preference_pairs, "unpaired": unpaired_examples, "ratings": rated_examples}
+class _JsonRow(Protocol):
+    def to_json(self) -> Mapping[str, object]: ...
+
+
+_Builder = Callable[[Sequence[FeedbackRecord], Mapping[str, CompletionRecord]], Sequence[_JsonRow]]
+_BUILDERS: dict[str, _Builder] = {"pairs": preference_pairs, "unpaired": unpaired_examples, "ratings": rated_examples}
 
 
 def export(store: Store, kind: str, out: TextIO, *, format: str = "jsonl", chunk: int = 500) -> int:

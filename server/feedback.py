@@ -22,15 +22,18 @@ import logging
 import re
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal
+from functools import cached_property
+from typing import TYPE_CHECKING, Literal, cast
+
+from sqlalchemy.exc import DBAPIError
 
 from tuneloop.v1 import feedback_pb2 as fpb
 
 from .domain import new_id
-from .errors import AlreadyExists, EngineUnavailable, InvalidArgument, NotFound, ResourceExhausted, TuneloopError
+from .errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, TuneloopError, Unavailable
 from .metrics import Metrics
 from .store.batching import BatchThread, backoff_delays
 
@@ -82,7 +85,7 @@ class FeedbackBacklog(ResourceExhausted):
     reason = "backlog_full"
 
 
-class StoreUnavailable(EngineUnavailable):
+class StoreUnavailable(Unavailable):
     """The store could not commit (or is shutting down). Maps to UNAVAILABLE like an engine outage;
     retrying with the same event ids is safe."""
 
@@ -146,10 +149,12 @@ class FeedbackEvent:
                 choice=_CHOICE_FROM_PB.get(p.choice),
                 **common,
             )
-        raise InvalidFeedback("missing_kind", "event has no kind; set one of " + ", ".join(KINDS))
+        return cls(kind=cast(Kind, ""), **common)  # refused by validate(), where it is counted
 
     def validate(self) -> None:
         """Checks everything that needs no store; raises InvalidFeedback naming the field."""
+        if self.kind not in KINDS:
+            raise InvalidFeedback("missing_kind", "event has no kind; set one of " + ", ".join(KINDS))
         if not self.rater_id.strip():
             raise InvalidFeedback("missing_rater", "rater_id is empty; say who gave the feedback")
         if len(self.rater_id.encode()) > MAX_RATER_BYTES:
@@ -158,8 +163,6 @@ class FeedbackEvent:
             raise InvalidFeedback(
                 "bad_event_id", "event_id must be 1-128 printable ASCII characters without spaces, or empty"
             )
-        if self.kind not in KINDS:
-            raise InvalidFeedback("bad_kind", f"kind is {self.kind!r}; use one of {', '.join(KINDS)}")
         if len(self.comment_text.encode()) > MAX_COMMENT_BYTES:
             raise InvalidFeedback(
                 "comment_too_long",
@@ -202,6 +205,7 @@ class FeedbackEvent:
         if self.choice is None:
             raise InvalidFeedback("missing_choice", "pairwise.choice is unset; send FIRST, SECOND or TIE")
 
+    @cached_property
     def content_sha256(self) -> str:
         """Hash of everything but the event id: tells a retry (same content) from a reused id."""
         fields = [
@@ -209,6 +213,14 @@ class FeedbackEvent:
             self.thumb_up, self.rating, self.choice, self.corrected_text, self.comment_text, list(self.reason_tags),
         ]  # fmt: skip
         return hashlib.sha256(json.dumps(fields, ensure_ascii=False).encode()).hexdigest()
+
+    @cached_property
+    def judgement_key(self) -> str | None:
+        """For thumbs and ratings, what a newer event must share to supersede this one: the kind,
+        the rater and the completion (unique among current rows in the store). None otherwise."""
+        if self.kind not in SUPERSEDING_KINDS:
+            return None
+        return json.dumps([self.kind, self.completion_id, self.rater_id], ensure_ascii=False)
 
     @property
     def value_label(self) -> str:
@@ -353,11 +365,11 @@ class BatchPlan:
     refs: Mapping[str, CompletionRef]
     groups: Mapping[str, Sequence[CompletionRef]]
     stored: Mapping[str, StoredEventKey]
-    current: dict[tuple[str, str, str], str]  # current judgements, updated as events supersede them
+    current: dict[str, str]  # judgement key -> current event id, updated as events supersede
     now: float
     records: list[FeedbackRecord] = field(default_factory=list)
     targets: list[tuple[CompletionRef, CompletionRef | None]] = field(default_factory=list)
-    links: list[tuple[str, str]] = field(default_factory=list)  # (older, newer) event ids
+    links: list[tuple[str, str]] = field(default_factory=list)  # (older stored, newer) event ids
     outcomes: list[_Outcome] = field(default_factory=list)
     _new_ids: dict[str, int] = field(default_factory=dict)
 
@@ -368,20 +380,22 @@ class BatchPlan:
             self.outcomes.append(exc)
 
     def _decide(self, event: FeedbackEvent) -> _Outcome:
-        content = event.content_sha256()
+        content = event.content_sha256
         if (old := self.stored.get(event.event_id)) is not None:
             _check_same_content(event.event_id, old.content_sha256, content)
             return FeedbackAck(event.event_id, True, old.seq, old.supersedes or "")
         if (i := self._new_ids.get(event.event_id)) is not None:
-            _check_same_content(event.event_id, self.records[i].event.content_sha256(), content)
+            _check_same_content(event.event_id, self.records[i].event.content_sha256, content)
             return (i, True)
         first, second = resolve_targets(event, self.refs, self.groups)
         supersedes = None
-        if event.kind in SUPERSEDING_KINDS:
-            key = (event.rater_id, first.completion_id, event.kind)
+        if (key := event.judgement_key) is not None:
             supersedes = self.current.get(key)
             self.current[key] = event.event_id
-            if supersedes is not None:
+            if supersedes in self._new_ids:  # superseded within this batch: insert it already linked
+                j = self._new_ids[supersedes]
+                self.records[j] = replace(self.records[j], superseded_by=event.event_id)
+            elif supersedes is not None:
                 self.links.append((supersedes, event.event_id))
         self._new_ids[event.event_id] = len(self.records)
         self.records.append(
@@ -460,23 +474,29 @@ class FeedbackService:
         Static validation errors are raised here, store-dependent ones through the future."""
         try:
             event.validate()
-            if self._writer is None or self._writer.closed:
-                raise StoreUnavailable("the feedback service is not running (starting or shutting down)")
-            with self._backlog_lock:
-                if self._backlog >= self._config.max_backlog:
-                    raise FeedbackBacklog(
-                        f"{self._backlog} feedback events are waiting to be stored; retry shortly"
-                    )
-                self._backlog += 1
+            if not event.event_id:
+                event = replace(event, event_id=new_id("fb"))
+            loop = asyncio.get_running_loop()
+            job = _Job(event, loop.create_future(), loop)
+            self._queue(job)
         except TuneloopError as exc:
             self._metrics.feedback_rejected.labels(rejection_reason(exc)).inc()
             raise
-        if not event.event_id:
-            event = replace(event, event_id=new_id("fb"))
-        loop = asyncio.get_running_loop()
-        job = _Job(event, loop.create_future(), loop)
-        self._writer.put_many([job])
         return job.future
+
+    def _queue(self, job: _Job) -> None:
+        with self._backlog_lock:
+            if self._backlog >= self._config.max_backlog:
+                raise FeedbackBacklog(f"{self._backlog} feedback events are waiting to be stored; retry shortly")
+            self._backlog += 1
+        try:
+            if self._writer is None:
+                raise RuntimeError("not started")
+            self._writer.put_many([job])
+        except RuntimeError:  # not started, or closed
+            with self._backlog_lock:
+                self._backlog -= 1
+            raise StoreUnavailable("the feedback service is not running (starting or shutting down)") from None
 
     # --- writer thread ---
 
@@ -504,8 +524,8 @@ class FeedbackService:
             self._completion_log.flush(self._config.completion_log_wait_s)
 
     def _commit_with_retry(self, events: Sequence[FeedbackEvent]) -> list[FeedbackAck | TuneloopError]:
-        from sqlalchemy.exc import DBAPIError  # the store's driver errors: locked, I/O, a racing writer
-
+        """Commits the batch, retrying the whole transaction on a database error (locked file, I/O
+        error, a concurrent writer's unique-key race) until `commit_retry_s` has passed."""
         deadline = time.monotonic() + self._config.commit_retry_s
         delays = backoff_delays()
         while True:
@@ -513,10 +533,10 @@ class FeedbackService:
                 plan, seqs = self._plan_and_write(events)
             except DBAPIError as exc:
                 if time.monotonic() >= deadline:
-                    log.error("feedback: commit of %d events failed for %.0fs: %s", len(events),
-                              self._config.commit_retry_s, exc)  # fmt: skip
-                    return [StoreUnavailable(f"the feedback store is failing ({type(exc.orig).__name__}); "
-                                             "retry with the same event ids") for _ in events]  # fmt: skip
+                    log.error("feedback: giving up on %d events after failed commits: %s", len(events), exc)
+                    cause = type(exc.orig).__name__
+                    message = f"the feedback store is failing ({cause}); retry with the same event ids"
+                    return [StoreUnavailable(message) for _ in events]
                 delay = next(delays)
                 log.warning("feedback: commit of %d events failed (%s); retrying in %.2fs", len(events), exc, delay)
                 time.sleep(delay)
@@ -532,36 +552,40 @@ class FeedbackService:
                 refs=tx.completion_refs(completion_ids),
                 groups=tx.group_refs({e.group_id for e in events if e.group_id}),
                 stored=tx.stored_events({e.event_id for e in events}),
-                current=tx.current_judgements(completion_ids),
+                current=tx.current_judgements({k for e in events if (k := e.judgement_key) is not None}),
                 now=time.time(),
             )
             for e in events:
                 plan.add(e)
+            tx.mark_superseded(plan.links)  # first: at most one current row per judgement key
             seqs = tx.insert_feedback(plan.records)
-            tx.mark_superseded(plan.links)
         return plan, seqs
 
     def _count_accepted(self, plan: BatchPlan) -> None:
+        """Adds the batch's new events to the metrics, one increment per label set."""
         m = self._metrics
-        for rec, (first, second) in zip(plan.records, plan.targets):
+        tally: Counter[tuple[object, tuple[str, ...]]] = Counter()
+        for rec, (first, second) in zip(plan.records, plan.targets, strict=True):
             e = rec.event
-            m.feedback_events.labels(e.kind, e.value_label).inc()
+            tally[m.feedback_events, (e.kind, e.value_label)] += 1
             adapter = (first.adapter_name, first.adapter_version)
             if e.kind == "thumbs":
-                (m.thumbs_up if e.thumb_up else m.thumbs_down).labels(*adapter).inc()
+                tally[m.thumbs_up if e.thumb_up else m.thumbs_down, adapter] += 1
             elif e.kind == "rating" and e.rating is not None:
-                m.rating_sum.labels(*adapter).inc(e.rating)
-                m.rating_count.labels(*adapter).inc()
+                tally[m.rating_sum, adapter] += e.rating
+                tally[m.rating_count, adapter] += 1
             elif e.kind == "pairwise" and second is not None and e.choice != "tie":
                 winner, loser = (first, second) if e.choice == "first" else (second, first)
-                m.pairwise_wins.labels(winner.adapter_name, winner.adapter_version).inc()
-                m.pairwise_losses.labels(loser.adapter_name, loser.adapter_version).inc()
+                tally[m.pairwise_wins, (winner.adapter_name, winner.adapter_version)] += 1
+                tally[m.pairwise_losses, (loser.adapter_name, loser.adapter_version)] += 1
+        for (counter, labels), amount in tally.items():
+            counter.labels(*labels).inc(amount)  # type: ignore[attr-defined]
 
 
 def _deliver(jobs: Sequence[_Job], results: Sequence[FeedbackAck | BaseException]) -> None:
     """Resolves the callers' futures on their loops: one thread-safe callback per loop and batch."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[FeedbackAck], object]]] = defaultdict(list)
-    for job, res in zip(jobs, results):
+    for job, res in zip(jobs, results, strict=True):
         by_loop[job.loop].append((job.future, res))
     for loop, items in by_loop.items():
         try:

@@ -108,7 +108,7 @@ class AdapterVersion:
 
     @property
     def status(self) -> str:
-        """"accepted" (passed its gate, may be served) or "rejected" (kept for its metrics)."""
+        """Either "accepted" (passed its gate, may be served) or "rejected" (kept for its metrics)."""
         return ACCEPTED if self.manifest.get("status", ACCEPTED) == ACCEPTED else REJECTED
 
     @property
@@ -383,6 +383,8 @@ class AdapterRegistry:
     def _move_channel(self, ndir: Path, channel: str, version: str) -> None:
         cdir = ndir / "channels"
         cdir.mkdir(exist_ok=True)
+        for stale in cdir.glob(".*.tmp"):  # under the lock: left by a writer that died
+            stale.unlink(missing_ok=True)
         previous = self.channel(ndir.name, channel)
         if previous == version:
             return

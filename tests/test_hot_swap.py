@@ -141,3 +141,66 @@ async def test_broken_adapters_are_refused_and_serving_goes_on(swap_env, lora_di
 
 def _refused_total(server) -> float:  # type: ignore[no-untyped-def]
     return sum(s.value for m in server.metrics.adapter_refused.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+async def _judge_traffic(stub, feedback, users: list[str], thumbs_for: dict[str, list[bool]]) -> None:  # type: ignore[no-untyped-def]
+    """Each user asks once; the user's thumbs on the answer depend on the version that served it
+    (cycling through `thumbs_for[version]`)."""
+    from tuneloop.v1 import feedback_pb2 as fpb
+
+    seen: dict[str, int] = {}
+    sem = asyncio.Semaphore(16)
+
+    async def one(u: str) -> None:
+        async with sem:
+            r = await stub.Generate(pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParams(max_tokens=1), caller=pb.CallerMetadata(user_id=u)))
+        c = r.completions[0]
+        pattern = thumbs_for[c.adapter.version]
+        i = seen.get(c.adapter.version, 0)
+        seen[c.adapter.version] = i + 1
+        up = pattern[i % len(pattern)]
+        await feedback.SubmitFeedback(fpb.FeedbackEvent(
+            rater_id=u, thumbs=fpb.ThumbsFeedback(completion_id=c.completion_id, value=fpb.THUMB_UP if up else fpb.THUMB_DOWN)))
+
+    await asyncio.gather(*(one(u) for u in users))
+
+
+async def _canary_outcome(admin, timeout: float = 20.0) -> apb.AdapterState:  # type: ignore[no-untyped-def]
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        state = (await admin.ListAdapters(apb.ListAdaptersRequest(name=NAME))).adapters[0]
+        if not state.canary_version:
+            return state
+        await asyncio.sleep(0.2)
+    raise AssertionError("the canary monitor reached no decision")
+
+
+@pytest.mark.parametrize(
+    ("canary_thumbs", "stable_thumbs", "expected_current"),
+    [
+        ([False], [True], "v1"),  # clearly worse: rolled back, v1 stays
+        ([True], [True, False], "v2"),  # better: promoted
+    ],
+    ids=["worse-rolled-back", "better-promoted"],
+)
+async def test_live_feedback_decides_the_canary(make_server, model_dir: Path, lora_dirs, canary_thumbs, stable_thumbs, expected_current) -> None:
+    from tuneloop.v1 import feedback_pb2_grpc as fpb_grpc
+
+    server = await make_server(default_adapter=NAME, canary_check_s=0.2, canary_min_observations=10)
+    reg = AdapterRegistry(server.config.adapter_dir)
+    manifest = {"base_model": base_model_fingerprint(model_dir)}
+    reg.publish(NAME, lora_dirs["r8a"], manifest)
+    reg.publish(NAME, lora_dirs["r8b"], manifest, channel=None)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub, admin = pb_grpc.GenerationServiceStub(ch), apb_grpc.AdminServiceStub(ch)
+        await _wait_version(stub, "v1")
+        await admin.SetCanary(apb.SetCanaryRequest(name=NAME, version="v2", share=0.5, auto_decide=True))
+        users = [f"user-{i}" for i in range(120)]
+        await _judge_traffic(stub, fpb_grpc.FeedbackServiceStub(ch), users, {"v1": stable_thumbs, "v2": canary_thumbs})
+        state = await _canary_outcome(admin)
+        assert state.current_version == expected_current
+        assert reg.channel(NAME) == expected_current
+        listed = {v.version: v for v in state.versions}
+        assert listed["v2"].feedback.thumbs_up + listed["v2"].feedback.thumbs_down > 0
+        decision = "rolled_back" if expected_current == "v1" else "promoted"
+        assert server.metrics.canary_decisions.labels(NAME, decision)._value.get() == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import grpc
 
@@ -64,21 +65,23 @@ def to_pb(view: AdapterView) -> pb.AdapterState:
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):
-    def __init__(self, admin: AdminService, metrics: Metrics) -> None:
-        self.admin = admin
+    def __init__(self, admin: Callable[[], AdminService], metrics: Metrics) -> None:
+        # A provider, not the service: it exists only once the engine is up (until then the
+        # provider raises UNAVAILABLE).
+        self._admin = admin
         self.metrics = metrics
 
     @unary("ListAdapters")
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
-        return pb.ListAdaptersResponse(adapters=[to_pb(v) for v in await self.admin.list(request.name)])
+        return pb.ListAdaptersResponse(adapters=[to_pb(v) for v in await self._admin().list(request.name)])
 
     @unary("Promote")
     async def Promote(self, request: pb.PromoteRequest, context: grpc.aio.ServicerContext) -> pb.AdapterState:
-        return to_pb(await self.admin.promote(_need(request.name, "name"), _need(request.version, "version")))
+        return to_pb(await self._admin().promote(_need(request.name, "name"), _need(request.version, "version")))
 
     @unary("Rollback")
     async def Rollback(self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext) -> pb.AdapterState:
-        return to_pb(await self.admin.rollback(_need(request.name, "name"), request.to_version))
+        return to_pb(await self._admin().rollback(_need(request.name, "name"), request.to_version))
 
     @unary("SetCanary")
     async def SetCanary(self, request: pb.SetCanaryRequest, context: grpc.aio.ServicerContext) -> pb.AdapterState:
@@ -86,8 +89,8 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             raise InvalidArgument(f"share must be in [0, 1], got {request.share}")
         if request.share > 0:
             _need(request.version, "version")
-        return to_pb(await self.admin.set_canary(_need(request.name, "name"), request.version, request.share, request.auto_decide))
+        return to_pb(await self._admin().set_canary(_need(request.name, "name"), request.version, request.share, request.auto_decide))
 
     @unary("Unload")
     async def Unload(self, request: pb.UnloadRequest, context: grpc.aio.ServicerContext) -> pb.AdapterState:
-        return to_pb(await self.admin.unload(_need(request.name, "name"), _need(request.version, "version")))
+        return to_pb(await self._admin().unload(_need(request.name, "name"), _need(request.version, "version")))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import NoReturn
 
 import grpc
 
@@ -14,6 +13,8 @@ from tuneloop.v1 import feedback_pb2_grpc as fpb_grpc
 
 from ..errors import TuneloopError, status_for
 from ..feedback import FeedbackAck, FeedbackEvent, FeedbackService
+from ..metrics import Metrics
+from .rpc import streaming, unary
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +30,16 @@ STREAM_WINDOW = 2048
 
 
 class FeedbackServicer(fpb_grpc.FeedbackServiceServicer):
-    def __init__(self, feedback_service: FeedbackService) -> None:
+    def __init__(self, feedback_service: FeedbackService, metrics: Metrics) -> None:
         self._service = feedback_service
+        self.metrics = metrics
 
+    @unary("SubmitFeedback")
     async def SubmitFeedback(self, request: fpb.FeedbackEvent, context: grpc.aio.ServicerContext) -> fpb.FeedbackAck:
-        try:
-            ack = await self._service.submit(FeedbackEvent.from_pb(request))
-        except Exception as exc:
-            await _abort(context, exc)
+        ack = await self._service.submit(FeedbackEvent.from_pb(request))
         return ack.to_pb()
 
+    @streaming("SubmitFeedbackStream")
     async def SubmitFeedbackStream(
         self, request_iterator: AsyncIterator[fpb.FeedbackEvent], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[fpb.FeedbackAck]:
@@ -85,9 +86,3 @@ def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if not isinstance(exc, TuneloopError):
         log.error("feedback: unexpected error", exc_info=exc)
     return status_for(exc)
-
-
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
-    code, message = _status(exc)
-    await context.abort(code, message)
-    raise AssertionError("context.abort returned")  # abort always raises

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import CompletionRef, FeedbackTx, Store, StoredEventKey
+from .base import CanaryEvidence, CompletionRef, FeedbackTx, Store, StoredEventKey, VersionFeedback
 from .migrations import SchemaTooNew
 from .schema import prompt_sha256
 
@@ -26,4 +26,14 @@ def open_store(url: str) -> Store:
     )
 
 
-__all__ = ["CompletionRef", "FeedbackTx", "SchemaTooNew", "Store", "StoredEventKey", "open_store", "prompt_sha256"]
+__all__ = [
+    "CanaryEvidence",
+    "CompletionRef",
+    "FeedbackTx",
+    "SchemaTooNew",
+    "Store",
+    "StoredEventKey",
+    "VersionFeedback",
+    "open_store",
+    "prompt_sha256",
+]

@@ -39,6 +39,28 @@ class StoredEventKey:
     supersedes: str | None
 
 
+@dataclass(frozen=True)
+class VersionFeedback:
+    """Live feedback on one adapter version's completions (current judgements only)."""
+
+    thumbs_up: int = 0
+    thumbs_down: int = 0
+    ratings: int = 0
+    rating_sum: int = 0
+    pairwise_wins: int = 0  # pairwise choices won by a completion of this version (ties excluded)
+    pairwise_losses: int = 0
+
+
+@dataclass(frozen=True)
+class CanaryEvidence:
+    """What a canary's sequential test reads: feedback on completions served since it started,
+    each list in the order the feedback arrived."""
+
+    canary_thumbs: list[bool]  # True: thumbs up on a canary completion
+    stable_thumbs: list[bool]
+    head_to_head: list[bool]  # pairwise choices between a canary and a stable completion; True: canary chosen
+
+
 class FeedbackTx(Protocol):
     """Reads and writes of one feedback batch, all inside one transaction (committed on exit)."""
 
@@ -54,9 +76,8 @@ class FeedbackTx(Protocol):
         """The already-stored events among `event_ids`."""
         ...
 
-    def current_judgements(self, completion_ids: Collection[str]) -> dict[tuple[str, str, str], str]:
-        """Not-yet-superseded thumbs and ratings on these completions:
-        (rater_id, completion_id, kind) -> event_id."""
+    def current_judgements(self, judgement_keys: Collection[str]) -> dict[str, str]:
+        """The not-yet-superseded event of each judgement key that has one: key -> event_id."""
         ...
 
     def insert_feedback(self, records: Sequence[FeedbackRecord]) -> list[int]:
@@ -64,7 +85,8 @@ class FeedbackTx(Protocol):
         ...
 
     def mark_superseded(self, links: Sequence[tuple[str, str]]) -> None:
-        """Sets `superseded_by` for each (older event_id, newer event_id)."""
+        """Sets `superseded_by` for each (older event_id, newer event_id). Call it before
+        inserting the newer rows: only one row per judgement key may be current at a time."""
         ...
 
 
@@ -100,6 +122,17 @@ class Store(Protocol):
         ...
 
     def get_feedback(self, event_id: str) -> FeedbackRecord | None: ...
+
+    def version_feedback(self, adapter_name: str) -> dict[str, VersionFeedback]:
+        """Feedback totals per version of one adapter (versions without feedback are absent)."""
+        ...
+
+    def canary_evidence(
+        self, adapter_name: str, canary_version: str, stable_version: str, since: float
+    ) -> CanaryEvidence:
+        """Feedback on completions served at or after `since` (unix seconds) by the canary and by
+        the stable version ("" for the base model, which serves while no version is stable)."""
+        ...
 
     def count_feedback(self) -> int: ...
 

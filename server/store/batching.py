@@ -17,7 +17,8 @@ from typing import Generic, TypeVar
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_STOP = object()
+_STOP = object()  # handle what is queued, then end the thread
+_CUT = object()  # end the current batch now instead of lingering
 
 
 def backoff_delays(initial_s: float = 0.05, factor: float = 2.0, max_s: float = 2.0) -> Iterator[float]:
@@ -60,6 +61,10 @@ class BatchThread(Generic[T]):
             for item in items:
                 self._queue.put(item)
 
+    def cut_batch(self) -> None:
+        """Ends the batch being gathered without waiting out `linger_s` (for a caller who waits)."""
+        self._queue.put(_CUT)
+
     def close(self, timeout: float | None = None) -> bool:
         """Stops accepting items, lets the thread handle everything queued, and waits for it.
         Returns False if the thread is still busy after `timeout` seconds."""
@@ -76,6 +81,8 @@ class BatchThread(Generic[T]):
             first = self._queue.get()
             if first is _STOP:
                 return
+            if first is _CUT:
+                continue
             batch: list[T] = [first]  # type: ignore[list-item]
             deadline = time.monotonic() + self._linger_s
             while len(batch) < self._max_batch:
@@ -86,6 +93,8 @@ class BatchThread(Generic[T]):
                     break
                 if item is _STOP:
                     stop = True
+                    break
+                if item is _CUT:
                     break
                 batch.append(item)  # type: ignore[arg-type]
             try:

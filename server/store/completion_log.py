@@ -64,6 +64,10 @@ class CompletionLog:
         """Waits until every record submitted before this call is committed. False on timeout."""
         with self._cond:
             target = self._submitted
+            if self._done >= target:
+                return True
+        self._writer.cut_batch()
+        with self._cond:
             return self._cond.wait_for(lambda: self._done >= target, timeout)
 
     def close(self, timeout: float | None = 30.0) -> bool:

@@ -29,6 +29,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -107,10 +108,18 @@ def _v2_feedback(conn: Connection) -> None:
         Column("created_at", Double, nullable=False),
         Column("supersedes", String(128), nullable=True),
         Column("superseded_by", String(128), nullable=True),
+        Column("judgement_key", String(512), nullable=True),
         # "All feedback on prompt P" (the trainer pairs thumbs of one prompt).
         Index("ix_feedback_prompt_sha256", "prompt_sha256", "seq"),
-        # The supersede lookup: the current judgement of a rater on a completion.
-        Index("ix_feedback_judgement", "completion_id", "rater_id", "kind"),
+        # At most one current thumbs and one current rating per rater and completion, enforced by
+        # the database even against a concurrent writer; also the supersede lookup.
+        Index(
+            "ux_feedback_current_judgement",
+            "judgement_key",
+            unique=True,
+            sqlite_where=text("superseded_by IS NULL"),
+            postgresql_where=text("superseded_by IS NULL"),
+        ),
         sqlite_autoincrement=True,
     )
     md.create_all(conn, tables=[md.tables["feedback"]])

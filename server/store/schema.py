@@ -80,5 +80,8 @@ feedback = Table(
     # row names the older one at insert; the older row is updated to name the newer one.
     Column("supersedes", String(128), nullable=True),
     Column("superseded_by", String(128), nullable=True),
+    # Set for thumbs and ratings only: `judgement_key(kind, rater, completion)`; unique among rows
+    # not superseded, so the current judgement is one index probe away.
+    Column("judgement_key", String(512), nullable=True),
     sqlite_autoincrement=True,
 )

@@ -24,7 +24,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ..domain import CompletionRecord
 from ..feedback import FeedbackEvent, FeedbackRecord
-from .base import CompletionRef, StoredEventKey
+from . import live_feedback
+from .base import CanaryEvidence, CompletionRef, StoredEventKey, VersionFeedback
 from .migrations import migrate
 from .schema import completions, feedback, prompt_sha256
 
@@ -144,6 +145,16 @@ class SqlStore:
         with self._read() as conn:
             return conn.execute(select(func.count()).select_from(feedback)).scalar_one()
 
+    def version_feedback(self, adapter_name: str) -> dict[str, VersionFeedback]:
+        with self._read() as conn:
+            return live_feedback.version_feedback(conn, adapter_name)
+
+    def canary_evidence(
+        self, adapter_name: str, canary_version: str, stable_version: str, since: float
+    ) -> CanaryEvidence:
+        with self._read() as conn:
+            return live_feedback.canary_evidence(conn, adapter_name, canary_version, stable_version, since)
+
     def close(self) -> None:
         self._engine.dispose()
 
@@ -181,22 +192,25 @@ class SqlFeedbackTx:
         query = select(c.event_id, c.content_sha256, c.seq, c.supersedes).where(c.event_id.in_(list(event_ids)))
         return {r.event_id: StoredEventKey(**r._mapping) for r in self._conn.execute(query)}
 
-    def current_judgements(self, completion_ids: Collection[str]) -> dict[tuple[str, str, str], str]:
-        if not completion_ids:
+    def current_judgements(self, judgement_keys: Collection[str]) -> dict[str, str]:
+        if not judgement_keys:
             return {}
         c = feedback.c
-        query = select(c.rater_id, c.completion_id, c.kind, c.event_id).where(
-            c.completion_id.in_(list(completion_ids)),
-            c.kind.in_(["thumbs", "rating"]),
-            c.superseded_by.is_(None),
+        query = select(c.judgement_key, c.event_id).where(
+            c.judgement_key.in_(list(judgement_keys)), c.superseded_by.is_(None)
         )
-        return {(r.rater_id, r.completion_id, r.kind): r.event_id for r in self._conn.execute(query)}
+        return {r.judgement_key: r.event_id for r in self._conn.execute(query)}
 
     def insert_feedback(self, records: Sequence[FeedbackRecord]) -> list[int]:
         if not records:
             return []
-        stmt = feedback.insert().returning(feedback.c.seq, sort_by_parameter_order=True)
-        return list(self._conn.execute(stmt, [_feedback_row(r) for r in records]).scalars())
+        # A plain executemany, then one SELECT for the sequence numbers: SQLite cannot return
+        # them in parameter order from a multi-row INSERT, and one INSERT per row costs far more.
+        self._conn.execute(feedback.insert(), [_feedback_row(r) for r in records])
+        ids = [r.event.event_id for r in records]
+        query = select(feedback.c.event_id, feedback.c.seq).where(feedback.c.event_id.in_(ids))
+        seq_of = {r.event_id: r.seq for r in self._conn.execute(query)}
+        return [seq_of[i] for i in ids]
 
     def mark_superseded(self, links: Sequence[tuple[str, str]]) -> None:
         if not links:
@@ -235,7 +249,7 @@ def _feedback_row(r: FeedbackRecord) -> dict[str, Any]:
     e = r.event
     return {
         "event_id": e.event_id,
-        "content_sha256": e.content_sha256(),
+        "content_sha256": e.content_sha256,
         "rater_id": e.rater_id,
         "kind": e.kind,
         "completion_id": r.completion_id,
@@ -251,6 +265,7 @@ def _feedback_row(r: FeedbackRecord) -> dict[str, Any]:
         "created_at": r.created_at,
         "supersedes": r.supersedes,
         "superseded_by": r.superseded_by,
+        "judgement_key": e.judgement_key,
     }
 
 
