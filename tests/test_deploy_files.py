@@ -81,6 +81,7 @@ def exported_sample_names() -> set[str]:
         "counter": ("_total", "_created"),
         "gauge": ("",),
         "histogram": ("", "_bucket", "_sum", "_count", "_created"),
+        "info": ("_info",),
     }
     names: set[str] = set()
     for registry in (Metrics(CollectorRegistry()).registry, TrainerMetrics(CollectorRegistry()).registry):

@@ -202,6 +202,31 @@ def training() -> list[dict[str, Any]]:
     ]
 
 
+def adapters() -> list[dict[str, Any]]:
+    return [
+        panel("Traffic share by adapter version",
+              [Query('sum by (adapter, adapter_version) (tuneloop_adapter_traffic_share{adapter=~"$adapter"})',
+                     "{{adapter}} {{adapter_version}}")],
+              "percentunit", "Share of each adapter's default traffic per version (a canary shows here).",
+              max_value=1),
+        panel("Swaps and refusals",
+              [Query("sum by (outcome) (increase(tuneloop_adapter_swaps_total[1h]))", "swap {{outcome}}"),
+               Query("sum by (adapter, adapter_version) (increase(tuneloop_adapter_refused_total[1h]))",
+                     "refused {{adapter}} {{adapter_version}}"),
+               Query("sum by (adapter, decision) (increase(tuneloop_canary_decisions_total[1h]))",
+                     "canary {{adapter}} {{decision}}")],
+              "short", "Default-traffic switches, versions refused at load, and automatic canary decisions, per hour."),
+        panel("Publish to first served p50 / max",
+              [Query("histogram_quantile(0.5, sum by (le) (rate(tuneloop_publish_to_first_served_seconds_bucket[1h])))",
+                     "p50"),
+               Query("histogram_quantile(1.0, sum by (le) (rate(tuneloop_publish_to_first_served_seconds_bucket[1h])))",
+                     "max")],
+              "s", "From a version's channel move in the registry to its first served request."),
+        panel("Serving version", [Query("tuneloop_serving_version_info", "{{adapter}} {{version}} canary {{canary}}")],
+              "short", "The version serving each adapter's default traffic, and its canary.", kind="table"),
+    ]
+
+
 def layout(sections: list[tuple[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
     """Rows of panels flowed left to right, 24 grid units wide; assigns ids and positions."""
     out: list[dict[str, Any]] = []
@@ -257,6 +282,7 @@ def dashboard() -> dict[str, Any]:
         "panels": layout([
             ("Serving", serving()),
             ("Completion log", completion_log()),
+            ("Adapters", adapters()),
             ("Feedback", feedback()),
             ("Training", training()),
         ]),
