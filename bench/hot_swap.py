@@ -78,8 +78,13 @@ def _make_loras(model_dir: Path, root: Path) -> list[Path]:
     for seed in (1, 2):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                         init_lora_weights=False, task_type="CAUSAL_LM")
+        cfg = LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
         out = root / f"lora{seed}"
         get_peft_model(model, cfg).save_pretrained(out)
         dirs.append(out)
@@ -105,8 +110,14 @@ async def main() -> None:
     model_dir = ensure_default_model()
     home = Path(tempfile.mkdtemp(prefix="tuneloop-hotswap-"))
     loras = _make_loras(model_dir, home)
-    cfg = ServerConfig(port=0, metrics_port=-1, store_url=f"sqlite:///{home}/t.db", adapter_dir=str(home / "adapters"),
-                       model=str(model_dir), default_adapter="default")
+    cfg = ServerConfig(
+        port=0,
+        metrics_port=-1,
+        store_url=f"sqlite:///{home}/t.db",
+        adapter_dir=str(home / "adapters"),
+        model=str(model_dir),
+        default_adapter="default",
+    )
     reg = AdapterRegistry(cfg.adapter_dir)
     manifest = {"base_model": base_model_fingerprint(model_dir)}
     reg.publish("default", loras[0], manifest)  # v1 serves from the start
@@ -145,8 +156,10 @@ async def main() -> None:
     failed = [r for r in records if r[5]]
     before = _tps(records, *steady)
     during = _tps(records, *swaps_window)
-    print(f"requests: {len(records)}, failed: {len(failed)}" + (f" ({sorted({r[5] for r in failed})})" if failed else ""))
-    print(f"publish_to_first_served_s: " + ", ".join(f"{x:.2f}" for x in latencies))
+    print(
+        f"requests: {len(records)}, failed: {len(failed)}" + (f" ({sorted({r[5] for r in failed})})" if failed else "")
+    )
+    print("publish_to_first_served_s: " + ", ".join(f"{x:.2f}" for x in latencies))
     print(f"hot_swap_max_s: {max(latencies):.3f}")
     print(f"throughput before: {before:.1f} tok/s, during swaps: {during:.1f} tok/s")
     print(f"throughput_during_swaps_ratio: {during / before:.3f}")

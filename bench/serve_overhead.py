@@ -33,9 +33,22 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 CONCURRENCY = 16
 NEW_TOKENS = 64
 TOPICS = [
-    "my commute", "the weather", "cooking dinner", "learning a language", "my garden", "a rainy Sunday",
-    "board games", "the ocean", "old photographs", "a city at night", "coffee", "running", "trains",
-    "the mountains", "a library", "winter",
+    "my commute",
+    "the weather",
+    "cooking dinner",
+    "learning a language",
+    "my garden",
+    "a rainy Sunday",
+    "board games",
+    "the ocean",
+    "old photographs",
+    "a city at night",
+    "coffee",
+    "running",
+    "trains",
+    "the mountains",
+    "a library",
+    "winter",
 ]
 
 
@@ -84,6 +97,7 @@ async def _inprocess(engine: object) -> dict:
     from vllm.sampling_params import RequestOutputKind
 
     llm = engine._llm  # the AsyncLLM under tuneloop's engine wrapper
+
     async def one(i: int, text: str) -> tuple[int, float]:
         ids = engine.tokenize(engine.render_chat([{"role": "user", "content": text}]))
         params = SamplingParams(
@@ -112,12 +126,20 @@ def _free_port() -> int:
 
 async def _http_round(port: int, model: str) -> dict:
     def one(i: int, text: str) -> tuple[int, float]:
-        body = json.dumps({
-            "model": model, "messages": [{"role": "user", "content": text}], "max_tokens": NEW_TOKENS,
-            "temperature": 1.0, "seed": 1000 + i, "stream": True, "stream_options": {"include_usage": True},
-        }).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
-                                     {"Content-Type": "application/json"})
+        body = json.dumps(
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": text}],
+                "max_tokens": NEW_TOKENS,
+                "temperature": 1.0,
+                "seed": 1000 + i,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        ).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions", body, {"Content-Type": "application/json"}
+        )
         t0 = time.perf_counter()
         ttft, tokens = None, 0
         with urllib.request.urlopen(req, timeout=300) as resp:
@@ -141,9 +163,23 @@ async def _measure_http(model_dir: str, rounds: int) -> list[dict]:
     port = _free_port()
     log = tempfile.NamedTemporaryFile(prefix="vllm-http-", suffix=".log", delete=False)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
-         "--host", "127.0.0.1", "--max-model-len", "2048", "--served-model-name", "m"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model_dir,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--max-model-len",
+            "2048",
+            "--served-model-name",
+            "m",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.time() + 300
@@ -193,8 +229,9 @@ async def main() -> None:
     engine = await start_engine(ServerConfig(**cfg, store_url=f"sqlite:///{home}/a.db"), model_dir)
     servers = {
         "grpc": TuneloopServer(ServerConfig(**cfg, store_url=f"sqlite:///{home}/a.db"), engine=engine),
-        "grpc_nolog": TuneloopServer(ServerConfig(**cfg, store_url=f"sqlite:///{home}/b.db", completion_log=False),
-                                     engine=engine),
+        "grpc_nolog": TuneloopServer(
+            ServerConfig(**cfg, store_url=f"sqlite:///{home}/b.db", completion_log=False), engine=engine
+        ),
     }
     ctx = mp.get_context("spawn")
     clients = {}
@@ -220,8 +257,11 @@ async def main() -> None:
         results["inprocess"].append(await _inprocess(engine))
         results["grpc"].append(await grpc_round("grpc"))
         results["grpc_nolog"].append(await grpc_round("grpc_nolog"))
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['tokens'] / v[-1]['wall']:.1f} tok/s" for k, v in results.items()),
-              flush=True)
+        print(
+            f"round {r + 1}: "
+            + ", ".join(f"{k} {v[-1]['tokens'] / v[-1]['wall']:.1f} tok/s" for k, v in results.items()),
+            flush=True,
+        )
     for p, _, _ in clients.values():
         p.join(30)
     for srv in servers.values():

@@ -45,9 +45,7 @@ class ChannelConfig:
         if not self.target:
             raise invalid_argument("target is empty; use host:port")
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise invalid_argument(
-                "tls_cert and tls_key go together: give both for mutual TLS, or neither"
-            )
+            raise invalid_argument("tls_cert and tls_key go together: give both for mutual TLS, or neither")
         if self.timeout is not None and not self.timeout > 0:
             raise invalid_argument(f"timeout must be > 0 seconds, got {self.timeout}")
         if self.api_key is not None and not self.api_key.strip():
@@ -176,9 +174,7 @@ class SyncTransport(_Transport):
             raise invalid_argument("Client streams from a plain iterable; use AsyncClient for an async iterable")
         failures: list[Exception] = []
         # grpc reads `requests` on its own thread, as the server's flow control allows.
-        return self._iterate(
-            lambda: method(_capture(requests, failures), **self._call_kwargs), convert, failures
-        )
+        return self._iterate(lambda: method(_capture(requests, failures), **self._call_kwargs), convert, failures)
 
     @staticmethod
     def _iterate(
@@ -225,9 +221,7 @@ class AsyncTransport(_Transport):
             raise error_from_rpc(exc) from None
         return convert(response)
 
-    def server_stream(
-        self, method: Callable[..., Any], request: Any, convert: Callable[[Any], T]
-    ) -> AsyncIterator[T]:
+    def server_stream(self, method: Callable[..., Any], request: Any, convert: Callable[[Any], T]) -> AsyncIterator[T]:
         return self._iterate(lambda: method(request, **self._call_kwargs), convert)
 
     def stream_stream(

@@ -96,7 +96,9 @@ class AdminMethods(ServiceMethods, Generic[InfoT, ListT]):
         """Send `share` of default traffic (sticky per user id) to `version`; share 0 ends the canary."""
         if not 0.0 <= share <= 1.0:
             raise invalid_argument(f"share must be in [0, 1], got {share}")
-        return self._call("SetCanary", pb.SetCanaryRequest(name=name, version=version, share=share, auto_decide=auto_decide))
+        return self._call(
+            "SetCanary", pb.SetCanaryRequest(name=name, version=version, share=share, auto_decide=auto_decide)
+        )
 
     def unload(self, name: str, version: str) -> InfoT:
         return self._call("Unload", pb.UnloadRequest(name=name, version=version))

@@ -84,9 +84,13 @@ def format_adapter(a: AdapterInfo) -> str:
         up_total = v.thumbs_up + v.thumbs_down
         up = f"{v.thumbs_up / up_total:.0%} up of {up_total}" if up_total else "no thumbs"
         created = dt.datetime.fromtimestamp(v.created_at).strftime("%Y-%m-%d %H:%M") if v.created_at else "?"
-        flags = " ".join(x for x in (v.role, "loaded" if v.loaded else "", v.status if v.status != "accepted" else "") if x)
-        lines.append(f"  {v.version:>5} {created} share {v.traffic_share:4.0%} {up}, "
-                     f"{v.ratings} ratings, pairwise {v.pairwise_wins}-{v.pairwise_losses} {flags}".rstrip())  # fmt: skip
+        flags = " ".join(
+            x for x in (v.role, "loaded" if v.loaded else "", v.status if v.status != "accepted" else "") if x
+        )
+        pairwise = f"pairwise {v.pairwise_wins}-{v.pairwise_losses}"
+        lines.append(
+            f"  {v.version:>5} {created} share {v.traffic_share:4.0%} {up}, {v.ratings} ratings, {pairwise} {flags}".rstrip()
+        )
         if v.refusal:
             lines.append(f"        refused: {v.refusal}")
     return "\n".join(lines)

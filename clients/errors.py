@@ -115,9 +115,7 @@ ERROR_CLASSES: Mapping[grpc.StatusCode, type[TuneloopError]] = {
 }
 
 
-def error_for(
-    code: grpc.StatusCode, message: str, details: Mapping[str, str] | None = None
-) -> TuneloopError:
+def error_for(code: grpc.StatusCode, message: str, details: Mapping[str, str] | None = None) -> TuneloopError:
     """The exception for a status code (`UnknownError` for a code outside the table)."""
     cls = ERROR_CLASSES.get(code, UnknownError)
     return cls(code.name, message, details)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Literal, TypedDict, TypeVar
 
 import grpc
+
 from tuneloop.v1 import feedback_pb2 as pb
 from tuneloop.v1.feedback_pb2_grpc import FeedbackServiceStub
 
@@ -219,9 +220,7 @@ class FeedbackMethods(ServiceMethods, Generic[AckT, AckStreamT]):
         ack: AckT = self._transport.unary(stub.SubmitFeedback, request, ack_from_pb)
         return ack
 
-    def submit_feedback_bulk(
-        self, events: Iterable[FeedbackEvent] | AsyncIterable[FeedbackEvent]
-    ) -> AckStreamT:
+    def submit_feedback_bulk(self, events: Iterable[FeedbackEvent] | AsyncIterable[FeedbackEvent]) -> AckStreamT:
         """Streams events and yields one ack per event, in order, each after its event is committed.
 
         A refused event does not stop the stream: its ack has `error` set. Events are read lazily,

@@ -165,8 +165,7 @@ class AdapterManager:
             )
         if self._base_model and found.base_model and found.base_model != self._base_model:
             raise FailedPrecondition(
-                f"adapter {key} was trained on base model {found.base_model}, but this server serves "
-                f"{self._base_model}"
+                f"adapter {key} was trained on base model {found.base_model}, but this server serves {self._base_model}"
             )
 
     async def _ensure_loaded(self, found: AdapterVersion) -> LoadedAdapter:
@@ -274,7 +273,9 @@ class AdapterManager:
         async with self._swap_lock:
             route = self._routes.setdefault(name, Route())
             if route.stable is not None and route.stable.version == version:
-                raise FailedPrecondition(f"{name}@{version} already serves default traffic; a canary must be another version")
+                raise FailedPrecondition(
+                    f"{name}@{version} already serves default traffic; a canary must be another version"
+                )
             if found.status != ACCEPTED:
                 raise FailedPrecondition(f"adapter {name}@{version} was rejected by its gate and cannot be served")
             adapter = await self._ensure_loaded(found)

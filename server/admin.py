@@ -171,13 +171,27 @@ class AdminService:
                 continue
             v = watch.verdict
             if v.decision == ROLL_BACK:
-                log.warning("canary %s@%s is worse than %s (LLR %.2f, %d/%d): rolled back",
-                            name, canary, stable or "base", v.llr, v.wins, v.losses)
+                log.warning(
+                    "canary %s@%s is worse than %s (LLR %.2f, %d/%d): rolled back",
+                    name,
+                    canary,
+                    stable or "base",
+                    v.llr,
+                    v.wins,
+                    v.losses,
+                )
                 await self.adapters.end_canary(name)
                 self.metrics.canary_decisions.labels(name, "rolled_back").inc()
             elif v.decision == PROMOTE:
-                log.info("canary %s@%s is not worse than %s (LLR %.2f, %d/%d): promoted",
-                         name, canary, stable or "base", v.llr, v.wins, v.losses)
+                log.info(
+                    "canary %s@%s is not worse than %s (LLR %.2f, %d/%d): promoted",
+                    name,
+                    canary,
+                    stable or "base",
+                    v.llr,
+                    v.wins,
+                    v.losses,
+                )
                 await self.promote(name, canary)
                 self.metrics.canary_decisions.labels(name, "promoted").inc()
             self._watches.pop(name, None)

@@ -18,17 +18,17 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from tuneloop.v1 import admin_pb2, admin_pb2_grpc, feedback_pb2, feedback_pb2_grpc, generation_pb2, generation_pb2_grpc
 
+from .adapters import AdapterManager, follow_registry
+from .admin import AdminService, monitor_canaries
 from .auth import ApiKeyInterceptor
 from .config import ServerConfig, read_api_keys
 from .engine import Engine, start_engine
 from .errors import EngineUnavailable
+from .feedback import FeedbackService
 from .generation import GenerationService
 from .metrics import Metrics
 from .model_cache import default_cache_dir, ensure_default_model
-from .adapters import AdapterManager, follow_registry
-from .admin import AdminService, monitor_canaries
 from .registry import AdapterRegistry, base_model_fingerprint
-from .feedback import FeedbackService
 from .servicers import admin as admin_servicer
 from .servicers import feedback as feedback_servicer
 from .servicers import generation as generation_servicer
@@ -88,7 +88,9 @@ class TuneloopServer:
         feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(
             feedback_servicer.FeedbackServicer(self.feedback, self.metrics), server
         )
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(admin_servicer.AdminServicer(self._admin, self.metrics), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            admin_servicer.AdminServicer(self._admin, self.metrics), server
+        )
 
     def _admin(self) -> AdminService:
         if self.admin is None:
@@ -100,7 +102,9 @@ class TuneloopServer:
         cfg = self.config
         interceptors = []
         if cfg.api_keys_file:
-            interceptors.append(ApiKeyInterceptor(read_api_keys(cfg.api_keys_file), self._required_roles(), self.metrics))
+            interceptors.append(
+                ApiKeyInterceptor(read_api_keys(cfg.api_keys_file), self._required_roles(), self.metrics)
+            )
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),

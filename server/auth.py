@@ -50,17 +50,27 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return handler  # unknown method: gRPC answers UNIMPLEMENTED
         short = method.rsplit("/", 1)[-1]
         if not token:
-            return self._deny(handler, short, grpc.StatusCode.UNAUTHENTICATED,
-                              "missing API key: send metadata 'authorization: Bearer <key>'")
+            return self._deny(
+                handler,
+                short,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing API key: send metadata 'authorization: Bearer <key>'",
+            )
         roles = self._roles_for(token)
         if roles is None:
             return self._deny(handler, short, grpc.StatusCode.UNAUTHENTICATED, "unknown API key")
         if role not in roles:
-            return self._deny(handler, short, grpc.StatusCode.PERMISSION_DENIED,
-                              f"this API key lacks the '{role}' role needed for {short}")
+            return self._deny(
+                handler,
+                short,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this API key lacks the '{role}' role needed for {short}",
+            )
         return handler
 
-    def _deny(self, handler: grpc.RpcMethodHandler, method: str, code: grpc.StatusCode, msg: str) -> grpc.RpcMethodHandler:
+    def _deny(
+        self, handler: grpc.RpcMethodHandler, method: str, code: grpc.StatusCode, msg: str
+    ) -> grpc.RpcMethodHandler:
         metrics = self._metrics
 
         async def abort(request_or_iterator: object, context: grpc.aio.ServicerContext) -> None:

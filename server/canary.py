@@ -68,7 +68,7 @@ class Verdict:
 def discordant_pairs(canary: Sequence[bool], stable: Sequence[bool]) -> tuple[int, int]:
     """(canary wins, canary losses) over the first min(len) outcomes of each arm, paired in order."""
     wins = losses = 0
-    for c, s in zip(canary, stable):
+    for c, s in zip(canary, stable, strict=False):  # the longer arm's extra outcomes wait for a partner
         if c and not s:
             wins += 1
         elif s and not c:

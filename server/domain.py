@@ -142,9 +142,7 @@ class GenerateInput:
             msgs = []
             for i, m in enumerate(req.chat.messages):
                 if m.role not in CHAT_ROLES:
-                    raise InvalidArgument(
-                        f"chat.messages[{i}].role is {m.role!r}; use one of {', '.join(CHAT_ROLES)}"
-                    )
+                    raise InvalidArgument(f"chat.messages[{i}].role is {m.role!r}; use one of {', '.join(CHAT_ROLES)}")
                 if not m.content.strip():
                     raise InvalidArgument(f"chat.messages[{i}].content is empty")
                 msgs.append((m.role, m.content))
@@ -199,9 +197,7 @@ class Timings:
     total_s: float = 0.0
 
     def to_pb(self) -> pb.Timings:
-        return pb.Timings(
-            queue_s=self.queue_s, time_to_first_token_s=self.time_to_first_token_s, total_s=self.total_s
-        )
+        return pb.Timings(queue_s=self.queue_s, time_to_first_token_s=self.time_to_first_token_s, total_s=self.total_s)
 
 
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}

@@ -153,7 +153,7 @@ class VllmEngine:
                     if request.sampling.logprobs and o.logprobs is not None:
                         logprobs = tuple(
                             (tid, lp[tid].decoded_token or "", float(lp[tid].logprob))
-                            for tid, lp in zip(o.token_ids, o.logprobs)
+                            for tid, lp in zip(o.token_ids, o.logprobs, strict=True)
                         )
                     yield EngineDelta(
                         index=o.index,
@@ -165,7 +165,9 @@ class VllmEngine:
                         queue_s=queue_s,
                     )
         except EngineDeadError as exc:
-            raise EngineUnavailable("the inference engine has stopped; this server cannot serve until restarted") from exc
+            raise EngineUnavailable(
+                "the inference engine has stopped; this server cannot serve until restarted"
+            ) from exc
         except (VLLMClientError, ValueError) as exc:
             raise InvalidArgument(f"the engine refused the request: {exc}") from exc
         except EngineGenerateError as exc:

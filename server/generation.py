@@ -192,7 +192,7 @@ class GenerationService:
                 m.queue_time.labels(*labels).observe((submitted_at - gen.arrival) + engine_queue_s)
 
     def _finished(self, gen: Generation, cand: Candidate, prompt_text: str) -> None:
-        call, labels = gen.call, (cand.adapter.name, cand.adapter.version)
+        labels = (cand.adapter.name, cand.adapter.version)
         m = self._metrics
         m.time_to_first_token.labels(*labels).observe(cand.timings.time_to_first_token_s)
         m.generated_tokens.labels(*labels).inc(len(cand.token_ids))

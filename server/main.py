@@ -18,8 +18,9 @@ def _warn_if_exposed(config: ServerConfig) -> None:
     if not config.tls:
         log.warning("binding %s without TLS: traffic, prompts and API keys travel in clear text", config.host)
     if not config.api_keys_file:
-        log.warning("binding %s without API keys: anyone who can reach the port can generate and administer",
-                    config.host)
+        log.warning(
+            "binding %s without API keys: anyone who can reach the port can generate and administer", config.host
+        )
 
 
 async def serve(config: ServerConfig) -> None:
@@ -27,8 +28,12 @@ async def serve(config: ServerConfig) -> None:
 
     server = TuneloopServer(config)
     await server.start()
-    print(f"tuneloop: gRPC on {config.host}:{server.port}, metrics on :{server.metrics_port}; "
-          "the engine is starting (health NOT_SERVING until ready)", file=sys.stderr, flush=True)
+    print(
+        f"tuneloop: gRPC on {config.host}:{server.port}, metrics on :{server.metrics_port}; "
+        "the engine is starting (health NOT_SERVING until ready)",
+        file=sys.stderr,
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -89,38 +89,53 @@ class Metrics:
         self.rating_sum = Counter("tuneloop_feedback_rating_sum", "Sum of 1-5 ratings.", _ADAPTER, registry=r)
         self.rating_count = Counter("tuneloop_feedback_rating_count", "Number of ratings.", _ADAPTER, registry=r)
         self.pairwise_wins = Counter(
-            "tuneloop_feedback_pairwise_wins", "Pairwise choices won by a completion of this version.", _ADAPTER,
+            "tuneloop_feedback_pairwise_wins",
+            "Pairwise choices won by a completion of this version.",
+            _ADAPTER,
             registry=r,
         )
         self.pairwise_losses = Counter(
-            "tuneloop_feedback_pairwise_losses", "Pairwise choices lost by a completion of this version.", _ADAPTER,
+            "tuneloop_feedback_pairwise_losses",
+            "Pairwise choices lost by a completion of this version.",
+            _ADAPTER,
             registry=r,
         )
 
         # --- adapters: swaps, canary, rollback ---
         self.swaps = Counter(
-            "tuneloop_adapter_swaps", "Default-traffic switches to a new adapter version, by outcome (ok, refused).",
-            ("outcome",), registry=r,
+            "tuneloop_adapter_swaps",
+            "Default-traffic switches to a new adapter version, by outcome (ok, refused).",
+            ("outcome",),
+            registry=r,
         )
         self.adapter_refused = Counter(
-            "tuneloop_adapter_refused", "Adapter versions refused at load (bad files, base model, rank, probe).",
-            _ADAPTER, registry=r,
+            "tuneloop_adapter_refused",
+            "Adapter versions refused at load (bad files, base model, rank, probe).",
+            _ADAPTER,
+            registry=r,
         )
         self.serving_version = Info(
-            "tuneloop_serving_version", "The version serving default traffic for each adapter name, and its canary.",
-            ("adapter",), registry=r,
+            "tuneloop_serving_version",
+            "The version serving default traffic for each adapter name, and its canary.",
+            ("adapter",),
+            registry=r,
         )
         self.traffic_share = Gauge(
-            "tuneloop_adapter_traffic_share", "Share of an adapter name's default traffic routed to each version.",
-            _ADAPTER, registry=r,
+            "tuneloop_adapter_traffic_share",
+            "Share of an adapter name's default traffic routed to each version.",
+            _ADAPTER,
+            registry=r,
         )
         self.publish_to_first_served = Histogram(
             "tuneloop_publish_to_first_served_seconds",
             "From a version's channel move in the registry to the first request it served.",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.canary_decisions = Counter(
-            "tuneloop_canary_decisions", "Automatic canary outcomes (promoted, rolled_back).", ("adapter", "decision"),
+            "tuneloop_canary_decisions",
+            "Automatic canary outcomes (promoted, rolled_back).",
+            ("adapter", "decision"),
             registry=r,
         )
 

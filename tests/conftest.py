@@ -26,8 +26,15 @@ def engine_config(**overrides: object):
     from tuneloop.server.config import ServerConfig
 
     base: dict[str, object] = dict(
-        port=0, metrics_port=0, max_model_len=ENGINE_MAX_MODEL_LEN, max_tokens_limit=512,
-        max_num_seqs=32, kv_cache_gib=1.0, max_loras=2, max_lora_rank=16, grace_period_s=5.0,
+        port=0,
+        metrics_port=0,
+        max_model_len=ENGINE_MAX_MODEL_LEN,
+        max_tokens_limit=512,
+        max_num_seqs=32,
+        kv_cache_gib=1.0,
+        max_loras=2,
+        max_lora_rank=16,
+        grace_period_s=5.0,
         # Set to "on" to see the CPU engine crash the seeded-batch test guards against.
         chunked_prefill=os.environ.get("TUNELOOP_TEST_CHUNKED_PREFILL", "auto"),
     )
@@ -47,7 +54,9 @@ async def engine(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> A
     from tuneloop.server.engine import start_engine
 
     home = tmp_path_factory.mktemp("engine")
-    eng = await start_engine(engine_config(store_url=f"sqlite:///{home}/unused.db", adapter_dir=str(home)), str(model_dir))
+    eng = await start_engine(
+        engine_config(store_url=f"sqlite:///{home}/unused.db", adapter_dir=str(home)), str(model_dir)
+    )
     yield eng
     eng.shutdown()
 
@@ -98,8 +107,13 @@ def make_lora(model_dir: Path, out: Path, rank: int, seed: int) -> Path:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                     init_lora_weights=False, task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, cfg)
     peft_model.save_pretrained(out)
     return out
@@ -115,14 +129,16 @@ def lora_dirs(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     }
 
 
-# --------------------------------------------------------------------------- TLS: a throwaway CA, server and client pairs
+# ------------------------------------------------------------------ TLS: a throwaway CA, server and client pairs
 def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _cert(subject: str, key, issuer_cert=None, issuer_key=None, *, ca: bool = False, server: bool = False) -> x509.Certificate:  # type: ignore[no-untyped-def]
+def _cert(
+    subject: str, key, issuer_cert=None, issuer_key=None, *, ca: bool = False, server: bool = False
+) -> x509.Certificate:  # type: ignore[no-untyped-def]
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     b = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -144,7 +160,9 @@ def _cert(subject: str, key, issuer_cert=None, issuer_key=None, *, ca: bool = Fa
 def _pem(obj) -> bytes:  # type: ignore[no-untyped-def]
     if isinstance(obj, x509.Certificate):
         return obj.public_bytes(serialization.Encoding.PEM)
-    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return obj.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 @pytest.fixture

@@ -28,8 +28,18 @@ async def test_adapter_versions_are_served_and_named(make_server, lora_dirs, mod
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         stub = pb_grpc.GenerationServiceStub(ch)
         base = (await stub.Generate(pb.GenerateRequest(prompt=PROMPT, sampling=GREEDY))).completions[0]
-        current = (await stub.Generate(pb.GenerateRequest(prompt=PROMPT, sampling=GREEDY, adapter=pb.AdapterSelector(name="support")))).completions[0]
-        pinned = (await stub.Generate(pb.GenerateRequest(prompt=PROMPT, sampling=GREEDY, adapter=pb.AdapterSelector(name="support", version="v1")))).completions[0]
+        current = (
+            await stub.Generate(
+                pb.GenerateRequest(prompt=PROMPT, sampling=GREEDY, adapter=pb.AdapterSelector(name="support"))
+            )
+        ).completions[0]
+        pinned = (
+            await stub.Generate(
+                pb.GenerateRequest(
+                    prompt=PROMPT, sampling=GREEDY, adapter=pb.AdapterSelector(name="support", version="v1")
+                )
+            )
+        ).completions[0]
         assert (base.adapter.name, base.adapter.version) == ("base", "base")
         assert (current.adapter.name, current.adapter.version) == ("support", "v2")
         assert (pinned.adapter.name, pinned.adapter.version) == ("support", "v1")
@@ -37,14 +47,22 @@ async def test_adapter_versions_are_served_and_named(make_server, lora_dirs, mod
         assert len({base.text, current.text, pinned.text}) == 3
 
         # Concurrent first requests for a version load it once and all succeed.
-        many = await asyncio.gather(*[
-            stub.Generate(pb.GenerateRequest(prompt=PROMPT, sampling=GREEDY, adapter=pb.AdapterSelector(name="support", version="v1")))
-            for _ in range(4)
-        ])
+        many = await asyncio.gather(
+            *[
+                stub.Generate(
+                    pb.GenerateRequest(
+                        prompt=PROMPT, sampling=GREEDY, adapter=pb.AdapterSelector(name="support", version="v1")
+                    )
+                )
+                for _ in range(4)
+            ]
+        )
         assert {r.completions[0].text for r in many} == {pinned.text}
 
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.Generate(pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterSelector(name="support", version="v9")))
+            await stub.Generate(
+                pb.GenerateRequest(prompt=PROMPT, adapter=pb.AdapterSelector(name="support", version="v9"))
+            )
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "v9" in err.value.details()
 
         # A rank above the server's max_lora_rank is refused with a message naming both ranks.

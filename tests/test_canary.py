@@ -13,7 +13,9 @@ from tuneloop.server.canary import CONTINUE, PROMOTE, ROLL_BACK, CanaryPolicy, d
 POLICY = CanaryPolicy(alpha=0.05, beta=0.10, worse_odds_ratio=0.5, min_observations=20, max_observations=2000)
 
 
-def run_stream(p_canary: float, p_stable: float, seed: int, policy: CanaryPolicy = POLICY, step: int = 5) -> tuple[str, int]:
+def run_stream(
+    p_canary: float, p_stable: float, seed: int, policy: CanaryPolicy = POLICY, step: int = 5
+) -> tuple[str, int]:
     """Feed thumbs from both arms a few at a time, as a live canary monitor would; return the
     decision and how many thumbs per arm it took."""
     rng = random.Random(seed)

@@ -22,7 +22,9 @@ async def test_sync_and_async_sdk(server) -> None:
     def sync_calls() -> tuple[str, str, str]:
         with Client(target, timeout=60) as c:
             r = c.generate(messages=[("user", "What is the capital of France?")], max_tokens=16, temperature=0)
-            streamed = "".join(ch.text_delta for ch in c.generate_stream("Once upon a time", max_tokens=8, temperature=0))
+            streamed = "".join(
+                ch.text_delta for ch in c.generate_stream("Once upon a time", max_tokens=8, temperature=0)
+            )
             with pytest.raises(InvalidArgumentError, match="top_p"):
                 c.generate("hi", top_p=2.0)
             with pytest.raises(NotFoundError):
@@ -47,8 +49,17 @@ async def test_cli_generate_json_and_errors(server, tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*cli, *args], capture_output=True, text=True, env=env, timeout=120)
 
-    ok = await asyncio.to_thread(run, "generate", "What is the capital of France?", "--chat", "--temperature", "0",
-                                 "--max-tokens", "16", "--json")
+    ok = await asyncio.to_thread(
+        run,
+        "generate",
+        "What is the capital of France?",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "16",
+        "--json",
+    )
     assert ok.returncode == 0, ok.stderr
     result = json.loads(ok.stdout)
     assert "Paris" in result["completions"][0]["text"]

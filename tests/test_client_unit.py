@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from tuneloop.client import (
     AsyncClient,
     Client,
@@ -537,6 +538,7 @@ def test_export_kinds_match_the_server() -> None:
 
 def test_feedback_export_writes_jsonl(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from completion_factory import make_completion
+
     from tuneloop.server.feedback import FeedbackEvent as ServerEvent
     from tuneloop.server.feedback import FeedbackRecord
     from tuneloop.server.store import open_store, prompt_sha256

@@ -67,7 +67,10 @@ def test_api_keys_file(tmp_path: Path) -> None:
     f = tmp_path / "keys"
     f.write_text("# comment\nk-0123456789abcdef generate,feedback\nk-admin-0123456789 admin  # trailing\n")
     keys = read_api_keys(str(f))
-    assert keys == {"k-0123456789abcdef": frozenset({"generate", "feedback"}), "k-admin-0123456789": frozenset({"admin"})}
+    assert keys == {
+        "k-0123456789abcdef": frozenset({"generate", "feedback"}),
+        "k-admin-0123456789": frozenset({"admin"}),
+    }
     f.write_text("k-0123456789abcdef root\n")
     with pytest.raises(ConfigError, match="unknown role"):
         read_api_keys(str(f))

@@ -30,7 +30,6 @@ from tuneloop.server.config import ConfigError, load_config, read_api_keys
 from tuneloop.server.metrics import Metrics
 from tuneloop.trainer.metrics import TrainerMetrics
 
-
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"

@@ -51,8 +51,16 @@ def test_input_rules() -> None:
     with pytest.raises(InvalidArgument, match="empty"):
         call(prompt="  \n")
     with pytest.raises(InvalidArgument, match=r"messages\[1\].content"):
-        call(chat=pb.ChatInput(messages=[pb.ChatMessage(role="user", content="a"), pb.ChatMessage(role="user", content="")]))
-    c = call(chat=pb.ChatInput(messages=[pb.ChatMessage(role="system", content="s"), pb.ChatMessage(role="user", content="u")]))
+        call(
+            chat=pb.ChatInput(
+                messages=[pb.ChatMessage(role="user", content="a"), pb.ChatMessage(role="user", content="")]
+            )
+        )
+    c = call(
+        chat=pb.ChatInput(
+            messages=[pb.ChatMessage(role="system", content="s"), pb.ChatMessage(role="user", content="u")]
+        )
+    )
     assert c.input.messages == (("system", "s"), ("user", "u"))
     assert c.input.to_dict() == {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}
 

@@ -112,9 +112,7 @@ def test_unpaired_and_ratings_skip_superseded_feedback(cs: dict[str, CompletionR
     assert [e.to_json() for e in unpaired_examples(recs, _by_id(cs))] == [
         {"prompt": P, "completion": "Hi!", "label": True}
     ]
-    assert [e.to_json() for e in rated_examples(recs, _by_id(cs))] == [
-        {"prompt": Q, "completion": "Bye!", "rating": 4}
-    ]
+    assert [e.to_json() for e in rated_examples(recs, _by_id(cs))] == [{"prompt": Q, "completion": "Bye!", "rating": 4}]
     assert preference_pairs(recs, _by_id(cs)) == []
 
 

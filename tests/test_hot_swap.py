@@ -32,7 +32,11 @@ async def swap_env(make_server, model_dir: Path):  # type: ignore[no-untyped-def
 
 
 async def _version_of_next(stub: pb_grpc.GenerationServiceStub, user: str = "") -> str:
-    r = await stub.Generate(pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParams(max_tokens=1), caller=pb.CallerMetadata(user_id=user)))
+    r = await stub.Generate(
+        pb.GenerateRequest(
+            prompt="Hi", sampling=pb.SamplingParams(max_tokens=1), caller=pb.CallerMetadata(user_id=user)
+        )
+    )
     return r.completions[0].adapter.version
 
 
@@ -50,7 +54,10 @@ async def test_publish_during_streams_then_rollback(swap_env, lora_dirs) -> None
     assert await _version_of_next(stub) == "base"  # nothing published yet: the base model serves
 
     async def stream(i: int) -> tuple[str, str]:
-        req = pb.GenerateRequest(prompt=f"Tell me a story about {i} cats.", sampling=pb.SamplingParams(max_tokens=48, temperature=1.0, seed=i))
+        req = pb.GenerateRequest(
+            prompt=f"Tell me a story about {i} cats.",
+            sampling=pb.SamplingParams(max_tokens=48, temperature=1.0, seed=i),
+        )
         final = None
         async for msg in stub.GenerateStream(req):
             if msg.HasField("completion"):
@@ -131,7 +138,9 @@ async def test_broken_adapters_are_refused_and_serving_goes_on(swap_env, lora_di
         assert reg.publish(NAME, files, man).version == version
         await asyncio.sleep(1.5)  # a few registry polls
         assert await _version_of_next(stub) == "v1", version
-        listed = {v.version: v for v in (await admin.ListAdapters(apb.ListAdaptersRequest(name=NAME))).adapters[0].versions}
+        listed = {
+            v.version: v for v in (await admin.ListAdapters(apb.ListAdaptersRequest(name=NAME))).adapters[0].versions
+        }
         assert words in listed[version].refusal, (version, listed[version].refusal)
     assert _refused_total(server) - refused_before == 3
     # A good version published after the broken ones is still picked up.
@@ -140,7 +149,9 @@ async def test_broken_adapters_are_refused_and_serving_goes_on(swap_env, lora_di
 
 
 def _refused_total(server) -> float:  # type: ignore[no-untyped-def]
-    return sum(s.value for m in server.metrics.adapter_refused.collect() for s in m.samples if s.name.endswith("_total"))
+    return sum(
+        s.value for m in server.metrics.adapter_refused.collect() for s in m.samples if s.name.endswith("_total")
+    )
 
 
 async def _judge_traffic(stub, feedback, users: list[str], thumbs_for: dict[str, list[bool]]) -> None:  # type: ignore[no-untyped-def]
@@ -153,14 +164,22 @@ async def _judge_traffic(stub, feedback, users: list[str], thumbs_for: dict[str,
 
     async def one(u: str) -> None:
         async with sem:
-            r = await stub.Generate(pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParams(max_tokens=1), caller=pb.CallerMetadata(user_id=u)))
+            r = await stub.Generate(
+                pb.GenerateRequest(
+                    prompt="Hi", sampling=pb.SamplingParams(max_tokens=1), caller=pb.CallerMetadata(user_id=u)
+                )
+            )
         c = r.completions[0]
         pattern = thumbs_for[c.adapter.version]
         i = seen.get(c.adapter.version, 0)
         seen[c.adapter.version] = i + 1
         up = pattern[i % len(pattern)]
-        await feedback.SubmitFeedback(fpb.FeedbackEvent(
-            rater_id=u, thumbs=fpb.ThumbsFeedback(completion_id=c.completion_id, value=fpb.THUMB_UP if up else fpb.THUMB_DOWN)))
+        await feedback.SubmitFeedback(
+            fpb.FeedbackEvent(
+                rater_id=u,
+                thumbs=fpb.ThumbsFeedback(completion_id=c.completion_id, value=fpb.THUMB_UP if up else fpb.THUMB_DOWN),
+            )
+        )
 
     await asyncio.gather(*(one(u) for u in users))
 
@@ -183,7 +202,9 @@ async def _canary_outcome(admin, timeout: float = 20.0) -> apb.AdapterState:  # 
     ],
     ids=["worse-rolled-back", "better-promoted"],
 )
-async def test_live_feedback_decides_the_canary(make_server, model_dir: Path, lora_dirs, canary_thumbs, stable_thumbs, expected_current) -> None:
+async def test_live_feedback_decides_the_canary(
+    make_server, model_dir: Path, lora_dirs, canary_thumbs, stable_thumbs, expected_current
+) -> None:
     from tuneloop.v1 import feedback_pb2_grpc as fpb_grpc
 
     server = await make_server(default_adapter=NAME, canary_check_s=0.2, canary_min_observations=10)

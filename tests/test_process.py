@@ -44,10 +44,28 @@ def test_health_follows_the_engine_and_sigterm_drains_the_log(model_dir: Path, t
     env = {**os.environ, "TUNELOOP_HOME": str(tmp_path), "VLLM_CPU_KVCACHE_SPACE": "1"}
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tuneloop.server.main", "--port", "0", "--metrics-port", "-1",
-             "--model", str(model_dir), "--max-model-len", "512", "--max-tokens-limit", "256",
-             "--store-url", f"sqlite:///{db}", "--grace-period-s", "10"],
-            stdout=log_file, stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "tuneloop.server.main",
+                "--port",
+                "0",
+                "--metrics-port",
+                "-1",
+                "--model",
+                str(model_dir),
+                "--max-model-len",
+                "512",
+                "--max-tokens-limit",
+                "256",
+                "--store-url",
+                f"sqlite:///{db}",
+                "--grace-period-s",
+                "10",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     try:
         port = 0
@@ -73,13 +91,20 @@ def test_health_follows_the_engine_and_sigterm_drains_the_log(model_dir: Path, t
             _wait_for(lambda: _health(health) == SERVING, 180, "the engine to be ready")
             assert _health(health, "tuneloop.v1.GenerationService") == SERVING
             ids = [
-                gen.Generate(pb.GenerateRequest(prompt=f"Count to {i}:", sampling=pb.SamplingParams(max_tokens=8)), timeout=60)
-                .completions[0].completion_id
+                gen.Generate(
+                    pb.GenerateRequest(prompt=f"Count to {i}:", sampling=pb.SamplingParams(max_tokens=8)), timeout=60
+                )
+                .completions[0]
+                .completion_id
                 for i in range(3)
             ]
 
             # Kill the engine core under the server: health flips, requests get UNAVAILABLE.
-            cores = [c for c in psutil.Process(proc.pid).children(recursive=True) if "EngineCore" in " ".join(c.cmdline()) or "EngineCore" in c.name()]
+            cores = [
+                c
+                for c in psutil.Process(proc.pid).children(recursive=True)
+                if "EngineCore" in " ".join(c.cmdline()) or "EngineCore" in c.name()
+            ]
             assert cores, [c.name() for c in psutil.Process(proc.pid).children(recursive=True)]
             for c in cores:
                 c.send_signal(signal.SIGKILL)

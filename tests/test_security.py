@@ -31,10 +31,12 @@ async def test_api_keys_and_roles(make_server, tmp_path: Path) -> None:
             ((("authorization", f"Bearer {FEEDBACK_KEY}"),), grpc.StatusCode.PERMISSION_DENIED, "'generate' role"),
         ]
         for metadata, code, words in cases:
-            for call in (lambda: stub.Generate(REQ, metadata=metadata), lambda: _drain(stub.GenerateStream(REQ, metadata=metadata))):
-                with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await call()
-                assert err.value.code() == code and words in err.value.details(), err.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Generate(REQ, metadata=metadata)
+            assert err.value.code() == code and words in err.value.details(), err.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _drain(stub.GenerateStream(REQ, metadata=metadata))
+            assert err.value.code() == code and words in err.value.details(), err.value.details()
         ok = await stub.Generate(REQ, metadata=(("authorization", f"Bearer {GEN_KEY}"),))
         assert ok.completions
         # Health needs no key, so orchestrators can probe.
@@ -57,7 +59,9 @@ async def test_tls_and_mutual_tls(make_server, pki: dict[str, Path]) -> None:
     async with grpc.aio.secure_channel(f"localhost:{tls.port}", creds) as ch:
         assert (await pb_grpc.GenerationServiceStub(ch).Generate(REQ)).completions
 
-    mtls = await make_server(tls_cert=str(pki["server.crt"]), tls_key=str(pki["server.key"]), tls_client_ca=str(pki["ca"]))
+    mtls = await make_server(
+        tls_cert=str(pki["server.crt"]), tls_key=str(pki["server.key"]), tls_client_ca=str(pki["ca"])
+    )
     async with grpc.aio.secure_channel(f"localhost:{mtls.port}", creds) as ch:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await pb_grpc.GenerationServiceStub(ch).Generate(REQ, timeout=10)

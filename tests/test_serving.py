@@ -80,11 +80,15 @@ async def test_n2_gives_a_group_of_distinct_candidates(server, channel) -> None:
 
 async def test_same_seed_gives_same_text(channel) -> None:
     stub = pb_grpc.GenerationServiceStub(channel)
-    req = pb.GenerateRequest(prompt="My favourite food is", sampling=pb.SamplingParams(max_tokens=24, temperature=1.0, seed=1234))
+    req = pb.GenerateRequest(
+        prompt="My favourite food is", sampling=pb.SamplingParams(max_tokens=24, temperature=1.0, seed=1234)
+    )
     a, b = await asyncio.gather(stub.Generate(req), stub.Generate(req))
     assert a.completions[0].text == b.completions[0].text
     other = await stub.Generate(
-        pb.GenerateRequest(prompt="My favourite food is", sampling=pb.SamplingParams(max_tokens=24, temperature=1.0, seed=99))
+        pb.GenerateRequest(
+            prompt="My favourite food is", sampling=pb.SamplingParams(max_tokens=24, temperature=1.0, seed=99)
+        )
     )
     assert other.completions[0].completion_id != a.completions[0].completion_id
 
@@ -101,7 +105,9 @@ async def _engine_idle(server, timeout: float = 10.0) -> bool:
 async def test_client_cancel_aborts_the_engine_request(server, channel) -> None:
     stub = pb_grpc.GenerationServiceStub(channel)
     call = stub.GenerateStream(
-        pb.GenerateRequest(prompt="Write a long story about a dragon.", sampling=pb.SamplingParams(max_tokens=400, temperature=1.0))
+        pb.GenerateRequest(
+            prompt="Write a long story about a dragon.", sampling=pb.SamplingParams(max_tokens=400, temperature=1.0)
+        )
     )
     got = 0
     async for _ in call:
@@ -113,7 +119,9 @@ async def test_client_cancel_aborts_the_engine_request(server, channel) -> None:
     # Deadline exceeded frees the slot the same way.
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.Generate(
-            pb.GenerateRequest(prompt="Tell me everything.", sampling=pb.SamplingParams(max_tokens=400, temperature=1.0)),
+            pb.GenerateRequest(
+                prompt="Tell me everything.", sampling=pb.SamplingParams(max_tokens=400, temperature=1.0)
+            ),
             timeout=0.5,
         )
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -135,16 +143,56 @@ BAD_REQUESTS = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "max_tokens",
     ),
-    "max_tokens 0": (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=0)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-    "max_tokens huge": (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=100000)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-    "n 0": (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(n=0)), grpc.StatusCode.INVALID_ARGUMENT, "sampling.n"),
-    "n 9": (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(n=9)), grpc.StatusCode.INVALID_ARGUMENT, "sampling.n"),
-    "greedy n 2": (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(n=2, temperature=0)), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-    "temperature < 0": (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(temperature=-0.5)), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-    "top_p 0": (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_p=0.0)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
-    "top_p > 1": (pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_p=1.5)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
-    "unknown adapter": (pb.GenerateRequest(prompt="hi", adapter=pb.AdapterSelector(name="nosuch")), grpc.StatusCode.NOT_FOUND, "nosuch"),
-    "version without name": (pb.GenerateRequest(prompt="hi", adapter=pb.AdapterSelector(version="v1")), grpc.StatusCode.INVALID_ARGUMENT, "adapter.name"),
+    "max_tokens 0": (
+        pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_tokens",
+    ),
+    "max_tokens huge": (
+        pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=100000)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_tokens",
+    ),
+    "n 0": (
+        pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(n=0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.n",
+    ),
+    "n 9": (
+        pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(n=9)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.n",
+    ),
+    "greedy n 2": (
+        pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(n=2, temperature=0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "temperature",
+    ),
+    "temperature < 0": (
+        pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(temperature=-0.5)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "temperature",
+    ),
+    "top_p 0": (
+        pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_p=0.0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_p",
+    ),
+    "top_p > 1": (
+        pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(top_p=1.5)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_p",
+    ),
+    "unknown adapter": (
+        pb.GenerateRequest(prompt="hi", adapter=pb.AdapterSelector(name="nosuch")),
+        grpc.StatusCode.NOT_FOUND,
+        "nosuch",
+    ),
+    "version without name": (
+        pb.GenerateRequest(prompt="hi", adapter=pb.AdapterSelector(version="v1")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "adapter.name",
+    ),
     "oversize message": (pb.GenerateRequest(prompt="x" * (5 * 1024 * 1024)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
 }
 
@@ -173,7 +221,11 @@ async def test_seeded_requests_in_a_full_batch_of_long_prompts_leave_the_engine_
     stub = pb_grpc.GenerationServiceStub(channel)
     long_prompt = "Describe the history of the city in detail. " * 60  # ~600 tokens
     reqs = [
-        stub.Generate(pb.GenerateRequest(prompt=f"{i}: {long_prompt}", sampling=pb.SamplingParams(max_tokens=4, temperature=1.0, n=2, seed=1)))
+        stub.Generate(
+            pb.GenerateRequest(
+                prompt=f"{i}: {long_prompt}", sampling=pb.SamplingParams(max_tokens=4, temperature=1.0, n=2, seed=1)
+            )
+        )
         for i in range(12)
     ]
     results = await asyncio.gather(*reqs)
@@ -193,7 +245,11 @@ async def test_metrics_are_exposed_and_parseable(server, channel) -> None:
     body = await asyncio.to_thread(
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
     )
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(body) for s in f.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(body)
+        for s in f.samples
+    }
     assert samples[("tuneloop_requests_total", (("code", "OK"), ("method", "Generate")))] >= 1
     assert samples[("tuneloop_requests_total", (("code", "INVALID_ARGUMENT"), ("method", "Generate")))] >= 1
     base = (("adapter", "base"), ("adapter_version", "base"))

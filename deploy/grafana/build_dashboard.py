@@ -103,10 +103,16 @@ def panel(
 
 def _options(kind: str) -> dict[str, Any]:
     if kind == "stat":
-        return {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                "colorMode": "value", "graphMode": "area", "textMode": "auto"}
-    return {"legend": {"displayMode": "table", "placement": "right", "calcs": ["lastNotNull", "max"]},
-            "tooltip": {"mode": "multi", "sort": "desc"}}
+        return {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "value",
+            "graphMode": "area",
+            "textMode": "auto",
+        }
+    return {
+        "legend": {"displayMode": "table", "placement": "right", "calcs": ["lastNotNull", "max"]},
+        "tooltip": {"mode": "multi", "sort": "desc"},
+    }
 
 
 def stat(title: str, expr: str, unit: str, description: str) -> dict[str, Any]:
@@ -115,115 +121,235 @@ def stat(title: str, expr: str, unit: str, description: str) -> dict[str, Any]:
 
 def serving() -> list[dict[str, Any]]:
     return [
-        stat("Requests/s", "sum(rate(tuneloop_requests_total[$__rate_interval]))", "reqps",
-             "RPCs answered per second, all methods and codes."),
-        stat("Non-OK share", 'sum(rate(tuneloop_requests_total{code!="OK"}[$__rate_interval])) '
-             "/ sum(rate(tuneloop_requests_total[$__rate_interval]))", "percentunit",
-             "Share of RPCs answered with a status other than OK."),
-        stat("p95 time to first token", quantile(0.95, "tuneloop_time_to_first_token_seconds", by=""), "s",
-             "All adapter versions together."),
+        stat(
+            "Requests/s",
+            "sum(rate(tuneloop_requests_total[$__rate_interval]))",
+            "reqps",
+            "RPCs answered per second, all methods and codes.",
+        ),
+        stat(
+            "Non-OK share",
+            'sum(rate(tuneloop_requests_total{code!="OK"}[$__rate_interval])) '
+            "/ sum(rate(tuneloop_requests_total[$__rate_interval]))",
+            "percentunit",
+            "Share of RPCs answered with a status other than OK.",
+        ),
+        stat(
+            "p95 time to first token",
+            quantile(0.95, "tuneloop_time_to_first_token_seconds", by=""),
+            "s",
+            "All adapter versions together.",
+        ),
         stat("In flight", "sum(tuneloop_requests_in_flight)", "short", "Generation requests being served now."),
-        stat("Engine", "min(tuneloop_engine_healthy)", "bool_yes_no",
-             "Yes while the vLLM engine serves; No while it starts or after it died (gRPC health NOT_SERVING)."),
-        stat("Completion log queue", "sum(tuneloop_completion_log_queue_depth)", "short",
-             "Completions waiting to be written to the store."),
-        panel("Request rate by code", [Query(rate("tuneloop_requests_total", "code", filtered=False), "{{code}}")],
-              "reqps", "RPCs per second by gRPC status code, all methods."),
-        panel("Generate outcomes by adapter version",
-              [Query(rate("tuneloop_generate_requests_total", f"{BY_VERSION}, outcome"),
-                     VERSION_LEGEND + " {{outcome}}")],
-              "reqps", "Finished Generate/GenerateStream requests per second by adapter version and outcome."),
-        panel("Time to first token p50 / p95 by adapter version",
-              [Query(quantile(0.5, "tuneloop_time_to_first_token_seconds"), VERSION_LEGEND + " p50"),
-               Query(quantile(0.95, "tuneloop_time_to_first_token_seconds"), VERSION_LEGEND + " p95")],
-              "s", "Arrival to first generated token."),
-        panel("Request latency p50 / p95 by adapter version",
-              [Query(quantile(0.5, "tuneloop_request_latency_seconds"), VERSION_LEGEND + " p50"),
-               Query(quantile(0.95, "tuneloop_request_latency_seconds"), VERSION_LEGEND + " p95")],
-              "s", "Arrival to the request's last token."),
-        panel("Queue time p95 by adapter version",
-              [Query(quantile(0.95, "tuneloop_queue_time_seconds"), VERSION_LEGEND)],
-              "s", "Arrival until the engine scheduled the request: grows when the engine is saturated."),
-        panel("Tokens/s by adapter version",
-              [Query(rate("tuneloop_generated_tokens_total", BY_VERSION), VERSION_LEGEND + " generated"),
-               Query(rate("tuneloop_prompt_tokens_total", BY_VERSION), VERSION_LEGEND + " prompt")],
-              "short", "Generated tokens (all candidates) and prompt tokens processed per second."),
-        panel("In flight by adapter version",
-              [Query(f"sum by ({BY_VERSION}) (tuneloop_requests_in_flight{{{ADAPTER_FILTER}}})", VERSION_LEGEND)],
-              "short", "Generation requests being served now."),
+        stat(
+            "Engine",
+            "min(tuneloop_engine_healthy)",
+            "bool_yes_no",
+            "Yes while the vLLM engine serves; No while it starts or after it died (gRPC health NOT_SERVING).",
+        ),
+        stat(
+            "Completion log queue",
+            "sum(tuneloop_completion_log_queue_depth)",
+            "short",
+            "Completions waiting to be written to the store.",
+        ),
+        panel(
+            "Request rate by code",
+            [Query(rate("tuneloop_requests_total", "code", filtered=False), "{{code}}")],
+            "reqps",
+            "RPCs per second by gRPC status code, all methods.",
+        ),
+        panel(
+            "Generate outcomes by adapter version",
+            [
+                Query(
+                    rate("tuneloop_generate_requests_total", f"{BY_VERSION}, outcome"), VERSION_LEGEND + " {{outcome}}"
+                )
+            ],
+            "reqps",
+            "Finished Generate/GenerateStream requests per second by adapter version and outcome.",
+        ),
+        panel(
+            "Time to first token p50 / p95 by adapter version",
+            [
+                Query(quantile(0.5, "tuneloop_time_to_first_token_seconds"), VERSION_LEGEND + " p50"),
+                Query(quantile(0.95, "tuneloop_time_to_first_token_seconds"), VERSION_LEGEND + " p95"),
+            ],
+            "s",
+            "Arrival to first generated token.",
+        ),
+        panel(
+            "Request latency p50 / p95 by adapter version",
+            [
+                Query(quantile(0.5, "tuneloop_request_latency_seconds"), VERSION_LEGEND + " p50"),
+                Query(quantile(0.95, "tuneloop_request_latency_seconds"), VERSION_LEGEND + " p95"),
+            ],
+            "s",
+            "Arrival to the request's last token.",
+        ),
+        panel(
+            "Queue time p95 by adapter version",
+            [Query(quantile(0.95, "tuneloop_queue_time_seconds"), VERSION_LEGEND)],
+            "s",
+            "Arrival until the engine scheduled the request: grows when the engine is saturated.",
+        ),
+        panel(
+            "Tokens/s by adapter version",
+            [
+                Query(rate("tuneloop_generated_tokens_total", BY_VERSION), VERSION_LEGEND + " generated"),
+                Query(rate("tuneloop_prompt_tokens_total", BY_VERSION), VERSION_LEGEND + " prompt"),
+            ],
+            "short",
+            "Generated tokens (all candidates) and prompt tokens processed per second.",
+        ),
+        panel(
+            "In flight by adapter version",
+            [Query(f"sum by ({BY_VERSION}) (tuneloop_requests_in_flight{{{ADAPTER_FILTER}}})", VERSION_LEGEND)],
+            "short",
+            "Generation requests being served now.",
+        ),
     ]
 
 
 def completion_log() -> list[dict[str, Any]]:
     return [
-        panel("Completion log queue depth", [Query("sum by (instance) (tuneloop_completion_log_queue_depth)",
-                                                   "{{instance}}")],
-              "short", "Completions waiting to be written. A queue that only grows means the store is too slow."),
-        panel("Completion log writes and errors",
-              [Query("sum(rate(tuneloop_completion_log_written_total[$__rate_interval]))", "records written/s"),
-               Query("sum(rate(tuneloop_completion_log_write_errors_total[$__rate_interval]))", "failed batches/s"),
-               Query(quantile(0.95, "tuneloop_completion_log_batch_seconds", by=""), "batch commit p95 (s)")],
-              "short", "Records committed per second, failed batch writes per second, and p95 batch commit time."),
+        panel(
+            "Completion log queue depth",
+            [Query("sum by (instance) (tuneloop_completion_log_queue_depth)", "{{instance}}")],
+            "short",
+            "Completions waiting to be written. A queue that only grows means the store is too slow.",
+        ),
+        panel(
+            "Completion log writes and errors",
+            [
+                Query("sum(rate(tuneloop_completion_log_written_total[$__rate_interval]))", "records written/s"),
+                Query("sum(rate(tuneloop_completion_log_write_errors_total[$__rate_interval]))", "failed batches/s"),
+                Query(quantile(0.95, "tuneloop_completion_log_batch_seconds", by=""), "batch commit p95 (s)"),
+            ],
+            "short",
+            "Records committed per second, failed batch writes per second, and p95 batch commit time.",
+        ),
     ]
 
 
 def feedback() -> list[dict[str, Any]]:
     return [
-        panel("Feedback rate by kind", [Query(rate("tuneloop_feedback_events_total", "kind", filtered=False),
-                                              "{{kind}}")],
-              "reqps", "Accepted feedback events per second: thumbs, rating, comment, correction, pairwise."),
-        panel("Feedback rejected by reason", [Query(rate("tuneloop_feedback_rejected_total", "reason", filtered=False),
-                                                    "{{reason}}")],
-              "reqps", "Refused feedback events per second by reason."),
-        panel("Thumbs-up ratio by adapter version ($window)",
-              [Query(share("tuneloop_feedback_thumbs_up_total", "tuneloop_feedback_thumbs_down_total"),
-                     VERSION_LEGEND)],
-              "percentunit", "Thumbs up / (up + down) over the window, per adapter version.", max_value=1),
-        panel("Mean rating by adapter version ($window)",
-              [Query(mean("tuneloop_feedback_rating_sum_total", "tuneloop_feedback_rating_count_total"),
-                     VERSION_LEGEND)],
-              "short", "Mean 1-5 rating over the window, per adapter version.", max_value=5),
-        panel("Pairwise win rate by adapter version ($window)",
-              [Query(share("tuneloop_feedback_pairwise_wins_total", "tuneloop_feedback_pairwise_losses_total"),
-                     VERSION_LEGEND)],
-              "percentunit", "Share of pairwise choices won by completions of each version.", max_value=1),
+        panel(
+            "Feedback rate by kind",
+            [Query(rate("tuneloop_feedback_events_total", "kind", filtered=False), "{{kind}}")],
+            "reqps",
+            "Accepted feedback events per second: thumbs, rating, comment, correction, pairwise.",
+        ),
+        panel(
+            "Feedback rejected by reason",
+            [Query(rate("tuneloop_feedback_rejected_total", "reason", filtered=False), "{{reason}}")],
+            "reqps",
+            "Refused feedback events per second by reason.",
+        ),
+        panel(
+            "Thumbs-up ratio by adapter version ($window)",
+            [Query(share("tuneloop_feedback_thumbs_up_total", "tuneloop_feedback_thumbs_down_total"), VERSION_LEGEND)],
+            "percentunit",
+            "Thumbs up / (up + down) over the window, per adapter version.",
+            max_value=1,
+        ),
+        panel(
+            "Mean rating by adapter version ($window)",
+            [Query(mean("tuneloop_feedback_rating_sum_total", "tuneloop_feedback_rating_count_total"), VERSION_LEGEND)],
+            "short",
+            "Mean 1-5 rating over the window, per adapter version.",
+            max_value=5,
+        ),
+        panel(
+            "Pairwise win rate by adapter version ($window)",
+            [
+                Query(
+                    share("tuneloop_feedback_pairwise_wins_total", "tuneloop_feedback_pairwise_losses_total"),
+                    VERSION_LEGEND,
+                )
+            ],
+            "percentunit",
+            "Share of pairwise choices won by completions of each version.",
+            max_value=1,
+        ),
     ]
 
 
 def training() -> list[dict[str, Any]]:
     return [
-        panel("Training runs by outcome", [Query("sum by (outcome) (increase(tuneloop_trainer_runs_total[1h]))",
-                                                 "{{outcome}}")],
-              "short", "Training runs finished in the last hour, by outcome."),
-        panel("Last training loss", [Query("tuneloop_trainer_last_loss")],
-              "short", "Final loss of the latest training run."),
-        stat("Since last successful run", "time() - max(tuneloop_trainer_last_success_timestamp_seconds > 0)", "s",
-             "Time since the trainer last completed a run."),
+        panel(
+            "Training runs by outcome",
+            [Query("sum by (outcome) (increase(tuneloop_trainer_runs_total[1h]))", "{{outcome}}")],
+            "short",
+            "Training runs finished in the last hour, by outcome.",
+        ),
+        panel(
+            "Last training loss",
+            [Query("tuneloop_trainer_last_loss")],
+            "short",
+            "Final loss of the latest training run.",
+        ),
+        stat(
+            "Since last successful run",
+            "time() - max(tuneloop_trainer_last_success_timestamp_seconds > 0)",
+            "s",
+            "Time since the trainer last completed a run.",
+        ),
     ]
 
 
 def adapters() -> list[dict[str, Any]]:
     return [
-        panel("Traffic share by adapter version",
-              [Query('sum by (adapter, adapter_version) (tuneloop_adapter_traffic_share{adapter=~"$adapter"})',
-                     "{{adapter}} {{adapter_version}}")],
-              "percentunit", "Share of each adapter's default traffic per version (a canary shows here).",
-              max_value=1),
-        panel("Swaps and refusals",
-              [Query("sum by (outcome) (increase(tuneloop_adapter_swaps_total[1h]))", "swap {{outcome}}"),
-               Query("sum by (adapter, adapter_version) (increase(tuneloop_adapter_refused_total[1h]))",
-                     "refused {{adapter}} {{adapter_version}}"),
-               Query("sum by (adapter, decision) (increase(tuneloop_canary_decisions_total[1h]))",
-                     "canary {{adapter}} {{decision}}")],
-              "short", "Default-traffic switches, versions refused at load, and automatic canary decisions, per hour."),
-        panel("Publish to first served p50 / max",
-              [Query("histogram_quantile(0.5, sum by (le) (rate(tuneloop_publish_to_first_served_seconds_bucket[1h])))",
-                     "p50"),
-               Query("histogram_quantile(1.0, sum by (le) (rate(tuneloop_publish_to_first_served_seconds_bucket[1h])))",
-                     "max")],
-              "s", "From a version's channel move in the registry to its first served request."),
-        panel("Serving version", [Query("tuneloop_serving_version_info", "{{adapter}} {{version}} canary {{canary}}")],
-              "short", "The version serving each adapter's default traffic, and its canary.", kind="table"),
+        panel(
+            "Traffic share by adapter version",
+            [
+                Query(
+                    'sum by (adapter, adapter_version) (tuneloop_adapter_traffic_share{adapter=~"$adapter"})',
+                    "{{adapter}} {{adapter_version}}",
+                )
+            ],
+            "percentunit",
+            "Share of each adapter's default traffic per version (a canary shows here).",
+            max_value=1,
+        ),
+        panel(
+            "Swaps and refusals",
+            [
+                Query("sum by (outcome) (increase(tuneloop_adapter_swaps_total[1h]))", "swap {{outcome}}"),
+                Query(
+                    "sum by (adapter, adapter_version) (increase(tuneloop_adapter_refused_total[1h]))",
+                    "refused {{adapter}} {{adapter_version}}",
+                ),
+                Query(
+                    "sum by (adapter, decision) (increase(tuneloop_canary_decisions_total[1h]))",
+                    "canary {{adapter}} {{decision}}",
+                ),
+            ],
+            "short",
+            "Default-traffic switches, versions refused at load, and automatic canary decisions, per hour.",
+        ),
+        panel(
+            "Publish to first served p50 / max",
+            [
+                Query(
+                    "histogram_quantile(0.5, sum by (le) (rate(tuneloop_publish_to_first_served_seconds_bucket[1h])))",
+                    "p50",
+                ),
+                Query(
+                    "histogram_quantile(1.0, sum by (le) (rate(tuneloop_publish_to_first_served_seconds_bucket[1h])))",
+                    "max",
+                ),
+            ],
+            "s",
+            "From a version's channel move in the registry to its first served request.",
+        ),
+        panel(
+            "Serving version",
+            [Query("tuneloop_serving_version_info", "{{adapter}} {{version}} canary {{canary}}")],
+            "short",
+            "The version serving each adapter's default traffic, and its canary.",
+            kind="table",
+        ),
     ]
 
 
@@ -232,8 +358,15 @@ def layout(sections: list[tuple[str, list[dict[str, Any]]]]) -> list[dict[str, A
     out: list[dict[str, Any]] = []
     y = 0
     for title, panels in sections:
-        out.append({"type": "row", "title": title, "collapsed": False, "panels": [],
-                    "gridPos": {"x": 0, "y": y, "w": 24, "h": 1}})
+        out.append(
+            {
+                "type": "row",
+                "title": title,
+                "collapsed": False,
+                "panels": [],
+                "gridPos": {"x": 0, "y": y, "w": 24, "h": 1},
+            }
+        )
         y += 1
         x = row_height = 0
         for p in panels:
@@ -252,16 +385,37 @@ def layout(sections: list[tuple[str, list[dict[str, Any]]]]) -> list[dict[str, A
 def templating() -> list[dict[str, Any]]:
     windows = ["1h", "6h", "1d", "7d"]
     return [
-        {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-         "current": {}, "hide": 0, "refresh": 1},
-        {"name": "adapter", "label": "Adapter", "type": "query", "datasource": DATASOURCE,
-         "definition": "label_values(tuneloop_generate_requests_total, adapter)",
-         "query": {"query": "label_values(tuneloop_generate_requests_total, adapter)", "refId": "adapters"},
-         "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2, "sort": 1,
-         "current": {"text": ["All"], "value": ["$__all"]}},
-        {"name": "window", "label": "Feedback window", "type": "custom", "query": ",".join(windows),
-         "current": {"text": "6h", "value": "6h"},
-         "options": [{"text": w, "value": w, "selected": w == "6h"} for w in windows]},
+        {
+            "name": "datasource",
+            "label": "Data source",
+            "type": "datasource",
+            "query": "prometheus",
+            "current": {},
+            "hide": 0,
+            "refresh": 1,
+        },
+        {
+            "name": "adapter",
+            "label": "Adapter",
+            "type": "query",
+            "datasource": DATASOURCE,
+            "definition": "label_values(tuneloop_generate_requests_total, adapter)",
+            "query": {"query": "label_values(tuneloop_generate_requests_total, adapter)", "refId": "adapters"},
+            "includeAll": True,
+            "multi": True,
+            "allValue": ".*",
+            "refresh": 2,
+            "sort": 1,
+            "current": {"text": ["All"], "value": ["$__all"]},
+        },
+        {
+            "name": "window",
+            "label": "Feedback window",
+            "type": "custom",
+            "query": ",".join(windows),
+            "current": {"text": "6h", "value": "6h"},
+            "options": [{"text": w, "value": w, "selected": w == "6h"} for w in windows],
+        },
     ]
 
 
@@ -279,13 +433,15 @@ def dashboard() -> dict[str, Any]:
         "time": {"from": "now-6h", "to": "now"},
         "templating": {"list": templating()},
         "annotations": {"list": []},
-        "panels": layout([
-            ("Serving", serving()),
-            ("Completion log", completion_log()),
-            ("Adapters", adapters()),
-            ("Feedback", feedback()),
-            ("Training", training()),
-        ]),
+        "panels": layout(
+            [
+                ("Serving", serving()),
+                ("Completion log", completion_log()),
+                ("Adapters", adapters()),
+                ("Feedback", feedback()),
+                ("Training", training()),
+            ]
+        ),
     }
 
 

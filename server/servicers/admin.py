@@ -72,7 +72,9 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         self.metrics = metrics
 
     @unary("ListAdapters")
-    async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
+    async def ListAdapters(
+        self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAdaptersResponse:
         return pb.ListAdaptersResponse(adapters=[to_pb(v) for v in await self._admin().list(request.name)])
 
     @unary("Promote")
@@ -89,7 +91,11 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             raise InvalidArgument(f"share must be in [0, 1], got {request.share}")
         if request.share > 0:
             _need(request.version, "version")
-        return to_pb(await self._admin().set_canary(_need(request.name, "name"), request.version, request.share, request.auto_decide))
+        return to_pb(
+            await self._admin().set_canary(
+                _need(request.name, "name"), request.version, request.share, request.auto_decide
+            )
+        )
 
     @unary("Unload")
     async def Unload(self, request: pb.UnloadRequest, context: grpc.aio.ServicerContext) -> pb.AdapterState:

@@ -81,7 +81,10 @@ def _pairwise_outcomes(conn: Connection, where: ColumnElement[bool]) -> Iterator
     f = feedback.c
     query = (
         select(
-            _first.c.adapter_name, _first.c.adapter_version, _second.c.adapter_name, _second.c.adapter_version,
+            _first.c.adapter_name,
+            _first.c.adapter_version,
+            _second.c.adapter_name,
+            _second.c.adapter_version,
             f.choice,
         )  # fmt: skip
         .join_from(feedback, _first, f.completion_id == _first.c.completion_id)

@@ -215,11 +215,7 @@ class SqlFeedbackTx:
     def mark_superseded(self, links: Sequence[tuple[str, str]]) -> None:
         if not links:
             return
-        stmt = (
-            update(feedback)
-            .where(feedback.c.event_id == bindparam("old"))
-            .values(superseded_by=bindparam("new"))
-        )
+        stmt = update(feedback).where(feedback.c.event_id == bindparam("old")).values(superseded_by=bindparam("new"))
         self._conn.execute(stmt, [{"old": old, "new": new} for old, new in links])
 
 
