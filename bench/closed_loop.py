@@ -255,7 +255,9 @@ def main() -> None:
         print(f"server ready in {time.time() - t_start:.0f} s", flush=True)
         trainer = start([sys.executable, "-m", "tuneloop.trainer.cli", "run", "--store-url", store_url,
                          "--model-dir", str(model_dir), "--min-new-pairs", str(args.round_pairs),
-                         "--poll-seconds", "5", "--metrics-port", "0", "--no-progress", *args.trainer_arg],
+                         "--poll-seconds", "5", "--metrics-port", "0", "--no-progress",
+                         # Rounds start on the pair count alone, so each round sees --round-pairs choices.
+                         "--interval-minutes", "1000", *args.trainer_arg],
                         trainer_log, env)  # fmt: skip
 
         train_prompts, held = load_prompts()
