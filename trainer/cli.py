@@ -1,0 +1,257 @@
+"""`tuneloop trainer run|once` and `tuneloop adapters list|show`.
+
+Flags are generated from the config dataclasses (one flat flag per field, its help text from the
+field); `--config FILE` reads a TOML file with top-level keys and [data] / [dpo] / [gate] /
+[sidecar] tables first, and flags win over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import tomllib
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from tuneloop.server.errors import TuneloopError
+from tuneloop.server.registry import DEFAULT_CHANNEL, AdapterRegistry
+
+from .config import SECTIONS, TrainerConfig, leaf_fields
+
+log = logging.getLogger("tuneloop.trainer")
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainerConfig)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _field_type(cls: type, f: dataclasses.Field[Any]) -> Any:
+    hint = typing.get_type_hints(cls)[f.name]
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, dest_prefix: str) -> None:
+    group = parser.add_argument_group(cls.__doc__.strip().splitlines()[0] if cls.__doc__ else cls.__name__)
+    for f in leaf_fields(cls):
+        typ = _field_type(cls, f)
+        kw: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(typ) is list:
+            kw.update(nargs="+", type=typing.get_args(typ)[0], metavar=f.name.upper())
+        else:
+            kw.update(type=typ, metavar=f.name.upper())
+        group.add_argument("--" + f.name.replace("_", "-"), dest=dest_prefix + f.name, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneloop trainer", description="Train LoRA adapters from user feedback.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (
+        ("once", "Run one round: build the dataset, train, gate, publish."),
+        ("run", "Run the sidecar: start a round whenever enough new feedback arrived."),
+    ):
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--config", help="TOML file with any of the settings (flags win).")
+        p.add_argument("--log-level", default="INFO", help="Log level.")
+        _add_fields(p, TrainerConfig, "")
+        for section, cls in _sections().items():
+            _add_fields(p, cls, section + ".")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainerConfig:
+    values: dict[str, Any] = {s: {} for s in SECTIONS}
+    if args.config:
+        with open(args.config, "rb") as fh:
+            data = tomllib.load(fh)
+        for k, v in data.items():
+            if k in SECTIONS and isinstance(v, dict):
+                values[k].update(v)
+            else:
+                values[k] = v
+    for dest, v in vars(args).items():
+        if dest in ("command", "config", "log_level"):
+            continue
+        section, _, name = dest.rpartition(".")
+        if section:
+            values[section][name] = v
+        else:
+            values[name] = v
+    sections = _sections()
+    try:
+        built = {s: sections[s](**values.pop(s)) for s in SECTIONS}
+        return TrainerConfig(**values, **built)
+    except TypeError as exc:  # an unknown key in the TOML file
+        raise TuneloopError(f"bad trainer config: {exc}") from exc
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`tuneloop trainer once|run ...` (a leading "trainer" is accepted and dropped)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["trainer"]:
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        cfg = config_from_args(args)
+    except (TuneloopError, OSError, tomllib.TOMLDecodeError) as exc:
+        print(f"tuneloop trainer: {exc}", file=sys.stderr)
+        return 2
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415 - torch-heavy imports after parsing
+
+    from .metrics import TrainerMetrics  # noqa: PLC0415
+    from .runner import run_round  # noqa: PLC0415
+    from .source import StoreSource  # noqa: PLC0415
+
+    hf_logging.disable_progress_bar()  # our own bar shows the steps; weight loading needs none
+    registry = AdapterRegistry(cfg.registry_dir)
+    source = StoreSource.open(cfg.resolved_store_url())
+    metrics = TrainerMetrics()
+    try:
+        if args.command == "once":
+            result = run_round(cfg, source, registry, metrics=metrics)
+            print(result.summary())
+            return 1 if result.outcome in ("failed", "refused") else 0
+        return _run_sidecar(cfg, source, registry, metrics)
+    finally:
+        source.close()
+
+
+def _run_sidecar(cfg: TrainerConfig, source: Any, registry: AdapterRegistry, metrics: Any) -> int:
+    from .sidecar import Sidecar  # noqa: PLC0415
+
+    if cfg.sidecar.metrics_port:
+        port = metrics.serve(cfg.sidecar.metrics_port, cfg.sidecar.metrics_host)
+        log.info("trainer metrics on http://%s:%d/metrics", cfg.sidecar.metrics_host, port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info(
+        "trainer sidecar for adapter %s: a round at %d new pairs, or every %.0f min with %d",
+        cfg.adapter,
+        cfg.sidecar.min_new_pairs,
+        cfg.sidecar.interval_minutes,
+        cfg.sidecar.min_new_pairs_periodic,
+    )
+    Sidecar(cfg, source, registry, metrics).run(stop)
+    return 0
+
+
+# -- adapters ---------------------------------------------------------------------------------
+def _adapters_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneloop adapters", description="Read the adapter registry.")
+    parser.add_argument("--registry-dir", default="", help="Registry directory (default $TUNELOOP_HOME/adapters).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("list", help="List adapter versions with their status and gate metrics.")
+    ls.add_argument("name", nargs="?", default="", help="Only this adapter.")
+    ls.add_argument("--json", action="store_true", help="One JSON object per version.")
+    show = sub.add_parser("show", help="Print one version's manifest (default: the current one).")
+    show.add_argument("name")
+    show.add_argument("version", nargs="?", default="")
+    show.add_argument("--full", action="store_true", help="Include the per-pair data snapshot.")
+    for p in (ls, show):
+        p.add_argument("--registry-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+
+def adapters_main(argv: Sequence[str] | None = None) -> int:
+    """`tuneloop adapters list|show ...` (a leading "adapters" is accepted and dropped)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["adapters"]:
+        argv = argv[1:]
+    args = _adapters_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    registry = AdapterRegistry(args.registry_dir)
+    try:
+        if args.command == "list":
+            return _list(registry, args.name, args.json)
+        return _show(registry, args.name, args.version, args.full)
+    except TuneloopError as exc:
+        print(f"tuneloop adapters: {exc}", file=sys.stderr)
+        return 1
+
+
+def _list(registry: AdapterRegistry, only: str, as_json: bool) -> int:
+    names = [only] if only else registry.names()
+    rows = []
+    for name in names:
+        current = registry.channel(name, DEFAULT_CHANNEL)
+        for v in registry.versions(name):
+            m = v.manifest.get("metrics", {})
+            rows.append({
+                "name": name, "version": v.version, "current": v.version == current, "status": v.status,
+                "parent": v.parent_version, "algorithm": v.manifest.get("algorithm"),
+                "created_at": v.manifest.get("created_at"), "accuracy": m.get("accuracy"), "kl": m.get("kl"),
+                "pairs": v.manifest.get("data_snapshot", {}).get("train_pairs"),
+            })  # fmt: skip
+        for version, reason in registry.corrupt_versions(name):
+            print(f"warning: {name}/{version} is corrupt and skipped: {reason}", file=sys.stderr)
+    if as_json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    if not rows:
+        print(f"no adapter versions in {registry.root}")
+        return 0
+    header = ("NAME", "VERSION", "STATUS", "PARENT", "ALGO", "PAIRS", "ACCURACY", "KL", "CREATED")
+    table = [header] + [
+        (
+            r["name"],
+            r["version"] + (" *" if r["current"] else ""),
+            r["status"],
+            _fmt(r["parent"]),
+            _fmt(r["algorithm"]),
+            _fmt(r["pairs"]),
+            _fmt(r["accuracy"]),
+            _fmt(r["kl"]),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])) if r["created_at"] else "-",
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print("(* = current)")
+    return 0
+
+
+def _show(registry: AdapterRegistry, name: str, version: str, full: bool) -> int:
+    v = registry.resolve(name, version)
+    manifest = dict(v.manifest)
+    snap = manifest.get("data_snapshot")
+    if isinstance(snap, dict) and not full:
+        snap = dict(snap)
+        n_events = len(snap.pop("event_ids", []))
+        snap.pop("pairs", None)
+        snap["event_count"] = n_events
+        manifest["data_snapshot"] = snap
+    metrics = manifest.get("metrics")
+    if isinstance(metrics, dict) and not full:
+        manifest["metrics"] = {k: val for k, val in metrics.items() if k != "loss_curve"}
+    print(json.dumps({"path": str(v.path), "rank": v.rank, **manifest}, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""Trainer configuration: dataclasses with help text, checked in `__post_init__`.
+
+Every field carries its help in `metadata["help"]`; `tuneloop.trainer.cli` builds its flags from
+these, so a setting is described once. Field names are unique across the sections so each has one
+flat flag (`--beta`, `--min-accuracy`, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tuneloop.server.errors import InvalidArgument
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse's name
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise InvalidArgument(msg)
+
+
+@dataclass
+class DatasetConfig:
+    """How feedback becomes preference pairs."""
+
+    use_pairwise: bool = _opt(True, "Use explicit pairwise choices between two completions.")
+    use_thumbs: bool = _opt(True, "Pair thumbs-up completions with thumbs-down ones of the same prompt.")
+    use_ratings: bool = _opt(True, "Pair completions of the same prompt whose mean ratings differ enough.")
+    use_corrections: bool = _opt(True, "Pair a user's correction (chosen) with the completion it corrects.")
+    min_rating_gap: float = _opt(2.0, "Smallest mean-rating gap (1-5 scale) that makes a rating pair.")
+    max_pairs_per_rater: int = _opt(64, "Cap on pairs any one rater contributes to a run.")
+    heldout_fraction: float = _opt(0.2, "Share of prompts held out for the evaluation gate (split by prompt).")
+    split_salt: str = _opt("tuneloop-v1", "Salt of the prompt hash that assigns held-out prompts.")
+
+    def __post_init__(self) -> None:
+        _check(self.min_rating_gap > 0, f"min_rating_gap must be > 0 (ties are never pairs), got {self.min_rating_gap}")
+        _check(self.max_pairs_per_rater >= 1, f"max_pairs_per_rater must be >= 1, got {self.max_pairs_per_rater}")
+        _check(0.0 < self.heldout_fraction < 1.0, f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        _check(
+            any((self.use_pairwise, self.use_thumbs, self.use_ratings, self.use_corrections)),
+            "every pair source is disabled; enable at least one of use_pairwise/thumbs/ratings/corrections",
+        )
+
+
+LOSS_TYPES = ("sigmoid", "ipo")
+REFERENCES = ("base", "served")
+DTYPES = ("auto", "float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class DPOConfig:
+    """DPO on a LoRA adapter (arXiv 2305.18290; IPO: arXiv 2310.12036; cDPO label smoothing)."""
+
+    loss_type: str = _opt("sigmoid", "'sigmoid' (DPO, with optional label smoothing = cDPO) or 'ipo'.")
+    beta: float = _opt(0.1, "KL strength: higher keeps the policy closer to the reference (tau for IPO).")
+    label_smoothing: float = _opt(0.0, "Assumed label-flip rate for conservative DPO, in [0, 0.5).")
+    reference: str = _opt(
+        "base",
+        "Reference policy: 'base' (adapter disabled) or 'served' (start from and stay near the adapter "
+        "now served, so rounds chain).",
+    )
+    learning_rate: float = _opt(5e-4, "AdamW learning rate for the LoRA weights.")
+    epochs: int = _opt(2, "Passes over the training pairs.")
+    batch_size: int = _opt(8, "Pairs per optimizer step (after accumulation).")
+    grad_accum: int = _opt(1, "Micro-batches per optimizer step; batch_size must divide by it.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).")
+    max_prompt_tokens: int = _opt(256, "Prompts are cut to their last this-many tokens.")
+    max_completion_tokens: int = _opt(256, "Completions are cut to their first this-many tokens.")
+    lora_r: int = _opt(8, "LoRA rank.")
+    lora_alpha: int = _opt(16, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = _opt(0.0, "LoRA dropout.")
+    lora_targets: list[str] = _opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA.")
+    seed: int = _opt(0, "Seed for LoRA init and shuffling: the same seed and data give the same adapter.")
+    dtype: str = _opt("auto", "'auto' (bf16 where the device supports it), 'float32' or 'bfloat16'.")
+    device: str = _opt("auto", "'auto' (cuda if available), 'cpu' or 'cuda'.")
+    threads: int = _opt(0, "CPU threads for torch (0 leaves torch's default).")
+
+    def __post_init__(self) -> None:
+        _check(self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        _check(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        _check(0.0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _check(
+            not (self.loss_type == "ipo" and self.label_smoothing > 0),
+            "label_smoothing applies to the sigmoid loss only; set it to 0 with loss_type='ipo'",
+        )
+        _check(self.reference in REFERENCES, f"reference must be one of {REFERENCES}, got {self.reference!r}")
+        _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
+        _check(
+            self.batch_size % self.grad_accum == 0,
+            f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})",
+        )
+        _check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        _check(self.max_prompt_tokens >= 1 and self.max_completion_tokens >= 1, "token limits must be >= 1")
+        _check(self.lora_r >= 1 and self.lora_alpha >= 1, "lora_r and lora_alpha must be >= 1")
+        _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _check(bool(self.lora_targets), "lora_targets must name at least one module")
+        _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        _check(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What goes into the manifest (device and threads do not change the result's meaning)."""
+        d = asdict(self)
+        for k in ("device", "threads"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class GateConfig:
+    """When a candidate adapter may be published to the `current` channel."""
+
+    min_accuracy: float = _opt(0.6, "Held-out preference accuracy (implicit reward margin > 0) must reach this.")
+    beat_served: bool = _opt(
+        True, "Also require beating the adapter now served on the same held-out pairs (accuracy, then margin)."
+    )
+    max_kl: float = _opt(8.0, "Bound on the estimated KL(candidate || reference), nats per sampled completion.")
+    min_diversity_ratio: float = _opt(
+        0.8, "Candidate distinct-1 and distinct-2 must stay above this fraction of the reference's."
+    )
+    eval_prompts: int = _opt(8, "Held-out prompts sampled for the KL and diversity checks.")
+    samples_per_prompt: int = _opt(2, "Samples per held-out prompt, from candidate and reference each.")
+    sample_max_tokens: int = _opt(32, "New tokens per sample.")
+    sample_temperature: float = _opt(1.0, "Sampling temperature (1.0 keeps the KL estimate unbiased).")
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.min_accuracy <= 1.0, f"min_accuracy must be in [0, 1], got {self.min_accuracy}")
+        _check(self.max_kl > 0, f"max_kl must be > 0, got {self.max_kl}")
+        _check(0.0 <= self.min_diversity_ratio <= 1.0, "min_diversity_ratio must be in [0, 1]")
+        _check(self.eval_prompts >= 1 and self.samples_per_prompt >= 1, "eval_prompts and samples_per_prompt >= 1")
+        _check(self.sample_max_tokens >= 2, "sample_max_tokens must be >= 2 (distinct-2 needs two tokens)")
+        _check(self.sample_temperature > 0, f"sample_temperature must be > 0, got {self.sample_temperature}")
+
+
+@dataclass
+class SidecarConfig:
+    """When `tuneloop trainer run` starts a round."""
+
+    min_new_pairs: int = _opt(64, "Start a round as soon as this many new usable pairs arrived (N).")
+    interval_minutes: float = _opt(60.0, "Or every this many minutes (T)...")
+    min_new_pairs_periodic: int = _opt(16, "...if at least this many new usable pairs arrived (M).")
+    poll_seconds: float = _opt(30.0, "How often the feedback store is checked.")
+    metrics_port: int = _opt(9401, "Prometheus metrics port (0 disables the endpoint).")
+    metrics_host: str = _opt("0.0.0.0", "Address the metrics endpoint binds.")
+
+    def __post_init__(self) -> None:
+        _check(self.min_new_pairs >= 1, f"min_new_pairs must be >= 1, got {self.min_new_pairs}")
+        _check(self.interval_minutes > 0, f"interval_minutes must be > 0, got {self.interval_minutes}")
+        _check(
+            1 <= self.min_new_pairs_periodic <= self.min_new_pairs,
+            "min_new_pairs_periodic must be between 1 and min_new_pairs",
+        )
+        _check(self.poll_seconds > 0, f"poll_seconds must be > 0, got {self.poll_seconds}")
+        _check(0 <= self.metrics_port <= 65535, f"metrics_port must be a TCP port, got {self.metrics_port}")
+
+
+ALGOS = ("dpo",)
+
+
+@dataclass
+class TrainerConfig:
+    """One trainer: where data comes from, which base model, where adapters go, and each stage."""
+
+    adapter: str = _opt("default", "Adapter name in the registry that this trainer publishes.")
+    algo: str = _opt("dpo", "Training algorithm.")
+    model_dir: str = _opt("", "Base model: a local Hugging Face directory (default: the built-in SmolLM2).")
+    registry_dir: str = _opt("", "Adapter registry directory (default $TUNELOOP_HOME/adapters).")
+    store_url: str = _opt("", "Feedback store URL (default: the server's default store).")
+    work_dir: str = _opt("", "Scratch directory for candidate adapters (default: a temp dir).")
+    min_train_pairs: int = _opt(8, "Fewer usable training pairs than this: the round is skipped.")
+    min_heldout_pairs: int = _opt(2, "Fewer held-out pairs than this: the round is skipped.")
+    progress: bool = _opt(True, "Show a progress bar (steps, loss) on the terminal.")
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    sidecar: SidecarConfig = field(default_factory=SidecarConfig)
+
+    def __post_init__(self) -> None:
+        from tuneloop.server.registry import validate_name  # noqa: PLC0415 - keeps import order simple
+
+        validate_name(self.adapter)
+        _check(self.algo in ALGOS, f"algo must be one of {ALGOS}, got {self.algo!r}")
+        _check(self.min_train_pairs >= 1, f"min_train_pairs must be >= 1, got {self.min_train_pairs}")
+        _check(self.min_heldout_pairs >= 1, f"min_heldout_pairs must be >= 1, got {self.min_heldout_pairs}")
+        if self.model_dir:
+            _check(
+                (Path(self.model_dir) / "config.json").is_file(),
+                f"model_dir {self.model_dir} is not a Hugging Face model directory (no config.json)",
+            )
+
+    def resolved_model_dir(self) -> Path:
+        if self.model_dir:
+            return Path(self.model_dir)
+        from tuneloop.server.model_cache import ensure_default_model  # noqa: PLC0415
+
+        return ensure_default_model()
+
+    def resolved_store_url(self) -> str:
+        """The server's default store when none is set, so a sidecar beside it needs no flags."""
+        if self.store_url:
+            return self.store_url
+        from tuneloop.server.config import tuneloop_home  # noqa: PLC0415
+
+        return f"sqlite:///{(tuneloop_home() / 'tuneloop.db').resolve()}"
+
+
+SECTIONS = ("data", "dpo", "gate", "sidecar")
+
+
+def leaf_fields(cls: type) -> list[Any]:
+    """The non-section fields of a config dataclass."""
+    return [f for f in fields(cls) if f.name not in SECTIONS]

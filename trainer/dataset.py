@@ -1,0 +1,335 @@
+"""Feedback -> preference pairs: pure functions over `CompletionRow` / `FeedbackRow`.
+
+Four sources make pairs, all within one prompt (DPO compares two answers to the same context):
+  pairwise    an explicit choice between two completions (ties make no pair)
+  correction  the rater's corrected text (chosen) against the completion it corrects
+  rating      two completions whose mean ratings differ by at least `min_rating_gap`
+  thumbs      a net-thumbs-up completion against a net-thumbs-down one
+
+Then: duplicates (same prompt, same two texts) are kept once, a pair contradicted by another
+(same texts, opposite order) is dropped with it, identical texts are ties and dropped, each rater
+is capped at `max_pairs_per_rater`, and prompts are split into train / held-out by a salted hash,
+so a prompt is on the same side in every run and held-out prompts never leak into training.
+
+Every pair keeps the event ids it came from; `PreferenceDataset.snapshot()` records them per pair,
+so `rebuild_dataset` recreates the exact pairs of a past run from the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import DatasetConfig
+from .rows import CORRECTION, PAIRWISE, RATING, THUMBS, CompletionRow, FeedbackRow, PreferencePair
+
+# Earlier sources win when two make the same pair: an explicit choice is the strongest signal.
+SOURCE_PRIORITY = {PAIRWISE: 0, CORRECTION: 1, RATING: 2, THUMBS: 3}
+
+
+@dataclass
+class PreferenceDataset:
+    train: list[PreferencePair]
+    heldout: list[PreferencePair]
+    dropped: Counter[str] = field(default_factory=Counter)  # reason -> count
+
+    @property
+    def pairs(self) -> list[PreferencePair]:
+        return [*self.train, *self.heldout]
+
+    @property
+    def event_ids(self) -> list[str]:
+        """Every feedback event id this dataset uses, sorted."""
+        return sorted({e for p in self.pairs for e in p.event_ids})
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a run records about its data: per pair, the events and completions it came from."""
+        records = {
+            "train": [p.to_record() for p in self.train],
+            "heldout": [p.to_record() for p in self.heldout],
+        }
+        ids = self.event_ids
+        return {
+            "event_ids": ids,
+            "digest": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(),
+            "pairs": records,
+            "train_pairs": len(self.train),
+            "heldout_pairs": len(self.heldout),
+            "dropped": dict(sorted(self.dropped.items())),
+        }
+
+
+# -- sources ------------------------------------------------------------------------------------
+def usable_feedback(feedback: Iterable[FeedbackRow]) -> list[FeedbackRow]:
+    """Superseded events are never used."""
+    return [f for f in feedback if not f.superseded]
+
+
+def pairwise_pairs(
+    feedback: Sequence[FeedbackRow], completions: Mapping[str, CompletionRow], dropped: Counter[str]
+) -> list[PreferencePair]:
+    pairs = []
+    for f in feedback:
+        if f.kind != PAIRWISE:
+            continue
+        a, b = completions.get(f.completion_id), completions.get(f.other_completion_id)
+        if a is None or b is None:
+            dropped["pairwise_unknown_completion"] += 1
+        elif a.completion_id == b.completion_id:
+            dropped["pairwise_same_completion"] += 1
+        elif not f.choice:
+            dropped["pairwise_tie"] += 1
+        elif f.choice not in (a.completion_id, b.completion_id):
+            dropped["pairwise_bad_choice"] += 1
+        elif a.prompt_hash != b.prompt_hash:
+            dropped["pairwise_different_prompts"] += 1
+        else:
+            chosen, rejected = (a, b) if f.choice == a.completion_id else (b, a)
+            pairs.append(_pair(chosen, rejected, PAIRWISE, [f]))
+    return pairs
+
+
+def correction_pairs(
+    feedback: Sequence[FeedbackRow], completions: Mapping[str, CompletionRow], dropped: Counter[str]
+) -> list[PreferencePair]:
+    pairs = []
+    for f in feedback:
+        if f.kind != CORRECTION:
+            continue
+        original = completions.get(f.completion_id)
+        if original is None:
+            dropped["correction_unknown_completion"] += 1
+        elif not f.text.strip():
+            dropped["correction_empty"] += 1
+        elif f.text.strip() == original.text.strip():
+            dropped["correction_unchanged"] += 1
+        else:
+            pairs.append(
+                PreferencePair(
+                    prompt_text=original.prompt_text,
+                    prompt_hash=original.prompt_hash,
+                    chosen_text=f.text,
+                    rejected_text=original.text,
+                    source=CORRECTION,
+                    event_ids=(f.event_id,),
+                    rater_ids=(f.rater_id,),
+                    chosen_completion_id="",
+                    rejected_completion_id=original.completion_id,
+                    created_at=f.created_at,
+                )
+            )
+    return pairs
+
+
+def thumbs_pairs(
+    feedback: Sequence[FeedbackRow], completions: Mapping[str, CompletionRow], dropped: Counter[str]
+) -> list[PreferencePair]:
+    """Per completion, thumbs are netted across raters (ties make it neither up nor down); each
+    net-up completion pairs with each net-down completion of the same prompt. A pair uses the
+    events on the winning side of each completion's vote."""
+    votes: dict[str, list[FeedbackRow]] = defaultdict(list)
+    for f in feedback:
+        if f.kind != THUMBS:
+            continue
+        if f.completion_id not in completions:
+            dropped["thumbs_unknown_completion"] += 1
+        elif f.value is None or f.value == 0:
+            dropped["thumbs_bad_value"] += 1
+        else:
+            votes[f.completion_id].append(f)
+    up: dict[str, list[tuple[str, list[FeedbackRow]]]] = defaultdict(list)
+    down: dict[str, list[tuple[str, list[FeedbackRow]]]] = defaultdict(list)
+    for cid, events in sorted(votes.items()):
+        net = sum(1 if (e.value or 0) > 0 else -1 for e in events)
+        if net == 0:
+            dropped["thumbs_tied_completion"] += len(events)
+            continue
+        winning = [e for e in events if ((e.value or 0) > 0) == (net > 0)]
+        dropped["thumbs_outvoted"] += len(events) - len(winning)
+        (up if net > 0 else down)[completions[cid].prompt_hash].append((cid, winning))
+    pairs = []
+    for ph, ups in up.items():
+        for cid_up, ev_up in ups:
+            for cid_down, ev_down in down.get(ph, []):
+                pairs.append(_pair(completions[cid_up], completions[cid_down], THUMBS, [*ev_up, *ev_down]))
+    return pairs
+
+
+def rating_pairs(
+    feedback: Sequence[FeedbackRow],
+    completions: Mapping[str, CompletionRow],
+    min_gap: float,
+    dropped: Counter[str],
+) -> list[PreferencePair]:
+    """Completions of the same prompt whose mean ratings differ by >= `min_gap`."""
+    ratings: dict[str, list[FeedbackRow]] = defaultdict(list)
+    for f in feedback:
+        if f.kind != RATING:
+            continue
+        if f.completion_id not in completions:
+            dropped["rating_unknown_completion"] += 1
+        elif f.value is None or not 1 <= f.value <= 5:
+            dropped["rating_bad_value"] += 1
+        else:
+            ratings[f.completion_id].append(f)
+    by_prompt: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for cid, events in sorted(ratings.items()):
+        mean = sum(float(e.value or 0) for e in events) / len(events)
+        by_prompt[completions[cid].prompt_hash].append((cid, mean))
+    pairs = []
+    for rated in by_prompt.values():
+        for cid_a, mean_a in rated:
+            for cid_b, mean_b in rated:
+                if cid_a != cid_b and mean_a - mean_b >= min_gap:
+                    pairs.append(
+                        _pair(completions[cid_a], completions[cid_b], RATING, [*ratings[cid_a], *ratings[cid_b]])
+                    )
+    return pairs
+
+
+def _pair(chosen: CompletionRow, rejected: CompletionRow, source: str, events: list[FeedbackRow]) -> PreferencePair:
+    events = sorted(events, key=lambda e: e.event_id)
+    return PreferencePair(
+        prompt_text=chosen.prompt_text,
+        prompt_hash=chosen.prompt_hash,
+        chosen_text=chosen.text,
+        rejected_text=rejected.text,
+        source=source,
+        event_ids=tuple(e.event_id for e in events),
+        rater_ids=tuple(sorted({e.rater_id for e in events})),
+        chosen_completion_id=chosen.completion_id,
+        rejected_completion_id=rejected.completion_id,
+        created_at=max((e.created_at for e in events), default=0.0),
+    )
+
+
+# -- cleaning -----------------------------------------------------------------------------------
+def _order(p: PreferencePair) -> tuple[Any, ...]:
+    return (SOURCE_PRIORITY[p.source], p.created_at, p.event_ids)
+
+
+def dedupe(pairs: Iterable[PreferencePair], dropped: Counter[str]) -> list[PreferencePair]:
+    """Drop ties (identical texts), keep one pair per content key (highest-priority source first),
+    and drop both sides of a contradiction (the same two texts preferred both ways)."""
+    kept: dict[tuple[str, str, str], PreferencePair] = {}
+    for p in sorted(pairs, key=_order):
+        if p.chosen_text.strip() == p.rejected_text.strip():
+            dropped["tie_identical_texts"] += 1
+        elif p.key in kept:
+            dropped["duplicate"] += 1
+        else:
+            kept[p.key] = p
+    result = []
+    for key, p in kept.items():
+        if (key[0], key[2], key[1]) in kept:
+            dropped["contradicted"] += 1
+        else:
+            result.append(p)
+    return result
+
+
+def cap_per_rater(pairs: Iterable[PreferencePair], cap: int, dropped: Counter[str]) -> list[PreferencePair]:
+    """Keep a pair only while every rater behind it has fewer than `cap` kept pairs.
+
+    Pairs are visited oldest first, so a rater's earliest feedback counts and a burst of later
+    votes from one account cannot crowd out everyone else.
+    """
+    counts: Counter[str] = Counter()
+    kept = []
+    for p in sorted(pairs, key=lambda q: (q.created_at, SOURCE_PRIORITY[q.source], q.event_ids)):
+        if any(counts[r] >= cap for r in p.rater_ids):
+            dropped["rater_cap"] += 1
+            continue
+        counts.update(p.rater_ids)
+        kept.append(p)
+    return kept
+
+
+def heldout_score(prompt_hash_: str, salt: str) -> float:
+    """A stable number in [0, 1) per prompt; prompts under the held-out fraction are held out."""
+    digest = hashlib.sha256(f"{salt}:{prompt_hash_}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_by_prompt(
+    pairs: Sequence[PreferencePair], fraction: float, salt: str
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Train / held-out by prompt. With two or more prompts each side gets at least one prompt,
+    so a small dataset still has something to evaluate on."""
+    prompts = sorted({p.prompt_hash for p in pairs}, key=lambda h: heldout_score(h, salt))
+    held = {h for h in prompts if heldout_score(h, salt) < fraction}
+    if len(prompts) >= 2:
+        if not held:
+            held = {prompts[0]}
+        elif len(held) == len(prompts):
+            held.discard(prompts[-1])
+    train = [p for p in pairs if p.prompt_hash not in held]
+    heldout = [p for p in pairs if p.prompt_hash in held]
+    return train, heldout
+
+
+# -- the builder --------------------------------------------------------------------------------
+def build_dataset(
+    completions: Iterable[CompletionRow], feedback: Iterable[FeedbackRow], config: DatasetConfig
+) -> PreferenceDataset:
+    by_id = {c.completion_id: c for c in completions}
+    dropped: Counter[str] = Counter()
+    all_rows = list(feedback)
+    rows = usable_feedback(all_rows)
+    dropped["superseded"] += len(all_rows) - len(rows)
+    pairs: list[PreferencePair] = []
+    if config.use_pairwise:
+        pairs += pairwise_pairs(rows, by_id, dropped)
+    if config.use_corrections:
+        pairs += correction_pairs(rows, by_id, dropped)
+    if config.use_ratings:
+        pairs += rating_pairs(rows, by_id, config.min_rating_gap, dropped)
+    if config.use_thumbs:
+        pairs += thumbs_pairs(rows, by_id, dropped)
+    pairs = cap_per_rater(dedupe(pairs, dropped), config.max_pairs_per_rater, dropped)
+    pairs.sort(key=lambda p: (p.prompt_hash, _order(p)))
+    train, heldout = split_by_prompt(pairs, config.heldout_fraction, config.split_salt)
+    return PreferenceDataset(train=train, heldout=heldout, dropped=+dropped)
+
+
+def rebuild_dataset(
+    snapshot: Mapping[str, Any], completions: Iterable[CompletionRow], feedback: Iterable[FeedbackRow]
+) -> PreferenceDataset:
+    """The exact pairs a past run used, from its recorded snapshot and the store's rows.
+
+    Raises KeyError naming the first event or completion that is no longer in the store.
+    """
+    by_id = {c.completion_id: c for c in completions}
+    events = {f.event_id: f for f in feedback}
+
+    def make(rec: Mapping[str, Any]) -> PreferencePair:
+        evs = [events[e] for e in rec["events"]]
+        rejected = by_id[rec["rejected"]]
+        if rec["source"] == CORRECTION:
+            (f,) = evs
+            return PreferencePair(
+                prompt_text=rejected.prompt_text,
+                prompt_hash=rejected.prompt_hash,
+                chosen_text=f.text,
+                rejected_text=rejected.text,
+                source=CORRECTION,
+                event_ids=(f.event_id,),
+                rater_ids=(f.rater_id,),
+                chosen_completion_id="",
+                rejected_completion_id=rejected.completion_id,
+                created_at=f.created_at,
+            )
+        return _pair(by_id[rec["chosen"]], rejected, rec["source"], evs)
+
+    pairs = snapshot["pairs"]
+    return PreferenceDataset(train=[make(r) for r in pairs["train"]], heldout=[make(r) for r in pairs["heldout"]])
+
+
+def count_new_pairs(dataset: PreferenceDataset, seen_event_ids: Iterable[str]) -> int:
+    """Pairs with at least one feedback event that no earlier run used."""
+    seen = set(seen_event_ids)
+    return sum(1 for p in dataset.pairs if not seen.issuperset(p.event_ids))

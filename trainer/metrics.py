@@ -1,0 +1,54 @@
+"""The trainer's Prometheus metrics, in one class (registry injectable for tests)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# A round is minutes on a CPU, seconds on a GPU.
+_DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+OUTCOMES = ("published", "rejected", "skipped", "refused", "duplicate", "failed")
+
+
+class TrainerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.runs = Counter(
+            "tuneloop_trainer_runs",
+            "Training rounds finished, by outcome: " + ", ".join(OUTCOMES) + ".",
+            ("outcome",),
+            registry=r,
+        )
+        for outcome in OUTCOMES:  # export zeros so rate() works before the first failure
+            self.runs.labels(outcome)
+        self.run_duration = Histogram(
+            "tuneloop_trainer_run_duration_seconds",
+            "Wall time of a round that trained (build, train, gate, publish).",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.last_loss = Gauge("tuneloop_trainer_last_loss", "Training loss of the last optimizer step.", registry=r)
+        self.heldout_accuracy = Gauge(
+            "tuneloop_trainer_heldout_accuracy", "Held-out preference accuracy of the last candidate.", registry=r
+        )
+        self.kl = Gauge("tuneloop_trainer_kl", "Estimated KL(candidate || reference), nats per sample.", registry=r)
+        self.examples = Gauge("tuneloop_trainer_examples", "Training pairs used by the last round.", registry=r)
+        self.last_success = Gauge(
+            "tuneloop_trainer_last_success_timestamp_seconds",
+            "Unix time of the last round that published an accepted adapter.",
+            registry=r,
+        )
+
+    def run_finished(self, outcome: str, seconds: float | None = None) -> None:
+        self.runs.labels(outcome).inc()
+        if seconds is not None:
+            self.run_duration.observe(seconds)
+        if outcome == "published":
+            self.last_success.set(time.time())
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Expose /metrics; returns the bound port (pass 0 for any free one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)

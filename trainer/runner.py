@@ -1,0 +1,268 @@
+"""One training round: build the dataset, train, gate, publish.
+
+A round is identified by its run key: a hash of the base model, the parent (served) version, the
+algorithm and its settings, and the data snapshot. The key goes into the manifest, so a round
+restarted after a crash finds its own earlier publish and does not publish it twice; one that died
+before publishing simply trains again (the same seed and data give the same adapter).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from tuneloop.server.errors import FailedPrecondition, NotFound
+from tuneloop.server.registry import AdapterRegistry, AdapterVersion, base_model_fingerprint
+
+from .config import TrainerConfig
+from .dataset import PreferenceDataset, build_dataset
+from .dpo import score_pairs, tokenize_pair, train_dpo
+from .gate import decide, evaluate_candidate
+from .metrics import TrainerMetrics
+from .model import SERVED, TRAINED, build_policy, load_base_model, load_tokenizer, resolve_device, resolve_dtype
+from .rows import CompletionRow, FeedbackRow
+
+log = logging.getLogger(__name__)
+
+
+class FeedbackSource(Protocol):
+    """Where completions and feedback come from (the store, in production)."""
+
+    def load(self) -> tuple[list[CompletionRow], list[FeedbackRow]]: ...
+
+
+class BaseModelMismatch(FailedPrecondition):
+    """The served adapter was trained on another base model than the one this trainer loads."""
+
+
+@dataclass
+class RoundResult:
+    outcome: str  # one of metrics.OUTCOMES
+    reason: str = ""
+    version: str | None = None
+    parent_version: str | None = None
+    train_pairs: int = 0
+    heldout_pairs: int = 0
+    seconds: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """The one line a run logs."""
+        parts = [f"outcome={self.outcome}"]
+        if self.version:
+            parts.append(f"version={self.version}")
+        parts.append(f"parent={self.parent_version or 'base'}")
+        parts.append(f"pairs={self.train_pairs}+{self.heldout_pairs}")
+        for k in ("first_loss", "last_loss", "accuracy", "served_accuracy", "kl", "distinct_2"):
+            v = self.metrics.get(k)
+            if isinstance(v, float):
+                parts.append(f"{k}={v:.4f}")
+        parts.append(f"seconds={self.seconds:.1f}")
+        if self.reason:
+            parts.append(f"reason={self.reason!r}")
+        return "trainer round: " + " ".join(parts)
+
+
+def served_version(registry: AdapterRegistry, name: str) -> AdapterVersion | None:
+    try:
+        return registry.resolve(name)
+    except NotFound:
+        return None
+
+
+def run_key(base_model: str, parent: str | None, cfg: TrainerConfig, data_digest: str) -> str:
+    material = {
+        "base_model": base_model,
+        "parent": parent,
+        "algo": cfg.algo,
+        "hyperparameters": cfg.dpo.hyperparameters(),
+        "gate": asdict(cfg.gate),
+        "data": data_digest,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def seen_event_ids(registry: AdapterRegistry, name: str) -> set[str]:
+    """Feedback events any earlier round (accepted or rejected) trained on."""
+    seen: set[str] = set()
+    for v in registry.versions(name):
+        seen.update(v.manifest.get("data_snapshot", {}).get("event_ids", []))
+    return seen
+
+
+def check_base_model(served: AdapterVersion | None, base_id: str) -> None:
+    if served is not None and served.base_model != base_id:
+        raise BaseModelMismatch(
+            f"adapter {served.name} {served.version} (served) was trained on base model {served.base_model!r}, "
+            f"but this trainer loads {base_id!r}; point --model-dir at the served base model"
+        )
+
+
+def _finish_interrupted(
+    registry: AdapterRegistry, cfg: TrainerConfig, key: str, parent: str | None
+) -> RoundResult | None:
+    """A version with this run key exists: the round already ran. If it was accepted but the crash
+    came before the channel moved, move it now; never publish it again."""
+    for v in registry.versions(cfg.adapter):
+        if v.manifest.get("run_key") != key:
+            continue
+        reason = f"this data and config were already trained as {v.version} ({v.status})"
+        if v.status == "accepted" and registry.channel(cfg.adapter) == parent:
+            registry.set_channel(cfg.adapter, "current", v.version)
+            reason += "; moved 'current' to it, finishing an interrupted publish"
+        return RoundResult("duplicate", reason=reason, version=v.version, parent_version=parent)
+    return None
+
+
+def run_round(
+    cfg: TrainerConfig,
+    source: FeedbackSource,
+    registry: AdapterRegistry,
+    *,
+    metrics: TrainerMetrics | None = None,
+    dataset: PreferenceDataset | None = None,
+) -> RoundResult:
+    """Build, train, gate and publish once. Never raises for a round that cannot or should not
+    train (too little data, another base model): those come back as outcomes with a reason."""
+    start = time.perf_counter()
+    metrics = metrics or TrainerMetrics()
+    counts: dict[str, int] = {}
+    try:
+        result = _run(cfg, source, registry, dataset, metrics, counts)
+    except BaseModelMismatch as exc:
+        result = RoundResult("refused", reason=str(exc))
+    except Exception as exc:  # a round must not take the sidecar down; the reason is logged
+        log.exception("trainer round failed")
+        result = RoundResult("failed", reason=f"{type(exc).__name__}: {exc}")
+    result.train_pairs = counts.get("train", result.train_pairs)
+    result.heldout_pairs = counts.get("heldout", result.heldout_pairs)
+    result.seconds = time.perf_counter() - start
+    trained = result.outcome in ("published", "rejected")
+    metrics.run_finished(result.outcome, result.seconds if trained else None)
+    log.info("%s", result.summary())
+    return result
+
+
+def _run(
+    cfg: TrainerConfig,
+    source: FeedbackSource,
+    registry: AdapterRegistry,
+    dataset: PreferenceDataset | None,
+    metrics: TrainerMetrics,
+    counts: dict[str, int],
+) -> RoundResult:
+    if dataset is None:
+        completions, feedback = source.load()
+        dataset = build_dataset(completions, feedback, cfg.data)
+    n_train, n_held = len(dataset.train), len(dataset.heldout)
+    counts["train"], counts["heldout"] = n_train, n_held
+    if n_train < cfg.min_train_pairs or n_held < cfg.min_heldout_pairs:
+        dropped = ", ".join(f"{k}={v}" for k, v in sorted(dataset.dropped.items())) or "none"
+        return RoundResult(
+            "skipped",
+            reason=f"too few usable pairs: {n_train} train (need {cfg.min_train_pairs}), {n_held} held-out "
+            f"(need {cfg.min_heldout_pairs}); dropped: {dropped}",
+            train_pairs=n_train,
+            heldout_pairs=n_held,
+        )
+    model_dir = cfg.resolved_model_dir()
+    base_id = base_model_fingerprint(model_dir)
+    served = served_version(registry, cfg.adapter)
+    check_base_model(served, base_id)
+    parent = served.version if served else None
+    snapshot = dataset.snapshot()
+    key = run_key(base_id, parent, cfg, snapshot["digest"])
+    done = _finish_interrupted(registry, cfg, key, parent)
+    if done is not None:
+        done.train_pairs, done.heldout_pairs = n_train, n_held
+        return done
+
+    dc = cfg.dpo
+    if dc.threads:
+        torch.set_num_threads(dc.threads)
+    device = resolve_device(dc.device)
+    dtype = resolve_dtype(dc.dtype, device)
+    tokenizer = load_tokenizer(model_dir)
+    chain = dc.reference == "served" and served is not None
+    model = build_policy(
+        load_base_model(model_dir, device, dtype),
+        dc,
+        served_adapter=served.path if served else None,
+        init_from_served=chain,
+    )
+    reference = SERVED if chain else "base"
+    train_items = [tokenize_pair(tokenizer, p, dc.max_prompt_tokens, dc.max_completion_tokens) for p in dataset.train]
+    held_items = [tokenize_pair(tokenizer, p, dc.max_prompt_tokens, dc.max_completion_tokens) for p in dataset.heldout]
+    kw: dict[str, Any] = {"pad_id": tokenizer.pad_token_id, "device": device, "dtype": dtype}
+    ref_c, ref_r = score_pairs(model, train_items, mode=reference, batch_size=dc.micro_batch_size, **kw)
+    trained = train_dpo(
+        model,
+        train_items,
+        ref_c,
+        ref_r,
+        dc,
+        progress=cfg.progress,
+        on_step=lambda s: metrics.last_loss.set(s.loss),
+        **kw,
+    )
+    gate_metrics = evaluate_candidate(
+        model,
+        tokenizer,
+        held_items,
+        cfg.gate,
+        beta=dc.beta,
+        reference=reference,
+        seed=dc.seed,
+        device=device,
+        dtype=dtype,
+    )
+    verdict = decide(gate_metrics, cfg.gate)
+    metrics.heldout_accuracy.set(gate_metrics.accuracy)
+    metrics.kl.set(gate_metrics.kl)
+    metrics.examples.set(n_train)
+
+    all_metrics = {
+        **gate_metrics.to_dict(),
+        "first_loss": trained.first_loss,
+        "last_loss": trained.last_loss,
+        "steps": trained.steps,
+        "train_seconds": trained.seconds,
+        "loss_curve": [round(s.loss, 6) for s in trained.log],
+    }
+    manifest = {
+        "parent_version": parent,
+        "base_model": base_id,
+        "base_model_dir": str(model_dir),
+        "algorithm": cfg.algo,
+        "reference": f"{cfg.adapter}:{parent}" if chain else "base",
+        "hyperparameters": dc.hyperparameters(),
+        "data_snapshot": {**snapshot, "builder": asdict(cfg.data)},
+        "metrics": all_metrics,
+        "gate": {**verdict.to_dict(), "thresholds": asdict(cfg.gate)},
+        "run_key": key,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device.type,
+    }
+    work = Path(cfg.work_dir) if cfg.work_dir else None
+    if work:
+        work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="candidate-", dir=work) as tmp:
+        model.save_pretrained(tmp, selected_adapters=[TRAINED])
+        published = registry.publish(cfg.adapter, Path(tmp), manifest, accepted=verdict.passed)
+    return RoundResult(
+        "published" if verdict.passed else "rejected",
+        reason="; ".join(verdict.failures),
+        version=published.version,
+        parent_version=parent,
+        train_pairs=n_train,
+        heldout_pairs=n_held,
+        metrics=all_metrics,
+    )

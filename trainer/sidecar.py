@@ -1,0 +1,81 @@
+"""The sidecar: watch the feedback, and run a round when enough new pairs arrived.
+
+A round starts when at least N new usable pairs arrived since the last round, or every T minutes
+if at least M did. The registry is the only state: "new" means a pair with a feedback event that
+no published version (accepted or rejected) trained on, and "last round" is the newest version's
+`created_at`, so a restarted sidecar picks up exactly where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tuneloop.server.registry import AdapterRegistry
+
+from .config import SidecarConfig, TrainerConfig
+from .dataset import build_dataset, count_new_pairs
+from .metrics import TrainerMetrics
+from .runner import FeedbackSource, RoundResult, run_round, seen_event_ids
+
+log = logging.getLogger(__name__)
+
+
+def should_run(new_pairs: int, seconds_since_last: float | None, cfg: SidecarConfig) -> tuple[bool, str]:
+    """The trigger rule, pure. `seconds_since_last` is None before the first round ever."""
+    if new_pairs >= cfg.min_new_pairs:
+        return True, f"{new_pairs} new pairs >= min_new_pairs {cfg.min_new_pairs}"
+    due = seconds_since_last is None or seconds_since_last >= cfg.interval_minutes * 60
+    if due and new_pairs >= cfg.min_new_pairs_periodic:
+        return True, f"interval reached with {new_pairs} new pairs >= {cfg.min_new_pairs_periodic}"
+    return False, f"{new_pairs} new pairs; waiting"
+
+
+@dataclass
+class Sidecar:
+    cfg: TrainerConfig
+    source: FeedbackSource
+    registry: AdapterRegistry
+    metrics: TrainerMetrics
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        self._last_attempt: float | None = None
+        self._skipped_digest: str | None = None
+
+    def _last_round_time(self) -> float | None:
+        times = [float(v.manifest.get("created_at", 0.0)) for v in self.registry.versions(self.cfg.adapter)]
+        if self._last_attempt is not None:
+            times.append(self._last_attempt)
+        return max(times) if times else None
+
+    def tick(self) -> RoundResult | None:
+        """Check once; run a round if the rule says so. Returns the round's result, if any."""
+        completions, feedback = self.source.load()
+        dataset = build_dataset(completions, feedback, self.cfg.data)
+        digest = dataset.snapshot()["digest"]
+        if digest == self._skipped_digest:
+            return None  # nothing changed since a round found this data unusable
+        new = count_new_pairs(dataset, seen_event_ids(self.registry, self.cfg.adapter))
+        last = self._last_round_time()
+        go, why = should_run(new, None if last is None else self.clock() - last, self.cfg.sidecar)
+        if not go:
+            log.debug("sidecar: %s", why)
+            return None
+        log.info("sidecar: starting a round: %s", why)
+        self._last_attempt = self.clock()
+        result = run_round(self.cfg, self.source, self.registry, metrics=self.metrics, dataset=dataset)
+        self._skipped_digest = digest if result.outcome in ("skipped", "refused") else None
+        return result
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll until `stop` is set. A failing poll (store down) is logged and retried."""
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # the loop must outlive a store outage
+                log.exception("sidecar: poll failed; retrying in %.0f s", self.cfg.sidecar.poll_seconds)
+            stop.wait(self.cfg.sidecar.poll_seconds)
