@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from trainer_fixtures import tiny_dpo, toy_pairs
+
 from tuneloop.server.errors import InvalidArgument
 from tuneloop.trainer.config import DPOConfig
 from tuneloop.trainer.dpo import collate_pairs, dpo_step, score_pairs, tokenize_pair, train_dpo

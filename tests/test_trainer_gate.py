@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from trainer_fixtures import tiny_dpo, toy_pairs
+
 from tuneloop.trainer.config import GateConfig
 from tuneloop.trainer.dpo import score_pairs, tokenize_pair, train_dpo
 from tuneloop.trainer.gate import (

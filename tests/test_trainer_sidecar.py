@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
-
 from trainer_fixtures import BAD, GOOD, QUESTIONS, ListSource, chat_prompt, tiny_config, toy_rows
+
 from tuneloop.server.registry import AdapterRegistry
 from tuneloop.trainer.config import SidecarConfig
 from tuneloop.trainer.metrics import TrainerMetrics
@@ -66,6 +66,7 @@ def test_a_served_adapter_on_another_base_model_is_refused(tmp_path: Path, model
 
 async def test_sidecar_publishes_once_for_one_batch_of_feedback(tmp_path: Path, model_dir: Path) -> None:
     from completion_factory import make_completion
+
     from tuneloop.server.feedback import FeedbackEvent, FeedbackService
     from tuneloop.server.metrics import Metrics
     from tuneloop.server.store import open_store
