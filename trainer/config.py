@@ -12,12 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.server.errors import InvalidArgument
-
-
-def _opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse's name
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+from tuneloop.server.settings import setting
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -29,14 +24,14 @@ def _check(cond: bool, msg: str) -> None:
 class DatasetConfig:
     """How feedback becomes preference pairs."""
 
-    use_pairwise: bool = _opt(True, "Use explicit pairwise choices between two completions.")
-    use_thumbs: bool = _opt(True, "Pair thumbs-up completions with thumbs-down ones of the same prompt.")
-    use_ratings: bool = _opt(True, "Pair completions of the same prompt whose mean ratings differ enough.")
-    use_corrections: bool = _opt(True, "Pair a user's correction (chosen) with the completion it corrects.")
-    min_rating_gap: float = _opt(2.0, "Smallest mean-rating gap (1-5 scale) that makes a rating pair.")
-    max_pairs_per_rater: int = _opt(64, "Cap on pairs any one rater contributes to a run.")
-    heldout_fraction: float = _opt(0.2, "Share of prompts held out for the evaluation gate (split by prompt).")
-    split_salt: str = _opt("tuneloop-v1", "Salt of the prompt hash that assigns held-out prompts.")
+    use_pairwise: bool = setting(True, "Use explicit pairwise choices between two completions.")
+    use_thumbs: bool = setting(True, "Pair thumbs-up completions with thumbs-down ones of the same prompt.")
+    use_ratings: bool = setting(True, "Pair completions of the same prompt whose mean ratings differ enough.")
+    use_corrections: bool = setting(True, "Pair a user's correction (chosen) with the completion it corrects.")
+    min_rating_gap: float = setting(2.0, "Smallest mean-rating gap (1-5 scale) that makes a rating pair.")
+    max_pairs_per_rater: int = setting(64, "Cap on pairs any one rater contributes to a run.")
+    heldout_fraction: float = setting(0.2, "Share of prompts held out for the evaluation gate (split by prompt).")
+    split_salt: str = setting("tuneloop-v1", "Salt of the prompt hash that assigns held-out prompts.")
 
     def __post_init__(self) -> None:
         _check(self.min_rating_gap > 0, f"min_rating_gap must be > 0 (ties are never pairs), got {self.min_rating_gap}")
@@ -58,29 +53,29 @@ DEVICES = ("auto", "cpu", "cuda")
 class DPOConfig:
     """DPO on a LoRA adapter (arXiv 2305.18290; IPO: arXiv 2310.12036; cDPO label smoothing)."""
 
-    loss_type: str = _opt("sigmoid", "'sigmoid' (DPO, with optional label smoothing = cDPO) or 'ipo'.")
-    beta: float = _opt(0.1, "KL strength: higher keeps the policy closer to the reference (tau for IPO).")
-    label_smoothing: float = _opt(0.0, "Assumed label-flip rate for conservative DPO, in [0, 0.5).")
-    reference: str = _opt(
+    loss_type: str = setting("sigmoid", "'sigmoid' (DPO, with optional label smoothing = cDPO) or 'ipo'.")
+    beta: float = setting(0.1, "KL strength: higher keeps the policy closer to the reference (tau for IPO).")
+    label_smoothing: float = setting(0.0, "Assumed label-flip rate for conservative DPO, in [0, 0.5).")
+    reference: str = setting(
         "base",
         "Reference policy: 'base' (adapter disabled) or 'served' (start from and stay near the adapter "
         "now served, so rounds chain).",
     )
-    learning_rate: float = _opt(5e-4, "AdamW learning rate for the LoRA weights.")
-    epochs: int = _opt(2, "Passes over the training pairs.")
-    batch_size: int = _opt(8, "Pairs per optimizer step (after accumulation).")
-    grad_accum: int = _opt(1, "Micro-batches per optimizer step; batch_size must divide by it.")
-    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).")
-    max_prompt_tokens: int = _opt(256, "Prompts are cut to their last this-many tokens.")
-    max_completion_tokens: int = _opt(256, "Completions are cut to their first this-many tokens.")
-    lora_r: int = _opt(8, "LoRA rank.")
-    lora_alpha: int = _opt(16, "LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = _opt(0.0, "LoRA dropout.")
-    lora_targets: list[str] = _opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA.")
-    seed: int = _opt(0, "Seed for LoRA init and shuffling: the same seed and data give the same adapter.")
-    dtype: str = _opt("auto", "'auto' (bf16 where the device supports it), 'float32' or 'bfloat16'.")
-    device: str = _opt("auto", "'auto' (cuda if available), 'cpu' or 'cuda'.")
-    threads: int = _opt(0, "CPU threads for torch (0 leaves torch's default).")
+    learning_rate: float = setting(5e-4, "AdamW learning rate for the LoRA weights.")
+    epochs: int = setting(2, "Passes over the training pairs.")
+    batch_size: int = setting(8, "Pairs per optimizer step (after accumulation).")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step; batch_size must divide by it.")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 disables).")
+    max_prompt_tokens: int = setting(256, "Prompts are cut to their last this-many tokens.")
+    max_completion_tokens: int = setting(256, "Completions are cut to their first this-many tokens.")
+    lora_r: int = setting(8, "LoRA rank.")
+    lora_alpha: int = setting(16, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = setting(0.0, "LoRA dropout.")
+    lora_targets: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA.")
+    seed: int = setting(0, "Seed for LoRA init and shuffling: the same seed and data give the same adapter.")
+    dtype: str = setting("auto", "'auto' (bf16 where the device supports it), 'float32' or 'bfloat16'.")
+    device: str = setting("auto", "'auto' (cuda if available), 'cpu' or 'cuda'.")
+    threads: int = setting(0, "CPU threads for torch (0 leaves torch's default).")
 
     def __post_init__(self) -> None:
         _check(self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
@@ -123,18 +118,18 @@ class DPOConfig:
 class GateConfig:
     """When a candidate adapter may be published to the `current` channel."""
 
-    min_accuracy: float = _opt(0.6, "Held-out preference accuracy (implicit reward margin > 0) must reach this.")
-    beat_served: bool = _opt(
+    min_accuracy: float = setting(0.6, "Held-out preference accuracy (implicit reward margin > 0) must reach this.")
+    beat_served: bool = setting(
         True, "Also require beating the adapter now served on the same held-out pairs (accuracy, then margin)."
     )
-    max_kl: float = _opt(8.0, "Bound on the estimated KL(candidate || reference), nats per sampled completion.")
-    min_diversity_ratio: float = _opt(
+    max_kl: float = setting(8.0, "Bound on the estimated KL(candidate || reference), nats per sampled completion.")
+    min_diversity_ratio: float = setting(
         0.8, "Candidate distinct-1 and distinct-2 must stay above this fraction of the reference's."
     )
-    eval_prompts: int = _opt(8, "Held-out prompts sampled for the KL and diversity checks.")
-    samples_per_prompt: int = _opt(2, "Samples per held-out prompt, from candidate and reference each.")
-    sample_max_tokens: int = _opt(32, "New tokens per sample.")
-    sample_temperature: float = _opt(1.0, "Sampling temperature (1.0 keeps the KL estimate unbiased).")
+    eval_prompts: int = setting(8, "Held-out prompts sampled for the KL and diversity checks.")
+    samples_per_prompt: int = setting(2, "Samples per held-out prompt, from candidate and reference each.")
+    sample_max_tokens: int = setting(32, "New tokens per sample.")
+    sample_temperature: float = setting(1.0, "Sampling temperature (1.0 keeps the KL estimate unbiased).")
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.min_accuracy <= 1.0, f"min_accuracy must be in [0, 1], got {self.min_accuracy}")
@@ -149,12 +144,12 @@ class GateConfig:
 class SidecarConfig:
     """When `tuneloop trainer run` starts a round."""
 
-    min_new_pairs: int = _opt(64, "Start a round as soon as this many new usable pairs arrived (N).")
-    interval_minutes: float = _opt(60.0, "Or every this many minutes (T)...")
-    min_new_pairs_periodic: int = _opt(16, "...if at least this many new usable pairs arrived (M).")
-    poll_seconds: float = _opt(30.0, "How often the feedback store is checked.")
-    metrics_port: int = _opt(9401, "Prometheus metrics port (0 disables the endpoint).")
-    metrics_host: str = _opt("0.0.0.0", "Address the metrics endpoint binds.")
+    min_new_pairs: int = setting(64, "Start a round as soon as this many new usable pairs arrived (N).")
+    interval_minutes: float = setting(60.0, "Or every this many minutes (T)...")
+    min_new_pairs_periodic: int = setting(16, "...if at least this many new usable pairs arrived (M).")
+    poll_seconds: float = setting(30.0, "How often the feedback store is checked.")
+    metrics_port: int = setting(9401, "Prometheus metrics port (0 disables the endpoint).")
+    metrics_host: str = setting("0.0.0.0", "Address the metrics endpoint binds.")
 
     def __post_init__(self) -> None:
         _check(self.min_new_pairs >= 1, f"min_new_pairs must be >= 1, got {self.min_new_pairs}")
@@ -174,15 +169,15 @@ ALGOS = ("dpo",)
 class TrainerConfig:
     """One trainer: where data comes from, which base model, where adapters go, and each stage."""
 
-    adapter: str = _opt("default", "Adapter name in the registry that this trainer publishes.")
-    algo: str = _opt("dpo", "Training algorithm.")
-    model_dir: str = _opt("", "Base model: a local Hugging Face directory (default: the built-in SmolLM2).")
-    registry_dir: str = _opt("", "Adapter registry directory (default $TUNELOOP_HOME/adapters).")
-    store_url: str = _opt("", "Feedback store URL (default: the server's default store).")
-    work_dir: str = _opt("", "Scratch directory for candidate adapters (default: a temp dir).")
-    min_train_pairs: int = _opt(8, "Fewer usable training pairs than this: the round is skipped.")
-    min_heldout_pairs: int = _opt(2, "Fewer held-out pairs than this: the round is skipped.")
-    progress: bool = _opt(True, "Show a progress bar (steps, loss) on the terminal.")
+    adapter: str = setting("default", "Adapter name in the registry that this trainer publishes.")
+    algo: str = setting("dpo", "Training algorithm.")
+    model_dir: str = setting("", "Base model: a local Hugging Face directory (default: the built-in SmolLM2).")
+    registry_dir: str = setting("", "Adapter registry directory (default $TUNELOOP_HOME/adapters).")
+    store_url: str = setting("", "Feedback store URL (default: the server's default store).")
+    work_dir: str = setting("", "Scratch directory for candidate adapters (default: a temp dir).")
+    min_train_pairs: int = setting(8, "Fewer usable training pairs than this: the round is skipped.")
+    min_heldout_pairs: int = setting(2, "Fewer held-out pairs than this: the round is skipped.")
+    progress: bool = setting(True, "Show a progress bar (steps, loss) on the terminal.")
     data: DatasetConfig = field(default_factory=DatasetConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
