@@ -7,6 +7,7 @@ never depends on table layout, and the translation below is the one place that k
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from tuneloop.server.domain import CompletionRecord
 from tuneloop.server.feedback import FeedbackRecord
@@ -55,19 +56,40 @@ def completion_row(rec: CompletionRecord) -> CompletionRow:
 
 
 class StoreSource:
-    """`FeedbackSource` over a `Store`: every feedback event, and the completions they name."""
+    """`FeedbackSource` over a `Store`: every feedback event, and the completions they name.
 
-    def __init__(self, store: Store) -> None:
+    Reads incrementally: each `load` fetches only the events after the last one it saw (the
+    store's "new since cursor" read) and the completions they name, and keeps the rest in memory,
+    so a sidecar polling every few seconds does not re-read the whole history. A new event that
+    supersedes an earlier one marks the cached row superseded.
+    """
+
+    def __init__(self, store: Store, page_size: int = 5000) -> None:
         self.store = store
+        self._page = page_size
+        self._cursor = 0
+        self._feedback: dict[str, FeedbackRow] = {}
+        self._completions_by_id: dict[str, CompletionRow] = {}
 
     @classmethod
     def open(cls, url: str) -> StoreSource:
         return cls(open_store(url))
 
     def load(self) -> tuple[list[CompletionRow], list[FeedbackRow]]:
-        feedback = [feedback_row(r) for r in self.store.iter_feedback()]
-        ids = sorted({f.completion_id for f in feedback} | {f.other_completion_id for f in feedback} - {""})
-        return [completion_row(c) for c in self._completions(ids)], feedback
+        while batch := self.store.feedback_since(self._cursor, limit=self._page):
+            named: set[str] = set()
+            for rec in batch:
+                row = feedback_row(rec)
+                self._feedback[rec.event_id] = row
+                named |= {row.completion_id, row.other_completion_id}
+                old = self._feedback.get(rec.supersedes or "")
+                if old is not None:
+                    self._feedback[old.event_id] = replace(old, superseded=True)
+                self._cursor = max(self._cursor, rec.seq)
+            missing = sorted(named - {""} - self._completions_by_id.keys())
+            for c in self._completions(missing):
+                self._completions_by_id[c.completion_id] = completion_row(c)
+        return list(self._completions_by_id.values()), list(self._feedback.values())
 
     def _completions(self, ids: list[str]) -> Iterable[CompletionRecord]:
         for i in range(0, len(ids), _CHUNK):
