@@ -93,6 +93,7 @@ class AdapterManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._routes: dict[str, Route] = {}
         self._refused: dict[str, _Refusal] = {}
+        self._share_labels: dict[str, set[str]] = {}  # traffic_share label sets in use, per name
         self._next_id = 1
         self._swap_lock = asyncio.Lock()
 
@@ -201,10 +202,12 @@ class AdapterManager:
             raise FailedPrecondition(f"adapter {adapter.key} produced no tokens in its probe generation")
 
     async def _unload(self, key: str) -> None:
-        slot = self._slots.pop(key, None)
-        self._retiring.discard(key)
-        if slot is None:
+        # Re-check: between scheduling and running, a rollback may have put the version back in use.
+        slot = self._slots.get(key)
+        if slot is None or key not in self._retiring or slot.leases > 0:
             return
+        del self._slots[key]
+        self._retiring.discard(key)
         try:
             await self._engine.remove_adapter(slot.adapter)
             log.info("unloaded adapter %s", key)
@@ -351,10 +354,14 @@ class AdapterManager:
         stable = route.stable.version if route.stable else BASE
         m.serving_version.labels(name).info({"version": stable, "canary": route.canary.version if route.canary else ""})
         share = route.canary_share if route.canary else 0.0
-        m.traffic_share.clear()
-        m.traffic_share.labels(name, stable).set(1.0 - share)
+        for version in self._share_labels.pop(name, ()):
+            m.traffic_share.remove(name, version)
+        shares = {stable: 1.0 - share}
         if route.canary is not None:
-            m.traffic_share.labels(name, route.canary.version).set(share)
+            shares[route.canary.version] = share
+        for version, value in shares.items():
+            m.traffic_share.labels(name, version).set(value)
+        self._share_labels[name] = set(shares)
 
 
 def _ref(version: AdapterVersion | None) -> str:
