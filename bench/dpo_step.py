@@ -82,7 +82,7 @@ def bench_ours(model_dir: Path, pairs: list[PreferencePair], cfg: OurDPOConfig, 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     tok = load_tokenizer(model_dir)
-    model = build_policy(load_base_model(model_dir, device, dtype), cfg)
+    model = build_policy(load_base_model(model_dir, device, dtype, cfg.attn_implementation), cfg)
     items = [tokenize_pair(tok, p, cfg.max_prompt_tokens, cfg.max_completion_tokens) for p in pairs]
     t0 = time.perf_counter()
     ref_c, ref_r = score_pairs(model, items, mode="base", pad_id=tok.pad_token_id, device=device, dtype=dtype)

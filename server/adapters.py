@@ -188,11 +188,12 @@ class AdapterManager:
             return adapter
 
     async def _probe(self, adapter: LoadedAdapter) -> None:
-        """A short greedy generation through the new adapter: it must produce tokens, not fail."""
+        """A one-token greedy generation through the new adapter: the prefill runs every LoRA layer,
+        so a version that loads but cannot run fails here, before any user request reaches it."""
         request = EngineRequest(
             request_id=new_id("probe"),
             prompt_token_ids=self._engine.tokenize(PROBE_PROMPT),
-            sampling=SamplingSpec(max_tokens=4, temperature=0.0),
+            sampling=SamplingSpec(max_tokens=1, temperature=0.0),
             adapter=adapter,
         )
         produced = 0

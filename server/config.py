@@ -75,7 +75,7 @@ class ServerConfig:
         "Adapter serving requests that name none: its `current` version, or the base model until it has one "
         "(the trainer publishes to `default`). Empty or 'base': always the base model.",
     )
-    registry_poll_s: float = setting(0.5, "How often the registry's channels are checked for a new version (seconds).")
+    registry_poll_s: float = setting(0.2, "How often the registry's channels are checked for a new version (seconds).")
     canary_check_s: float = setting(2.0, "How often a canary's sequential test re-reads live feedback (seconds).")
     canary_alpha: float = setting(0.05, "Canary test: chance of rolling back a canary that is not worse.")
     canary_beta: float = setting(0.10, "Canary test: chance of promoting a canary worse by canary_worse_odds_ratio.")

@@ -47,6 +47,7 @@ LOSS_TYPES = ("sigmoid", "ipo")
 REFERENCES = ("base", "served")
 DTYPES = ("auto", "float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+ATTENTION = ("sdpa", "eager")
 
 
 @dataclass
@@ -76,6 +77,9 @@ class DPOConfig:
     dtype: str = setting("auto", "'auto' (bf16 where the device supports it), 'float32' or 'bfloat16'.")
     device: str = setting("auto", "'auto' (cuda if available), 'cpu' or 'cuda'.")
     threads: int = setting(0, "CPU threads for torch (0 leaves torch's default).")
+    attn_implementation: str = setting(
+        "sdpa", "Attention kernel: 'sdpa' (memory-efficient) or 'eager' (~10% faster on a CPU at a few hundred tokens)."
+    )
 
     def __post_init__(self) -> None:
         _check(self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
@@ -101,6 +105,10 @@ class DPOConfig:
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         _check(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
+        _check(
+            self.attn_implementation in ATTENTION,
+            f"attn_implementation must be one of {ATTENTION}, got {self.attn_implementation!r}",
+        )
 
     @property
     def micro_batch_size(self) -> int:
@@ -109,7 +117,7 @@ class DPOConfig:
     def hyperparameters(self) -> dict[str, Any]:
         """What goes into the manifest (device and threads do not change the result's meaning)."""
         d = asdict(self)
-        for k in ("device", "threads"):
+        for k in ("device", "threads", "attn_implementation"):
             d.pop(k)
         return d
 

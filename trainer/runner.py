@@ -193,7 +193,7 @@ def _run(
     tokenizer = load_tokenizer(model_dir)
     chain = dc.reference == "served" and served is not None
     model = build_policy(
-        load_base_model(model_dir, device, dtype),
+        load_base_model(model_dir, device, dtype, dc.attn_implementation),
         dc,
         served_adapter=served.path if served else None,
         init_from_served=chain,
