@@ -223,8 +223,12 @@ def evaluate(version: str, comps: list[pb.Completion], prompts: list[str], sampl
 # --------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--choices", type=int, default=512, help="pairwise choices the users make at most")
-    ap.add_argument("--round-pairs", type=int, default=512, help="new pairs that start a training round")
+    ap.add_argument("--choices", type=int, default=256, help="pairwise choices the users make (at most 512)")
+    ap.add_argument("--round-pairs", type=int, default=256, help="new pairs that start a training round")
+    # One epoch of small batches: on a 2-core CPU a DPO step over 8 pairs of ~110 tokens takes
+    # ~15 s, so two epochs over 256 pairs would not fit the 20-minute budget.
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--samples", type=int, default=2, help="held-out samples per prompt and version")
     ap.add_argument("--out", type=Path, default=HERE / "out" / "closed_loop")
     ap.add_argument("--trainer-arg", action="append", default=[], help="extra flag for `tuneloop trainer run`")
@@ -257,7 +261,9 @@ def main() -> None:
                          "--model-dir", str(model_dir), "--min-new-pairs", str(args.round_pairs),
                          "--poll-seconds", "5", "--metrics-port", "0", "--no-progress",
                          # Rounds start on the pair count alone, so each round sees --round-pairs choices.
-                         "--interval-minutes", "1000", *args.trainer_arg],
+                         "--interval-minutes", "1000", "--epochs", str(args.epochs),
+                         "--batch-size", str(args.batch_size), "--max-completion-tokens", str(NEW_TOKENS),
+                         *args.trainer_arg],
                         trainer_log, env)  # fmt: skip
 
         train_prompts, held = load_prompts()
