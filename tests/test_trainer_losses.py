@@ -68,6 +68,24 @@ def test_log_prob_helpers() -> None:
     assert sum_by_row(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 2]), 3).tolist() == [3.0, 0.0, 3.0]
 
 
+def test_chunked_token_logps_match_log_softmax_with_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuneloop.trainer import losses
+
+    monkeypatch.setattr(losses._TargetLogProbs, "CHUNK", 3)  # several chunks, one ragged
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(10, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 7, (10,), generator=gen)
+    assert torch.autograd.gradcheck(lambda x: gathered_token_logps(x, targets), (logits,))
+    weights = torch.randn(10, generator=gen, dtype=torch.float64)
+    (gathered_token_logps(logits, targets) * weights).sum().backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    (logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1) * weights).sum().backward()
+    assert torch.allclose(ours, logits.grad)
+    bf16 = logits.detach().bfloat16()
+    assert gathered_token_logps(bf16, targets).dtype == torch.float32
+
+
 # -- parity with TRL on the real model -----------------------------------------------------------
 PAIRS = [
     ("What should I cook tonight?", "A warm vegetable soup would be lovely.", "I don't care."),

@@ -37,7 +37,7 @@ def test_trigger_rule() -> None:
     assert not should_run(9, 60.0, cfg)[0]  # not due yet
     assert should_run(3, 301.0, cfg)[0]
     assert not should_run(2, 301.0, cfg)[0]
-    assert should_run(3, None, cfg)[0]  # never ran: due
+    assert not should_run(3, 10.0, cfg)[0]  # a fresh sidecar waits T minutes (or N pairs) for its first round
 
 
 def test_too_few_pairs_is_a_skip_with_a_reason(tmp_path: Path, model_dir: Path) -> None:

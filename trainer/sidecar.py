@@ -24,11 +24,13 @@ from .runner import FeedbackSource, RoundResult, run_round, seen_event_ids
 log = logging.getLogger(__name__)
 
 
-def should_run(new_pairs: int, seconds_since_last: float | None, cfg: SidecarConfig) -> tuple[bool, str]:
-    """The trigger rule, pure. `seconds_since_last` is None before the first round ever."""
+def should_run(new_pairs: int, seconds_since_last: float, cfg: SidecarConfig) -> tuple[bool, str]:
+    """The trigger rule, pure. `seconds_since_last`: since the last round, or since the sidecar
+    started when no round ever ran (so a fresh sidecar waits for N pairs or T minutes, and does not
+    train at once on the first handful of events)."""
     if new_pairs >= cfg.min_new_pairs:
         return True, f"{new_pairs} new pairs >= min_new_pairs {cfg.min_new_pairs}"
-    due = seconds_since_last is None or seconds_since_last >= cfg.interval_minutes * 60
+    due = seconds_since_last >= cfg.interval_minutes * 60
     if due and new_pairs >= cfg.min_new_pairs_periodic:
         return True, f"interval reached with {new_pairs} new pairs >= {cfg.min_new_pairs_periodic}"
     return False, f"{new_pairs} new pairs; waiting"
@@ -43,6 +45,7 @@ class Sidecar:
     clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
+        self._started = self.clock()
         self._last_attempt: float | None = None
         self._skipped_digest: str | None = None
 
@@ -61,7 +64,7 @@ class Sidecar:
             return None  # nothing changed since a round found this data unusable
         new = count_new_pairs(dataset, seen_event_ids(self.registry, self.cfg.adapter))
         last = self._last_round_time()
-        go, why = should_run(new, None if last is None else self.clock() - last, self.cfg.sidecar)
+        go, why = should_run(new, self.clock() - (self._started if last is None else last), self.cfg.sidecar)
         if not go:
             log.debug("sidecar: %s", why)
             return None
