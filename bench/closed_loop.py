@@ -224,7 +224,12 @@ def evaluate(version: str, comps: list[pb.Completion], prompts: list[str], sampl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--choices", type=int, default=256, help="pairwise choices the users make (at most 512)")
-    ap.add_argument("--round-pairs", type=int, default=256, help="new pairs that start a training round")
+    ap.add_argument(
+        "--round-pairs",
+        type=int,
+        default=256,
+        help="choices per training round (the trainer starts at 90%% of them as usable pairs: ties are not pairs)",
+    )
     # One epoch of small batches: on a 2-core CPU a DPO step over 8 pairs of ~110 tokens takes
     # ~15 s, so two epochs over 256 pairs would not fit the 20-minute budget.
     ap.add_argument("--epochs", type=int, default=1)
@@ -258,7 +263,7 @@ def main() -> None:
         )
         print(f"server ready in {time.time() - t_start:.0f} s", flush=True)
         trainer = start([sys.executable, "-m", "tuneloop.trainer.cli", "run", "--store-url", store_url,
-                         "--model-dir", str(model_dir), "--min-new-pairs", str(args.round_pairs),
+                         "--model-dir", str(model_dir), "--min-new-pairs", str(int(args.round_pairs * 0.9)),
                          "--poll-seconds", "5", "--metrics-port", "0", "--no-progress",
                          # Rounds start on the pair count alone, so each round sees --round-pairs choices.
                          "--interval-minutes", "1000", "--epochs", str(args.epochs),
