@@ -5,9 +5,11 @@ seeded word list and the chat template, so every run sees the same tokens. Both 
 same base model and the same LoRA config, and both start from the same seeded adapter, so their
 first-step losses agree (log 2 when the adapter starts at zero, as LoRA does).
 
-What is compared is each trainer's own recipe for a run: ours computes the reference log-probs
-once per run (timed and printed separately, not per step) and runs in bf16 where the CPU has bf16
-math; TRL runs with its defaults on this device (`--trl-dtype` picks its precision).
+The two trainers' steps alternate (one of TRL's, then one of ours), so load from other processes
+on a shared machine falls on both alike. What is compared is each trainer's own recipe for a run:
+ours computes the reference log-probs once per run (timed and printed separately, not per step)
+and runs in bf16 where the CPU has bf16 math; TRL runs with its defaults on this device
+(`--trl-dtype` picks its precision).
 
     python bench/dpo_step.py [--steps 3] [--warmup 1] [--dtype auto|float32|bfloat16] [--trl-dtype ...]
 
@@ -78,41 +80,43 @@ def fixed_pairs(tokenizer: object) -> list[PreferencePair]:
     return pairs
 
 
-def bench_ours(model_dir: Path, pairs: list[PreferencePair], cfg: OurDPOConfig, steps: int, warmup: int) -> dict:
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    tok = load_tokenizer(model_dir)
-    model = build_policy(load_base_model(model_dir, device, dtype, cfg.attn_implementation), cfg)
-    items = [tokenize_pair(tok, p, cfg.max_prompt_tokens, cfg.max_completion_tokens) for p in pairs]
-    t0 = time.perf_counter()
-    ref_c, ref_r = score_pairs(model, items, mode="base", pad_id=tok.pad_token_id, device=device, dtype=dtype)
-    ref_seconds = time.perf_counter() - t0
-    batch = collate_pairs(items, tok.pad_token_id).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    model.train()
-    times, losses = [], []
-    for _ in range(warmup + steps):
+class OurTrainer:
+    """Our trainer set up on the batch; `step()` runs and times one optimizer step."""
+
+    def __init__(self, model_dir: Path, pairs: list[PreferencePair], cfg: OurDPOConfig) -> None:
+        device = resolve_device(cfg.device)
+        self.cfg, self.dtype = cfg, resolve_dtype(cfg.dtype, device)
+        tok = load_tokenizer(model_dir)
+        self.model = build_policy(load_base_model(model_dir, device, self.dtype, cfg.attn_implementation), cfg)
+        items = [tokenize_pair(tok, p, cfg.max_prompt_tokens, cfg.max_completion_tokens) for p in pairs]
         t0 = time.perf_counter()
-        log = dpo_step(model, optimizer, [(batch, ref_c, ref_r)], cfg, dtype)
-        times.append(time.perf_counter() - t0)
-        losses.append(log.loss)
-    return {
-        "dtype": str(dtype).removeprefix("torch."),
-        "losses": losses,
-        "step_s": statistics.median(times[warmup:]),
-        "ref_s": ref_seconds,
-        "tokens": int(batch.attention_mask.sum()),
-    }
+        kw = {"pad_id": tok.pad_token_id, "device": device, "dtype": self.dtype}
+        self.ref_c, self.ref_r = score_pairs(self.model, items, mode="base", **kw)
+        self.ref_seconds = time.perf_counter() - t0  # once per run, not per step
+        self.batch = collate_pairs(items, tok.pad_token_id).to(device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        self.model.train()
+        self.times: list[float] = []
+        self.losses: list[float] = []
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        log = dpo_step(self.model, self.optimizer, [(self.batch, self.ref_c, self.ref_r)], self.cfg, self.dtype)
+        self.times.append(time.perf_counter() - t0)
+        self.losses.append(log.loss)
 
 
-def bench_trl(
-    model_dir: Path, pairs: list[PreferencePair], cfg: OurDPOConfig, steps: int, warmup: int, dtype: str
+def run_trl_interleaved(
+    model_dir: Path, pairs: list[PreferencePair], cfg: OurDPOConfig, steps: int, dtype: str, ours: OurTrainer
 ) -> dict:
+    """TRL's DPOTrainer for `steps` steps; after each of its steps, one of ours runs (untimed for
+    TRL), so both trainers see the same background load on a shared machine."""
     from datasets import Dataset  # noqa: PLC0415 - TRL and datasets are bench/test-only dependencies
     from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: PLC0415
     from trl import DPOConfig, DPOTrainer  # noqa: PLC0415
 
-    class StepTimer(TrainerCallback):
+    class Interleave(TrainerCallback):
         def __init__(self) -> None:
             self.times: list[float] = []
             self._t = 0.0
@@ -122,6 +126,7 @@ def bench_trl(
 
         def on_step_end(self, *a: object, **k: object) -> None:
             self.times.append(time.perf_counter() - self._t)
+            ours.step()
 
     tok = load_tokenizer(model_dir)
     bf16 = dtype == "bfloat16"
@@ -129,13 +134,14 @@ def bench_trl(
     data = Dataset.from_list(
         [{"prompt": p.prompt_text, "chosen": p.chosen_text, "rejected": p.rejected_text} for p in pairs]
     )
-    timer = StepTimer()
+    timer = Interleave()
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(
             output_dir=out, use_cpu=True, bf16=bf16, per_device_train_batch_size=PAIRS, gradient_accumulation_steps=1,
-            max_steps=warmup + steps, learning_rate=cfg.learning_rate, beta=cfg.beta, max_length=None,
+            max_steps=steps, learning_rate=cfg.learning_rate, beta=cfg.beta, max_length=None,
             logging_steps=1, report_to=[], save_strategy="no", seed=cfg.seed, dataloader_num_workers=0,
             max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+            disable_tqdm=True,
         )  # fmt: skip
         trainer = DPOTrainer(
             model=model,
@@ -150,7 +156,7 @@ def bench_trl(
     return {
         "dtype": dtype,
         "losses": [h["loss"] for h in logged],
-        "step_s": statistics.median(timer.times[warmup:]),
+        "times": timer.times,
         "tokens": int(logged[0].get("num_tokens", 0)) if logged else 0,
     }
 
@@ -174,17 +180,21 @@ def main() -> None:
         dtype=args.dtype,
     )
     pairs = fixed_pairs(load_tokenizer(model_dir))
-    ours = bench_ours(model_dir, pairs, cfg, args.steps, args.warmup)
+    ours = OurTrainer(model_dir, pairs, cfg)
+    trl = run_trl_interleaved(model_dir, pairs, cfg, args.warmup + args.steps, args.trl_dtype, ours)
+    ours_s = statistics.median(ours.times[args.warmup :])
+    trl_s = statistics.median(trl["times"][args.warmup :])
     print(
-        f"ours: dtype={ours['dtype']} tokens/batch={ours['tokens']} reference pass (once per run)={ours['ref_s']:.2f}s "
-        f"step={ours['step_s']:.2f}s losses={[round(x, 4) for x in ours['losses']]}",
-        flush=True,
+        f"ours: dtype={str(ours.dtype).removeprefix('torch.')} tokens/batch={int(ours.batch.attention_mask.sum())} "
+        f"reference pass (once per run)={ours.ref_seconds:.2f}s step={ours_s:.2f}s "
+        f"steps={[round(t, 2) for t in ours.times]} losses={[round(x, 4) for x in ours.losses]}"
     )
-    trl = bench_trl(model_dir, pairs, cfg, args.steps, args.warmup, args.trl_dtype)
-    trl_losses = [round(x, 4) for x in trl["losses"]]
-    print(f"trl:  dtype={trl['dtype']} tokens/batch={trl['tokens']} step={trl['step_s']:.2f}s losses={trl_losses}")
-    print(f"threads={args.threads} pairs={PAIRS} tokens/sequence={PROMPT_TOKENS + COMPLETION_TOKENS}")
-    print(f"dpo_speedup_vs_trl: {trl['step_s'] / ours['step_s']:.2f}")
+    print(
+        f"trl:  dtype={trl['dtype']} tokens/batch={trl['tokens']} step={trl_s:.2f}s "
+        f"steps={[round(t, 2) for t in trl['times']]} losses={[round(x, 4) for x in trl['losses']]}"
+    )
+    print(f"threads={args.threads} pairs={PAIRS} tokens/sequence={PROMPT_TOKENS + COMPLETION_TOKENS} (steps alternate)")
+    print(f"dpo_speedup_vs_trl: {trl_s / ours_s:.2f}")
 
 
 if __name__ == "__main__":
