@@ -223,17 +223,15 @@ def evaluate(version: str, comps: list[pb.Completion], prompts: list[str], sampl
 # --------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--choices", type=int, default=256, help="pairwise choices the users make (at most 512)")
+    ap.add_argument("--choices", type=int, default=512, help="pairwise choices the users make (at most 512)")
     ap.add_argument(
         "--round-pairs",
         type=int,
-        default=256,
+        default=512,
         help="choices per training round (the trainer starts at 90%% of them as usable pairs: ties are not pairs)",
     )
-    # One epoch of small batches: on a 2-core CPU a DPO step over 8 pairs of ~110 tokens takes
-    # ~15 s, so two epochs over 256 pairs would not fit the 20-minute budget.
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--samples", type=int, default=2, help="held-out samples per prompt and version")
     ap.add_argument("--out", type=Path, default=HERE / "out" / "closed_loop")
     ap.add_argument("--trainer-arg", action="append", default=[], help="extra flag for `tuneloop trainer run`")
