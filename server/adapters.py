@@ -17,7 +17,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .domain import BASE, AdapterRef, SamplingSpec, new_id
 from .engine import Engine, EngineRequest, LoadedAdapter
@@ -59,12 +59,6 @@ class Lease:
     role: str  # "stable", "canary", "pinned" or "base"
 
 
-@dataclass
-class _Refusal:
-    reason: str
-    at: float = field(default_factory=time.time)
-
-
 def canary_bucket(user_id: str, name: str) -> float:
     """A stable number in [0, 1) per (user, adapter): the same user always lands in the same arm."""
     digest = hashlib.blake2b(f"{name}\x00{user_id}".encode(), digest_size=8).digest()
@@ -92,7 +86,7 @@ class AdapterManager:
         self._retiring: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._routes: dict[str, Route] = {}
-        self._refused: dict[str, _Refusal] = {}
+        self._refused: dict[str, str] = {}  # "name@version" -> why this server refused it
         self._share_labels: dict[str, set[str]] = {}  # traffic_share label sets in use, per name
         self._next_id = 1
         self._swap_lock = asyncio.Lock()
@@ -253,7 +247,7 @@ class AdapterManager:
                 adapter = await self._ensure_loaded(found)
                 await self._probe(adapter)
             except TuneloopError as exc:
-                self._refused[key] = _Refusal(str(exc))
+                self._refused[key] = str(exc)
                 self._metrics.swaps.labels("refused").inc()
                 self._metrics.adapter_refused.labels(name, version).inc()
                 log.error("refused adapter %s: %s; serving stays on %s", key, exc, _ref(route.stable))
@@ -347,8 +341,7 @@ class AdapterManager:
         return {k: s.leases for k, s in self._slots.items()}
 
     def refusal(self, name: str, version: str) -> str | None:
-        r = self._refused.get(f"{name}@{version}")
-        return r.reason if r else None
+        return self._refused.get(f"{name}@{version}")
 
     def _set_info(self, name: str, route: Route) -> None:
         m = self._metrics
