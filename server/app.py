@@ -27,7 +27,7 @@ from .errors import EngineUnavailable
 from .feedback import FeedbackService
 from .generation import GenerationService
 from .metrics import Metrics
-from .model_cache import default_cache_dir, ensure_default_model
+from .model_cache import ensure_default_model
 from .registry import AdapterRegistry, base_model_fingerprint
 from .servicers import admin as admin_servicer
 from .servicers import feedback as feedback_servicer
@@ -144,7 +144,9 @@ class TuneloopServer:
     async def _bring_up_engine(self) -> None:
         try:
             model_dir = self.config.model or str(
-                await asyncio.to_thread(ensure_default_model, Path(self.config.model_cache_dir or default_cache_dir()))
+                await asyncio.to_thread(
+                    ensure_default_model, Path(self.config.model_cache_dir) if self.config.model_cache_dir else None
+                )
             )
             if self._external_engine is not None:
                 engine = self._external_engine
