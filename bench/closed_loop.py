@@ -156,6 +156,7 @@ class Eval:
     mean_compound: float
     distinct2: float
     kl: float
+    kl_per_token: float
     texts: list[str]
 
 
@@ -209,15 +210,15 @@ class BaseScorer:
 
 def evaluate(version: str, comps: list[pb.Completion], prompts: list[str], samples: int, scorer: BaseScorer) -> Eval:
     texts = [c.text for c in comps]
-    kls = []
+    kls, tokens = [], 0
     for i, c in enumerate(comps):
         ids = [lp.token_id for lp in c.logprobs]
         if ids:
             served = sum(lp.logprob for lp in c.logprobs)
             kls.append(served - scorer.logprob(prompts[i // samples], ids))
-    return Eval(
-        version, statistics.fmean(compound(t) for t in texts), distinct_n(texts, 2), statistics.fmean(kls), texts
-    )
+            tokens += len(ids)
+    mean_compound = statistics.fmean(compound(t) for t in texts)
+    return Eval(version, mean_compound, distinct_n(texts, 2), statistics.fmean(kls), sum(kls) / tokens, texts)
 
 
 # --------------------------------------------------------------------------- main
@@ -336,15 +337,21 @@ def report(
         f"{args.samples} samples per version; {elapsed / 60:.1f} min in all.",
         "",
         "| version | gate | held-out mean compound | gain vs base | distinct-2 | distinct-2 / base "
-        "| KL to base (nats/completion) |",
-        "|---|---|---|---|---|---|---|",
+        "| KL to base (nats/completion) | KL/token | gate: held-out accuracy | gate: KL/token |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    status = {v.version: v.status for v in versions}
+    by_version = {v.version: v for v in versions}
     for e in evals:
         gain = e.mean_compound - base.mean_compound
+        v = by_version.get(e.version)
+        gate = (
+            f"{v.metrics['accuracy']:.3f} | {v.metrics['kl_per_token']:.3f}"
+            if v is not None and {"accuracy", "kl_per_token"} <= set(v.metrics)
+            else "- | -"
+        )
         lines.append(
-            f"| {e.version} | {status.get(e.version, '-')} | {e.mean_compound:+.3f} | {gain:+.3f} "
-            f"| {e.distinct2:.3f} | {e.distinct2 / base.distinct2:.3f} | {e.kl:.2f} |"
+            f"| {e.version} | {v.status if v else '-'} | {e.mean_compound:+.3f} | {gain:+.3f} "
+            f"| {e.distinct2:.3f} | {e.distinct2 / base.distinct2:.3f} | {e.kl:.2f} | {e.kl_per_token:.3f} | {gate} |"
         )
     rejected = [v.version for v in versions if v.status != "accepted"]
     if rejected:

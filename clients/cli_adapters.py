@@ -88,9 +88,8 @@ def format_adapter(a: AdapterInfo) -> str:
             x for x in (v.role, "loaded" if v.loaded else "", v.status if v.status != "accepted" else "") if x
         )
         pairwise = f"pairwise {v.pairwise_wins}-{v.pairwise_losses}"
-        lines.append(
-            f"  {v.version:>5} {created} share {v.traffic_share:4.0%} {up}, {v.ratings} ratings, {pairwise} {flags}".rstrip()
-        )
+        share = f"share {v.traffic_share:4.0%}"
+        lines.append(f"  {v.version:>5} {created} {share} {up}, {v.ratings} ratings, {pairwise} {flags}".rstrip())
         if v.refusal:
             lines.append(f"        refused: {v.refusal}")
     return "\n".join(lines)

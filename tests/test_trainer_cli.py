@@ -44,7 +44,8 @@ def test_bad_settings_exit_2_with_the_setting_named(tmp_path: Path, capsys: pyte
 def test_flags_and_toml_config_fill_every_section(tmp_path: Path) -> None:
     toml = tmp_path / "t.toml"
     toml.write_text(
-        'adapter = "support"\n[dpo]\nbeta = 0.3\nlora_r = 4\n[gate]\nmax_kl = 2.5\n[sidecar]\nmin_new_pairs = 90\n'
+        'adapter = "support"\n[dpo]\nbeta = 0.3\nlora_r = 4\n[gate]\nmax_kl_per_token = 2.5\n'
+        "[sidecar]\nmin_new_pairs = 90\n"
     )
     args = build_parser().parse_args(
         ["run", "--config", str(toml), "--beta", "0.2", "--lora-targets", "q_proj", "v_proj", "--no-use-thumbs"]
@@ -52,7 +53,7 @@ def test_flags_and_toml_config_fill_every_section(tmp_path: Path) -> None:
     cfg = config_from_args(args)
     assert cfg.adapter == "support" and cfg.dpo.beta == 0.2 and cfg.dpo.lora_r == 4
     assert cfg.dpo.lora_targets == ["q_proj", "v_proj"] and cfg.data.use_thumbs is False
-    assert cfg.gate.max_kl == 2.5 and cfg.sidecar.min_new_pairs == 90 and cfg.sidecar.metrics_port == 9401
+    assert cfg.gate.max_kl_per_token == 2.5 and cfg.sidecar.min_new_pairs == 90 and cfg.sidecar.metrics_port == 9401
 
 
 def test_adapters_list_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -64,7 +65,7 @@ def test_adapters_list_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert adapters_main(["adapters", *root, "list"]) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
-    assert lines[0].split() == ["NAME", "VERSION", "STATUS", "PARENT", "ALGO", "PAIRS", "ACCURACY", "KL", "CREATED"]
+    assert lines[0].split() == "NAME VERSION STATUS PARENT ALGO PAIRS ACCURACY KL/TOKEN CREATED".split()
     assert lines[1].split()[:4] == ["support", "v1", "*", "accepted"]
     assert lines[2].split()[:4] == ["support", "v2", "rejected", "v1"]
     assert "v3 is corrupt" in captured.err
@@ -90,7 +91,7 @@ def test_metrics_endpoint_serves_every_trainer_metric() -> None:
     for name in (
         'tuneloop_trainer_runs_total{outcome="published"} 1.0', 'tuneloop_trainer_runs_total{outcome="failed"} 0.0',
         "tuneloop_trainer_run_duration_seconds_count 1.0", "tuneloop_trainer_last_loss 0.25",
-        "tuneloop_trainer_heldout_accuracy", "tuneloop_trainer_kl", "tuneloop_trainer_examples",
+        "tuneloop_trainer_heldout_accuracy", "tuneloop_trainer_kl_per_token", "tuneloop_trainer_examples",
         "tuneloop_trainer_last_success_timestamp_seconds",
     ):  # fmt: skip
         assert name in body

@@ -18,6 +18,7 @@ from tuneloop.trainer.gate import (
     evaluate_candidate,
     implicit_margins,
     kl_estimate,
+    kl_per_token,
     preference_accuracy,
     sample_completions,
 )
@@ -33,13 +34,15 @@ def test_pure_metrics() -> None:
     assert preference_accuracy(torch.tensor([1.0, -1.0, 0.0, 2.0])) == 0.5  # a tie is not a win
     assert preference_accuracy(torch.tensor([])) == 0.0
     assert kl_estimate(torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -2.0])) == pytest.approx(0.5)
+    assert kl_per_token(torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -2.0]), [3, 1]) == pytest.approx(0.25)
+    assert kl_per_token(torch.tensor([]), torch.tensor([]), []) == 0.0
     m = implicit_margins(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]), 0.5)
     assert m.item() == pytest.approx(0.5)
 
 
 def metrics(**kw: object) -> GateMetrics:
     base: dict[str, object] = dict(
-        heldout_pairs=10, accuracy=0.8, margin=1.0, served_accuracy=None, served_margin=None, kl=2.0,
+        heldout_pairs=10, accuracy=0.8, margin=1.0, served_accuracy=None, served_margin=None, kl=2.0, kl_per_token=0.1,
         distinct_1=0.5, distinct_2=0.8, reference_distinct_1=0.5, reference_distinct_2=0.8, samples=16,
     )  # fmt: skip
     base.update(kw)
@@ -47,13 +50,13 @@ def metrics(**kw: object) -> GateMetrics:
 
 
 def test_decide_checks_every_threshold() -> None:
-    cfg = GateConfig(min_accuracy=0.6, max_kl=5.0, min_diversity_ratio=0.8)
+    cfg = GateConfig(min_accuracy=0.6, max_kl_per_token=0.5, min_diversity_ratio=0.8)
     assert decide(metrics(), cfg).passed
     assert decide(metrics(served_accuracy=0.7, served_margin=3.0), cfg).passed
-    r = decide(metrics(accuracy=0.5, kl=9.0, distinct_2=0.5), cfg)
+    r = decide(metrics(accuracy=0.5, kl=9.0, kl_per_token=0.6, distinct_2=0.5), cfg)
     assert not r.passed and len(r.failures) == 3
     assert "accuracy 0.500 < min_accuracy" in r.failures[0] and "KL" in r.failures[1] and "distinct-2" in r.failures[2]
-    assert not decide(metrics(kl=float("nan")), cfg).passed
+    assert not decide(metrics(kl_per_token=float("nan")), cfg).passed
     # Beating the served adapter: accuracy first, then the margin breaks a tie.
     assert not decide(metrics(served_accuracy=0.9, served_margin=0.0), cfg).passed
     assert decide(metrics(served_accuracy=0.8, served_margin=0.5), cfg).passed
@@ -79,7 +82,12 @@ def candidate(model_dir: Path, tok, *, flip: bool):  # type: ignore[no-untyped-d
 
 
 GATE = GateConfig(
-    min_accuracy=0.75, max_kl=50.0, min_diversity_ratio=0.3, eval_prompts=2, samples_per_prompt=2, sample_max_tokens=8
+    min_accuracy=0.75,
+    max_kl_per_token=5.0,
+    min_diversity_ratio=0.3,
+    eval_prompts=2,
+    samples_per_prompt=2,
+    sample_max_tokens=8,
 )
 
 
@@ -95,8 +103,8 @@ def test_gate_accepts_a_good_candidate_and_rejects_a_bad_one(setup) -> None:  # 
     verdict = decide(bad, GATE)
     assert not verdict.passed and "accuracy" in verdict.failures[0]
     # A tight KL bound turns the good candidate down too: it moved away from the base.
-    assert good.kl > 0.01
-    assert not decide(good, GateConfig(max_kl=good.kl / 2)).passed
+    assert good.kl > 0.01 and good.kl_per_token > 0.001
+    assert not decide(good, GateConfig(max_kl_per_token=good.kl_per_token / 2)).passed
 
 
 def test_samples_are_seeded_and_cut_at_eos(setup) -> None:  # type: ignore[no-untyped-def]

@@ -68,7 +68,7 @@ def tiny_config(registry_dir: str, model_dir: str, **kw: object) -> TrainerConfi
         adapter="toy", model_dir=model_dir, registry_dir=registry_dir, min_train_pairs=4, min_heldout_pairs=2,
         progress=False, data=DatasetConfig(heldout_fraction=0.34), dpo=tiny_dpo(),
         gate=GateConfig(
-            eval_prompts=2, samples_per_prompt=2, sample_max_tokens=8, max_kl=50.0, min_diversity_ratio=0.3
+            eval_prompts=2, samples_per_prompt=2, sample_max_tokens=8, max_kl_per_token=5.0, min_diversity_ratio=0.3
         ),
     )  # fmt: skip
     base.update(kw)

@@ -185,7 +185,8 @@ def _list(registry: AdapterRegistry, only: str, as_json: bool) -> int:
             rows.append({
                 "name": name, "version": v.version, "current": v.version == current, "status": v.status,
                 "parent": v.parent_version, "algorithm": v.manifest.get("algorithm"),
-                "created_at": v.manifest.get("created_at"), "accuracy": m.get("accuracy"), "kl": m.get("kl"),
+                "created_at": v.manifest.get("created_at"), "accuracy": m.get("accuracy"),
+                "kl_per_token": m.get("kl_per_token"),
                 "pairs": v.manifest.get("data_snapshot", {}).get("train_pairs"),
             })  # fmt: skip
         for version, reason in registry.corrupt_versions(name):
@@ -197,7 +198,7 @@ def _list(registry: AdapterRegistry, only: str, as_json: bool) -> int:
     if not rows:
         print(f"no adapter versions in {registry.root}")
         return 0
-    header = ("NAME", "VERSION", "STATUS", "PARENT", "ALGO", "PAIRS", "ACCURACY", "KL", "CREATED")
+    header = ("NAME", "VERSION", "STATUS", "PARENT", "ALGO", "PAIRS", "ACCURACY", "KL/TOKEN", "CREATED")
     table = [header] + [
         (
             r["name"],
@@ -207,7 +208,7 @@ def _list(registry: AdapterRegistry, only: str, as_json: bool) -> int:
             _fmt(r["algorithm"]),
             _fmt(r["pairs"]),
             _fmt(r["accuracy"]),
-            _fmt(r["kl"]),
+            _fmt(r["kl_per_token"]),
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])) if r["created_at"] else "-",
         )
         for r in rows

@@ -50,6 +50,16 @@ def kl_estimate(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> fl
     return float((policy_logps - reference_logps).mean()) if policy_logps.numel() else 0.0
 
 
+def kl_per_token(policy_logps: torch.Tensor, reference_logps: torch.Tensor, lengths: Sequence[int]) -> float:
+    """The same KL estimate in nats per sampled token: sum(log pi - log pi_ref) / sum(lengths).
+
+    A bound per token does not change meaning with the sample length (or with how early a
+    candidate learned to stop), as a bound per completion would.
+    """
+    total = sum(lengths)
+    return float((policy_logps - reference_logps).sum()) / total if total else 0.0
+
+
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
     """Unique n-grams over all n-grams, pooled across sequences (Li et al. 2016); 0 if none."""
     grams = [tuple(s[i : i + n]) for s in sequences for i in range(len(s) - n + 1)]
@@ -64,6 +74,7 @@ class GateMetrics:
     served_accuracy: float | None
     served_margin: float | None
     kl: float
+    kl_per_token: float
     distinct_1: float
     distinct_2: float
     reference_distinct_1: float
@@ -95,8 +106,11 @@ def decide(m: GateMetrics, cfg: GateConfig) -> GateResult:
                 f"does not beat the served adapter: accuracy {m.accuracy:.3f} (margin {m.margin:.3f}) vs "
                 f"{m.served_accuracy:.3f} (margin {served_margin:.3f})"
             )
-    if not m.kl <= cfg.max_kl:  # also fails on NaN
-        failures.append(f"KL to reference {m.kl:.3f} nats > max_kl {cfg.max_kl:.3f}")
+    if not m.kl_per_token <= cfg.max_kl_per_token:  # also fails on NaN
+        failures.append(
+            f"KL to reference {m.kl_per_token:.3f} nats/token ({m.kl:.2f} per completion) > "
+            f"max_kl_per_token {cfg.max_kl_per_token:.3f}"
+        )
     for n, cand, ref in ((1, m.distinct_1, m.reference_distinct_1), (2, m.distinct_2, m.reference_distinct_2)):
         if cand < cfg.min_diversity_ratio * ref:
             failures.append(f"distinct-{n} {cand:.3f} < {cfg.min_diversity_ratio:.2f} x reference's {ref:.3f}")
@@ -222,6 +236,7 @@ def evaluate_candidate(
         served_accuracy=served_acc,
         served_margin=served_margin,
         kl=kl_estimate(policy_lp, ref_lp),
+        kl_per_token=kl_per_token(policy_lp, ref_lp, [len(c) for c in cand_tokens]),
         distinct_1=distinct_n(cand_tokens, 1),
         distinct_2=distinct_n(cand_tokens, 2),
         reference_distinct_1=distinct_n(ref_tokens, 1),

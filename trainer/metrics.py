@@ -33,7 +33,9 @@ class TrainerMetrics:
         self.heldout_accuracy = Gauge(
             "tuneloop_trainer_heldout_accuracy", "Held-out preference accuracy of the last candidate.", registry=r
         )
-        self.kl = Gauge("tuneloop_trainer_kl", "Estimated KL(candidate || reference), nats per sample.", registry=r)
+        self.kl = Gauge(
+            "tuneloop_trainer_kl_per_token", "Estimated KL(candidate || reference), nats per sampled token.", registry=r
+        )
         self.examples = Gauge("tuneloop_trainer_examples", "Training pairs used by the last round.", registry=r)
         self.last_success = Gauge(
             "tuneloop_trainer_last_success_timestamp_seconds",

@@ -61,7 +61,7 @@ class RoundResult:
             parts.append(f"version={self.version}")
         parts.append(f"parent={self.parent_version or 'base'}")
         parts.append(f"pairs={self.train_pairs}+{self.heldout_pairs}")
-        for k in ("first_loss", "last_loss", "accuracy", "served_accuracy", "kl", "distinct_2"):
+        for k in ("first_loss", "last_loss", "accuracy", "served_accuracy", "kl", "kl_per_token", "distinct_2"):
             v = self.metrics.get(k)
             if isinstance(v, float):
                 parts.append(f"{k}={v:.4f}")
@@ -226,7 +226,7 @@ def _run(
     )
     verdict = decide(gate_metrics, cfg.gate)
     metrics.heldout_accuracy.set(gate_metrics.accuracy)
-    metrics.kl.set(gate_metrics.kl)
+    metrics.kl.set(gate_metrics.kl_per_token)
     metrics.examples.set(n_train)
 
     all_metrics = {
