@@ -1,8 +1,11 @@
 """Hot swap under load: 5 publishes while 16 concurrent streams run.
 
 The server runs in this process on its own engine, serving adapter `default`; a client process
-keeps 16 streams busy (32 new tokens each, back to back) and records, per request, when its first
-chunk arrived and which version served it. After a steady window on v1, a new version is
+keeps 16 streams busy (16 to 48 new tokens each, 32 on average, back to back) and records, per
+request, when its first chunk arrived and which version served it. The lengths vary so that the
+streams' requests end and start at independent times, as a service's users' do; with one fixed
+length the 16 streams run in lockstep and a new request arrives only in bursts every few seconds,
+which would time the arrival pattern rather than the swap. After a steady window on v1, a new version is
 published every `--interval` seconds, 5 times.
 
     .venv/bin/python bench/hot_swap.py [--steady 20] [--interval 5]
@@ -17,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import multiprocessing as mp
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -27,7 +32,7 @@ from pathlib import Path
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 STREAMS = 16
-NEW_TOKENS = 32
+MIN_TOKENS, MAX_TOKENS = 16, 48
 SWAPS = 5
 
 
@@ -40,12 +45,15 @@ def _client(port: int, stop_at: float, out: mp.Queue) -> None:
     records: list[tuple[float, float, float, str, int, str]] = []
 
     async def worker(stub: pb_grpc.GenerationServiceStub, w: int) -> None:
+        rng = random.Random(w)
         i = 0
         while time.time() < stop_at:
             i += 1
             req = pb.GenerateRequest(
                 prompt=f"Write a note about day {i} of the trip ({w}).",
-                sampling=pb.SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, seed=w * 100000 + i),
+                sampling=pb.SamplingParams(
+                    max_tokens=rng.randint(MIN_TOKENS, MAX_TOKENS), temperature=1.0, seed=w * 100000 + i
+                ),
                 caller=pb.CallerMetadata(user_id=f"user-{w}"),
             )
             t0 = time.time()
@@ -101,6 +109,9 @@ async def main() -> None:
     ap.add_argument("--steady", type=float, default=20.0, help="seconds of load on v1 before the swaps")
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between publishes")
     args = ap.parse_args()
+    # The swap's own steps (loaded, probed, switched) with times, to read against "published".
+    logging.basicConfig(format="%(asctime)s.%(msecs)03d %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("tuneloop.server.adapters").setLevel(logging.INFO)
 
     from tuneloop.server.app import TuneloopServer
     from tuneloop.server.config import ServerConfig
@@ -139,7 +150,7 @@ async def main() -> None:
         t = time.time()
         v = reg.publish("default", loras[(i + 1) % 2], manifest).version
         published.append((v, t))
-        print(f"published {v}", flush=True)
+        print(f"{time.strftime('%H:%M:%S', time.localtime(t))}.{int(t % 1 * 1000):03d} published {v}", flush=True)
         await asyncio.sleep(args.interval)
     swaps_window = (published[0][1], time.time())
     records = await asyncio.to_thread(out.get)

@@ -230,7 +230,9 @@ class AdapterManager:
     def _observe_first_served(self, slot: _Slot) -> None:
         route = self._routes.get(slot.version.name)
         if route is not None and route.stable is slot.version and route.stable_published_at:
-            self._metrics.publish_to_first_served.observe(max(0.0, time.time() - route.stable_published_at))
+            elapsed = max(0.0, time.time() - route.stable_published_at)
+            self._metrics.publish_to_first_served.observe(elapsed)
+            log.info("%s took its first request %.2f s after it was published", slot.adapter.key, elapsed)
 
     # -- swapping ------------------------------------------------------------------------------
     async def switch(self, name: str, version: str, *, published_at: float | None = None) -> AdapterVersion:

@@ -75,7 +75,9 @@ class ServerConfig:
         "Adapter serving requests that name none: its `current` version, or the base model until it has one "
         "(the trainer publishes to `default`). Empty or 'base': always the base model.",
     )
-    registry_poll_s: float = setting(0.2, "How often the registry's channels are checked for a new version (seconds).")
+    registry_poll_s: float = setting(
+        0.05, "How often the registry's channels are checked for a new version (seconds; a check is one stat)."
+    )
     canary_check_s: float = setting(2.0, "How often a canary's sequential test re-reads live feedback (seconds).")
     canary_alpha: float = setting(0.05, "Canary test: chance of rolling back a canary that is not worse.")
     canary_beta: float = setting(0.10, "Canary test: chance of promoting a canary worse by canary_worse_odds_ratio.")
@@ -129,7 +131,7 @@ class ServerConfig:
         need(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         need(self.kv_cache_gib > 0, "kv_cache_gib must be > 0")
         need(self.max_message_bytes >= 1024, "max_message_bytes must be >= 1024")
-        need(0.05 <= self.registry_poll_s <= 1.0, "registry_poll_s must be between 0.05 and 1 second")
+        need(0.01 <= self.registry_poll_s <= 1.0, "registry_poll_s must be between 0.01 and 1 second")
         need(self.canary_check_s > 0, "canary_check_s must be > 0")
         try:
             self.canary_policy()

@@ -112,6 +112,26 @@ def test_corrupt_entries_are_reported_and_skipped(tmp_path: Path, caplog: pytest
     assert reg.publish("a", make_adapter(tmp_path), MANIFEST).version == "v5"
 
 
+def test_channel_reads_follow_every_move_and_log_a_bad_file_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """channel_info is polled many times a second and answers from a stat-keyed cache."""
+    reg, other = AdapterRegistry(tmp_path), AdapterRegistry(tmp_path)  # a second process's view
+    for _ in range(3):
+        other.publish("a", make_adapter(tmp_path), MANIFEST)
+    for version in ("v1", "v3", "v2", "v3"):  # each move is read back at once, even back and forth
+        other.set_channel("a", "current", version)
+        assert reg.channel("a") == version
+    channel = tmp_path / "a" / "channels" / "current.json"
+    channel.write_text("{half a wri")
+    assert [reg.channel_info("a") for _ in range(3)] == [None, None, None]
+    assert caplog.text.count("is unreadable") == 1
+    other.set_channel("a", "current", "v1")  # repaired by the next move
+    assert reg.channel("a") == "v1"
+    channel.unlink()
+    assert reg.channel("a") is None
+
+
 def test_concurrent_publishers_get_distinct_versions(tmp_path: Path) -> None:
     reg = AdapterRegistry(tmp_path)
     src = make_adapter(tmp_path)
