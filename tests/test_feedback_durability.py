@@ -48,6 +48,7 @@ async def test_every_acknowledged_event_is_stored_after_sigkill(tmp_path: Path) 
             )
 
     acked: list[str] = []
+    killed_while_running = False
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stream = fpb_grpc.FeedbackServiceStub(channel).SubmitFeedbackStream(events())
@@ -56,6 +57,7 @@ async def test_every_acknowledged_event_is_stored_after_sigkill(tmp_path: Path) 
                     assert not ack.HasField("error"), ack.error
                     acked.append(ack.event_id)
                     if len(acked) == KILL_AFTER_ACKS:
+                        killed_while_running = proc.returncode is None
                         os.kill(proc.pid, signal.SIGKILL)  # acks already in flight keep arriving
             except grpc.aio.AioRpcError as err:
                 assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), err
@@ -63,7 +65,10 @@ async def test_every_acknowledged_event_is_stored_after_sigkill(tmp_path: Path) 
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    # The server was running when the SIGKILL went out, so that is how it died. (Its return code
+    # is not checked: when another waiter in this test process reaps the child first, asyncio
+    # reports 255 instead of -9.)
+    assert killed_while_running
     assert len(acked) >= KILL_AFTER_ACKS
 
     store = open_store(url)
