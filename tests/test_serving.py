@@ -116,11 +116,13 @@ async def test_client_cancel_aborts_the_engine_request(server, channel) -> None:
             break
     call.cancel()
     assert await _engine_idle(server), "engine still holds the cancelled request"
-    # Deadline exceeded frees the slot the same way.
+    # Deadline exceeded frees the slot the same way. Four seeded candidates of a long story: a
+    # single unseeded sample can end on its own before the deadline.
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.Generate(
             pb.GenerateRequest(
-                prompt="Tell me everything.", sampling=pb.SamplingParams(max_tokens=400, temperature=1.0)
+                prompt="Write a long story about a dragon.",
+                sampling=pb.SamplingParams(max_tokens=400, temperature=1.0, n=4, seed=1),
             ),
             timeout=0.5,
         )
