@@ -44,6 +44,7 @@ ACCEPTED, REJECTED = "accepted", "rejected"
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _VERSION_RE = re.compile(r"v([1-9][0-9]*)")
 _STAGING_PREFIX = ".staging-"
+_SETTLED_NS = 3_000_000_000  # see AdapterRegistry._channel_cache
 
 
 def default_registry_dir() -> Path:
@@ -181,8 +182,9 @@ class AdapterRegistry:
         self.root = Path(root) if str(root) else default_registry_dir()
         # Channel files last read, by path: (inode, mtime ns, size) -> parsed. The server polls
         # every channel many times a second; a stat is ~10x cheaper than open + read + parse.
-        # Every channel write renames a fresh file over the old one; the fresh file was created
-        # while the old one still existed, so its inode differs and a move is never missed.
+        # Only files last changed over _SETTLED_NS ago are cached: a filesystem may reuse a freed
+        # inode at once and stamp times at a coarse tick, so two quick moves could otherwise look
+        # like none (git's "racy stat" rule). A later move always gets a newer mtime than that.
         self._channel_cache: dict[Path, tuple[tuple[int, int, int], tuple[str, float] | None]] = {}
 
     # -- reading -------------------------------------------------------------------------------
@@ -250,6 +252,7 @@ class AdapterRegistry:
         cached = self._channel_cache.get(path)
         if cached is not None and cached[0] == stamp:
             return cached[1]
+        self._channel_cache.pop(path, None)
         info = None
         try:
             data = _read_json(path)
@@ -264,7 +267,8 @@ class AdapterRegistry:
             version, updated_at = data.get("version"), data.get("updated_at")
             if isinstance(version, str) and _VERSION_RE.fullmatch(version):
                 info = version, float(updated_at) if isinstance(updated_at, (int, float)) else 0.0
-        self._channel_cache[path] = (stamp, info)
+        if time.time_ns() - st.st_mtime_ns > _SETTLED_NS:
+            self._channel_cache[path] = (stamp, info)
         return info
 
     def resolve(self, name: str, version: str = "") -> AdapterVersion:

@@ -123,11 +123,21 @@ def test_channel_reads_follow_every_move_and_log_a_bad_file_once(
         other.set_channel("a", "current", version)
         assert reg.channel("a") == version
     channel = tmp_path / "a" / "channels" / "current.json"
+    # A move that keeps the inode, size and mtime (inode reuse on a coarse-clock filesystem) is
+    # still seen while the file is recent.
+    stat = channel.stat()
+    text = channel.read_text()
+    channel.write_text(text.replace('"v3"', '"v1"'))
+    os.utime(channel, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert channel.stat().st_ino == stat.st_ino and channel.stat().st_size == stat.st_size
+    assert reg.channel("a") == "v1"
+    # A settled bad file is logged once, not on every poll.
     channel.write_text("{half a wri")
+    os.utime(channel, (1_000_000_000, 1_000_000_000))
     assert [reg.channel_info("a") for _ in range(3)] == [None, None, None]
     assert caplog.text.count("is unreadable") == 1
-    other.set_channel("a", "current", "v1")  # repaired by the next move
-    assert reg.channel("a") == "v1"
+    other.set_channel("a", "current", "v2")  # repaired by the next move
+    assert reg.channel("a") == "v2"
     channel.unlink()
     assert reg.channel("a") is None
 
