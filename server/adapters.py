@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +29,14 @@ from .registry import ACCEPTED, DEFAULT_CHANNEL, AdapterRegistry, AdapterVersion
 log = logging.getLogger(__name__)
 
 PROBE_PROMPT = "Hello"
+# A one-token probe takes a fraction of a second even in a full batch; one that hangs must not
+# hold the swap lock (and with it every swap and admin action) for ever.
+PROBE_TIMEOUT_S = 60.0
 CANARY_CHANNEL = "canary"
+# vLLM knows a LoRA by its integer id for the engine's whole life (its caches keep the weights
+# under it), so an id is never given out twice in a process: not after an unload, and not by a
+# second manager on the same engine, where a reused id would silently serve the old weights.
+_ADAPTER_IDS = itertools.count(1)
 
 
 @dataclass
@@ -88,7 +96,6 @@ class AdapterManager:
         self._routes: dict[str, Route] = {}
         self._refused: dict[str, str] = {}  # "name@version" -> why this server refused it
         self._share_labels: dict[str, set[str]] = {}  # traffic_share label sets in use, per name
-        self._next_id = 1
         self._swap_lock = asyncio.Lock()
 
     # -- per request ---------------------------------------------------------------------------
@@ -136,19 +143,22 @@ class AdapterManager:
     async def _adopt(self, name: str, explicit: bool) -> Route:
         """First request for a name: route it to the registry's `current` version."""
         async with self._swap_lock:
-            if name in self._routes:
-                return self._routes[name]
-            try:
-                found = self._registry.resolve(name)
-            except NotFound:
-                if explicit:
-                    raise
-                found = None  # the default adapter before its first publish: the base model serves
-            route = Route(stable=found if found is not None and found.status == ACCEPTED else None)
-            if route.stable is not None:
-                await self._ensure_loaded(route.stable)
-            self._routes[name] = route
-            return route
+            return await self._adopt_locked(name, explicit)
+
+    async def _adopt_locked(self, name: str, explicit: bool) -> Route:
+        if name in self._routes:
+            return self._routes[name]
+        try:
+            found = self._registry.resolve(name)
+        except NotFound:
+            if explicit:
+                raise
+            found = None  # the default adapter before its first publish: the base model serves
+        route = Route(stable=found if found is not None and found.status == ACCEPTED else None)
+        if route.stable is not None:
+            await self._ensure_loaded(route.stable)
+        self._routes[name] = route
+        return route
 
     # -- loading -------------------------------------------------------------------------------
     def check_servable(self, found: AdapterVersion) -> None:
@@ -174,8 +184,7 @@ class AdapterManager:
             if key in self._slots:  # loaded by the request we waited behind
                 return self._slots[key].adapter
             self.check_servable(found)
-            adapter = LoadedAdapter(key=key, int_id=self._next_id, path=str(found.path))
-            self._next_id += 1
+            adapter = LoadedAdapter(key=key, int_id=next(_ADAPTER_IDS), path=str(found.path))
             await self._engine.add_adapter(adapter)
             self._slots[key] = _Slot(found, adapter)
             log.info("loaded adapter %s from %s", key, found.path)
@@ -191,8 +200,18 @@ class AdapterManager:
             adapter=adapter,
         )
         produced = 0
-        async for delta in self._engine.generate(request):
-            produced += len(delta.token_ids)
+
+        async def run() -> None:
+            nonlocal produced
+            async for delta in self._engine.generate(request):
+                produced += len(delta.token_ids)
+
+        try:
+            await asyncio.wait_for(run(), PROBE_TIMEOUT_S)  # cancelling aborts the engine request
+        except TimeoutError:
+            raise FailedPrecondition(
+                f"adapter {adapter.key}'s probe generation did not finish within {PROBE_TIMEOUT_S:.0f} s"
+            ) from None
         if produced == 0:
             raise FailedPrecondition(f"adapter {adapter.key} produced no tokens in its probe generation")
 
@@ -235,27 +254,36 @@ class AdapterManager:
             log.info("%s took its first request %.2f s after it was published", slot.adapter.key, elapsed)
 
     # -- swapping ------------------------------------------------------------------------------
+    async def prepare(self, name: str, version: str) -> AdapterVersion:
+        """Load and probe a version without routing anything to it. A version that cannot be
+        served is recorded as refused (with a log line and a metric), unloaded, and the error
+        raised; one that can is cleared of an earlier refusal."""
+        key = f"{name}@{version}"
+        found: AdapterVersion | None = None
+        try:
+            found = self._registry.get(name, version)
+            if found.status != ACCEPTED:
+                raise FailedPrecondition(f"adapter {key} was rejected by its gate and cannot be served")
+            await self._probe(await self._ensure_loaded(found))
+        except TuneloopError as exc:
+            self._refused[key] = str(exc)
+            self._metrics.swaps.labels("refused").inc()
+            self._metrics.adapter_refused.labels(name, version).inc()
+            route = self._routes.get(name)
+            log.error("refused adapter %s: %s; serving stays on %s", key, exc, _ref(route.stable if route else None))
+            if found is not None and not (route and self._uses(route, key)):
+                self._retire(found)
+            raise
+        self._refused.pop(key, None)
+        return found
+
     async def switch(self, name: str, version: str, *, published_at: float | None = None) -> AdapterVersion:
         """Load, probe and then route default traffic for `name` to `version` (one atomic step)."""
-        found = self._registry.get(name, version)
-        key = f"{name}@{version}"
         async with self._swap_lock:
             route = self._routes.setdefault(name, Route())
             if route.stable is not None and route.stable.version == version:
                 return route.stable
-            try:
-                if found.status != ACCEPTED:
-                    raise FailedPrecondition(f"adapter {key} was rejected by its gate and cannot be served")
-                adapter = await self._ensure_loaded(found)
-                await self._probe(adapter)
-            except TuneloopError as exc:
-                self._refused[key] = str(exc)
-                self._metrics.swaps.labels("refused").inc()
-                self._metrics.adapter_refused.labels(name, version).inc()
-                log.error("refused adapter %s: %s; serving stays on %s", key, exc, _ref(route.stable))
-                if key not in {f"{v.name}@{v.version}" for v in (route.stable, route.canary) if v}:
-                    self._retire(found)
-                raise
+            found = await self.prepare(name, version)
             old, route.stable = route.stable, found
             route.stable_published_at = published_at
             if route.canary is not None and route.canary.version == version:
@@ -269,17 +297,15 @@ class AdapterManager:
     async def set_canary(self, name: str, version: str, share: float) -> None:
         if not 0.0 <= share <= 1.0:
             raise InvalidArgument(f"canary share must be in [0, 1], got {share}")
-        found = self._registry.get(name, version)
+        self._registry.get(name, version)  # NOT_FOUND before anything else
         async with self._swap_lock:
-            route = self._routes.setdefault(name, Route())
+            # First use of this name: its registry `current` version is the stable side.
+            route = await self._adopt_locked(name, explicit=False)
             if route.stable is not None and route.stable.version == version:
                 raise FailedPrecondition(
                     f"{name}@{version} already serves default traffic; a canary must be another version"
                 )
-            if found.status != ACCEPTED:
-                raise FailedPrecondition(f"adapter {name}@{version} was rejected by its gate and cannot be served")
-            adapter = await self._ensure_loaded(found)
-            await self._probe(adapter)
+            found = await self.prepare(name, version)
             old = route.canary
             route.canary, route.canary_share = found, share
             if old is None or old.version != version:
@@ -289,10 +315,11 @@ class AdapterManager:
             if old is not None and old.version != version:
                 self._retire(old)
 
-    async def end_canary(self, name: str) -> AdapterVersion | None:
+    async def end_canary(self, name: str, expected: str = "") -> AdapterVersion | None:
+        """Stop the canary (only if it is still `expected`, when given); returns the ended version."""
         async with self._swap_lock:
             route = self._routes.get(name)
-            if route is None or route.canary is None:
+            if route is None or route.canary is None or (expected and route.canary.version != expected):
                 return None
             old, route.canary, route.canary_share, route.canary_started_at = route.canary, None, 0.0, None
             self._set_info(name, route)
@@ -319,20 +346,19 @@ class AdapterManager:
         for name in sorted(names):
             try:
                 info = self._registry.channel_info(name, DEFAULT_CHANNEL)
-            except TuneloopError:
-                continue
-            if info is None:
-                continue
-            version, updated_at = info
-            route = self._routes.get(name)
-            if route is not None and route.stable is not None and route.stable.version == version:
-                continue
-            if f"{name}@{version}" in self._refused:
-                continue  # refused once; a later publish moves the channel again
-            try:
+                if info is None:
+                    continue
+                version, updated_at = info
+                route = self._routes.get(name)
+                if route is not None and route.stable is not None and route.stable.version == version:
+                    continue
+                if f"{name}@{version}" in self._refused:
+                    continue  # refused once; a later publish or an admin promote tries again
                 await self.switch(name, version, published_at=updated_at)
             except TuneloopError:
-                continue  # logged and counted by switch
+                continue  # a refusal: logged and counted by prepare
+            except Exception:  # noqa: BLE001 - one adapter's trouble must not stop the others' swaps
+                log.exception("following the registry for adapter %s failed", name)
 
     # -- reading -------------------------------------------------------------------------------
     def route(self, name: str) -> Route | None:
@@ -342,8 +368,9 @@ class AdapterManager:
         """Loaded versions and how many requests hold each."""
         return {k: s.leases for k, s in self._slots.items()}
 
-    def refusal(self, name: str, version: str) -> str | None:
-        return self._refused.get(f"{name}@{version}")
+    def refusals(self, name: str) -> dict[str, str]:
+        """Versions of `name` this server refused, with why."""
+        return {key.partition("@")[2]: why for key, why in self._refused.items() if key.partition("@")[0] == name}
 
     def _set_info(self, name: str, route: Route) -> None:
         m = self._metrics

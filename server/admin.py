@@ -1,8 +1,10 @@
 """Operating adapters: listing, promotion, rollback, canaries, unloading; and the monitor that lets
 live feedback promote or roll back a canary on its own.
 
-Promotion and rollback move the registry's `current` channel first and then switch this server,
-so the registry stays the source of truth: other replicas (and this one after a restart) follow.
+Promotion and rollback load and probe the version on this server, then move the registry's
+`current` channel, then switch this server: the registry stays the source of truth (other
+replicas, and this one after a restart, follow it), and it never points at a version this
+server just failed to serve.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from .adapters import AdapterManager
 from .canary import CONTINUE, PROMOTE, ROLL_BACK, CanaryPolicy, Verdict, judge
 from .errors import FailedPrecondition, NotFound
 from .metrics import Metrics
-from .registry import ACCEPTED, DEFAULT_CHANNEL, AdapterRegistry, version_number
+from .registry import ACCEPTED, DEFAULT_CHANNEL, AdapterRegistry, validate_name, version_number
 from .store.base import Store, VersionFeedback
 
 log = logging.getLogger(__name__)
@@ -65,18 +67,27 @@ class AdminService:
 
     # -- reading -------------------------------------------------------------------------------
     async def list(self, name: str = "") -> list[AdapterView]:
+        if name:
+            validate_name(name)
         names = [name] if name else self.registry.names()
         if name and name not in self.registry.names():
             raise NotFound(f"no adapter named {name} in the registry")
-        return [await asyncio.to_thread(self._view, n) for n in sorted(names)]
+        views = []
+        for n in sorted(names):
+            # Serving state is read here, on the event loop that changes it; only the registry
+            # and store reads go to a thread.
+            route = self.adapters.route(n)
+            stable = route.stable.version if route and route.stable else ""
+            canary = route.canary.version if route and route.canary else ""
+            share = route.canary_share if route and route.canary else 0.0
+            snapshot = (stable, canary, share, self.adapters.loaded(), self.adapters.refusals(n))
+            views.append(await asyncio.to_thread(self._view, n, *snapshot))
+        return views
 
-    def _view(self, name: str) -> AdapterView:
-        route = self.adapters.route(name)
-        loaded = self.adapters.loaded()
+    def _view(
+        self, name: str, stable: str, canary: str, share: float, loaded: dict[str, int], refusals: dict[str, str]
+    ) -> AdapterView:
         feedback = self.store.version_feedback(name)
-        stable = route.stable.version if route and route.stable else ""
-        canary = route.canary.version if route and route.canary else ""
-        share = route.canary_share if route and route.canary else 0.0
         versions = []
         for v in self.registry.versions(name):
             key = f"{name}@{v.version}"
@@ -95,7 +106,7 @@ class AdminService:
                     role=role,
                     feedback=feedback.get(v.version, VersionFeedback()),
                     metrics=metrics,
-                    refusal=self.adapters.refusal(name, v.version) or "",
+                    refusal=refusals.get(v.version, ""),
                 )
             )
         watch = self._watches.get(name)
@@ -114,8 +125,8 @@ class AdminService:
         found = self.registry.get(name, version)
         if found.status != ACCEPTED:
             raise FailedPrecondition(f"{name}@{version} was rejected by its gate and cannot be served")
-        # Check this server can serve it before moving the channel every replica follows.
-        self.adapters.check_servable(found)
+        # Load and probe here before moving the channel every replica follows.
+        await self.adapters.prepare(name, version)
         await asyncio.to_thread(self.registry.set_channel, name, DEFAULT_CHANNEL, version)
         await self.adapters.switch(name, version)
         self._watches.pop(name, None)
@@ -150,6 +161,8 @@ class AdminService:
         return (await self.list(name))[0]
 
     async def unload(self, name: str, version: str) -> AdapterView:
+        validate_name(name)
+        version_number(version)
         await self.adapters.unload(name, version)
         return (await self.list(name))[0]
 
@@ -157,44 +170,49 @@ class AdminService:
     async def check_canaries(self) -> None:
         """One pass of the monitor: update each canary's verdict; act on it when allowed."""
         for name, watch in list(self._watches.items()):
-            route = self.adapters.route(name)
-            if route is None or route.canary is None or route.canary_started_at is None:
-                self._watches.pop(name, None)
-                continue
-            stable = route.stable.version if route.stable else ""
-            canary = route.canary.version
-            evidence = await asyncio.to_thread(
-                self.store.canary_evidence, name, canary, stable, route.canary_started_at
-            )
-            watch.verdict = judge(evidence.canary_thumbs, evidence.stable_thumbs, evidence.head_to_head, self.policy)
-            if not watch.auto_decide or watch.verdict.decision == CONTINUE:
-                continue
-            v = watch.verdict
-            if v.decision == ROLL_BACK:
-                log.warning(
-                    "canary %s@%s is worse than %s (LLR %.2f, %d/%d): rolled back",
-                    name,
-                    canary,
-                    stable or "base",
-                    v.llr,
-                    v.wins,
-                    v.losses,
-                )
-                await self.adapters.end_canary(name)
-                self.metrics.canary_decisions.labels(name, "rolled_back").inc()
-            elif v.decision == PROMOTE:
-                log.info(
-                    "canary %s@%s is not worse than %s (LLR %.2f, %d/%d): promoted",
-                    name,
-                    canary,
-                    stable or "base",
-                    v.llr,
-                    v.wins,
-                    v.losses,
-                )
-                await self.promote(name, canary)
-                self.metrics.canary_decisions.labels(name, "promoted").inc()
+            try:
+                await self._check_canary(name, watch)
+            except Exception:  # noqa: BLE001 - one canary's trouble must not stop the others' checks
+                log.exception("canary monitor: checking %s failed", name)
+
+    async def _check_canary(self, name: str, watch: _CanaryWatch) -> None:
+        route = self.adapters.route(name)
+        if route is None or route.canary is None or route.canary_started_at is None:
             self._watches.pop(name, None)
+            return
+        stable = route.stable.version if route.stable else ""
+        canary, started = route.canary.version, route.canary_started_at
+        evidence = await asyncio.to_thread(self.store.canary_evidence, name, canary, stable, started)
+        # The read took time: act only if an operator did not change this canary meanwhile.
+        route = self.adapters.route(name)
+        if (
+            self._watches.get(name) is not watch
+            or route is None
+            or route.canary is None
+            or (route.canary.version, route.canary_started_at) != (canary, started)
+            or (route.stable.version if route.stable else "") != stable
+        ):
+            return
+        v = watch.verdict = judge(evidence.canary_thumbs, evidence.stable_thumbs, evidence.head_to_head, self.policy)
+        if not watch.auto_decide or v.decision == CONTINUE:
+            return
+        self._watches.pop(name, None)
+        against = f"{stable or 'base'} (LLR {v.llr:.2f}, {v.wins}/{v.losses})"
+        if v.decision == ROLL_BACK:
+            log.warning("canary %s@%s is worse than %s: rolled back", name, canary, against)
+            await self.adapters.end_canary(name, expected=canary)
+            self.metrics.canary_decisions.labels(name, "rolled_back").inc()
+        elif v.decision == PROMOTE:
+            try:
+                await self.promote(name, canary)
+            except Exception:
+                # It cannot be served any more (e.g. its files went away): stop sending users to it.
+                log.exception("canary %s@%s passed its test but could not be promoted; ending the canary", name, canary)
+                await self.adapters.end_canary(name, expected=canary)
+                self.metrics.canary_decisions.labels(name, "promote_failed").inc()
+                return
+            log.info("canary %s@%s is not worse than %s: promoted", name, canary, against)
+            self.metrics.canary_decisions.labels(name, "promoted").inc()
 
 
 async def monitor_canaries(admin: AdminService, every_s: float) -> None:

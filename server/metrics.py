@@ -134,7 +134,7 @@ class Metrics:
         )
         self.canary_decisions = Counter(
             "tuneloop_canary_decisions",
-            "Automatic canary outcomes (promoted, rolled_back).",
+            "Automatic canary outcomes (promoted, rolled_back, promote_failed).",
             ("adapter", "decision"),
             registry=r,
         )

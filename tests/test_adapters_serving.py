@@ -44,7 +44,7 @@ async def test_adapter_versions_are_served_and_named(make_server, lora_dirs, mod
         assert (current.adapter.name, current.adapter.version) == ("support", "v2")
         assert (pinned.adapter.name, pinned.adapter.version) == ("support", "v1")
         # Random LoRA weights change greedy text; the two versions differ from each other too.
-        assert len({base.text, current.text, pinned.text}) == 3
+        assert len({base.text, current.text, pinned.text}) == 3, (base.text, current.text, pinned.text)
 
         # Concurrent first requests for a version load it once and all succeed.
         many = await asyncio.gather(

@@ -146,6 +146,18 @@ async def test_broken_adapters_are_refused_and_serving_goes_on(swap_env, lora_di
     # A good version published after the broken ones is still picked up.
     reg.publish(NAME, lora_dirs["r8b"], manifest)
     await _wait_version(stub, "v5")
+    # Promoting a broken version is refused before the channel every replica follows moves.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin.Promote(apb.PromoteRequest(name=NAME, version="v2"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "cannot be loaded" in err.value.details()
+    assert reg.channel(NAME) == "v5" and await _version_of_next(stub) == "v5"
+    for bad in (apb.UnloadRequest(name="Not A Name", version="v1"), apb.UnloadRequest(name=NAME, version="7")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.Unload(bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin.ListAdapters(apb.ListAdaptersRequest(name="../etc"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def _refused_total(server) -> float:  # type: ignore[no-untyped-def]
