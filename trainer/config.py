@@ -137,15 +137,18 @@ class GateConfig:
     beat_served: bool = setting(
         True, "Also require beating the adapter now served on the same held-out pairs (accuracy, then margin)."
     )
+    # A DPO round that moved held-out sentiment by +0.6 measured 0.30 and 0.49 nats per token on
+    # the gate's samples (bench/closed_loop.py runs on 467 and 511 pairs), so the bound leaves room for
+    # real learning and stops drift well beyond it; the diversity check catches collapse.
     max_kl_per_token: float = setting(
-        0.5,
+        1.0,
         "Bound on the estimated KL(candidate || reference) in nats per sampled token: how far the candidate may "
-        "move from its reference (0.5 lets each token be e^0.5 = 1.6x likelier than under the reference, on average).",
+        "move from its reference (1.0: each sampled token e^1 = 2.7x likelier than under the reference, on average).",
     )
     min_diversity_ratio: float = setting(
         0.8, "Candidate distinct-1 and distinct-2 must stay above this fraction of the reference's."
     )
-    eval_prompts: int = setting(8, "Held-out prompts sampled for the KL and diversity checks.")
+    eval_prompts: int = setting(16, "Held-out prompts sampled for the KL and diversity checks.")
     samples_per_prompt: int = setting(2, "Samples per held-out prompt, from candidate and reference each.")
     sample_max_tokens: int = setting(32, "New tokens per sample.")
     sample_temperature: float = setting(1.0, "Sampling temperature (1.0 keeps the KL estimate unbiased).")
