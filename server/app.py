@@ -119,24 +119,35 @@ class TuneloopServer:
         for name in ("", *names):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"
+        creds = None
         if cfg.tls:
             creds = grpc.ssl_server_credentials(
                 [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
                 root_certificates=Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None,
                 require_client_auth=bool(cfg.tls_client_ca),
             )
-            self.port = server.add_secure_port(address, creds)
-        else:
-            self.port = server.add_insecure_port(address)
+        try:
+            self.port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        except RuntimeError:  # grpcio's way of saying the bind failed
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind gRPC to {address}")
+            await server.stop(None)
+            raise OSError(f"cannot bind gRPC to {address}: is another server using it? Choose another --port")
+        # Bound before anything starts, so a failure leaves nothing running.
+        if cfg.metrics_port >= 0:
+            try:
+                httpd, _thread = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.metrics.registry)
+            except OSError as exc:
+                await server.stop(None)
+                raise OSError(
+                    f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {exc.strerror}; choose another "
+                    "--metrics-port, or -1 to turn metrics off"
+                ) from None
+            self._http = httpd
+            self.metrics_port = httpd.server_port
         self._server = server
         self.feedback.start()
         await server.start()
-        if cfg.metrics_port >= 0:
-            httpd, _thread = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.metrics.registry)
-            self._http = httpd
-            self.metrics_port = httpd.server_port
         log.info("gRPC listening on %s:%d%s", cfg.host, self.port, " (TLS)" if cfg.tls else "")
         self._tasks.append(asyncio.create_task(self._bring_up_engine(), name="engine-start"))
         return self.port

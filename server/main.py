@@ -27,7 +27,10 @@ async def serve(config: ServerConfig) -> None:
     from .app import TuneloopServer  # noqa: PLC0415 - keeps `--help` fast
 
     server = TuneloopServer(config)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:  # a port in use: say so in one line, not a traceback
+        raise SystemExit(f"tuneloop serve: {exc}") from None
     print(
         f"tuneloop: gRPC on {config.host}:{server.port}, metrics on :{server.metrics_port}; "
         "the engine is starting (health NOT_SERVING until ready)",

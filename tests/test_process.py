@@ -128,3 +128,23 @@ def test_health_follows_the_engine_and_sigterm_drains_the_log(model_dir: Path, t
             assert store.get_completion(cid) is not None, cid
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("which", ["port", "metrics-port"])
+def test_a_port_in_use_is_one_clear_line_and_exit_1(which: str, model_dir: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        ports = {"port": "0", "metrics-port": "-1", which: port}
+        proc = subprocess.run(
+            [sys.executable, "-m", "tuneloop.server.main", "--model", str(model_dir),
+             "--port", ports["port"], "--metrics-port", ports["metrics-port"]],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "TUNELOOP_HOME": str(tmp_path)},
+        )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("tuneloop serve: cannot ") and f":{port}" in last and f"another --{which}" in last, last
+    assert "Traceback" not in proc.stderr, proc.stderr
