@@ -68,6 +68,8 @@ def _show(args: argparse.Namespace, call: Any) -> int:
     if args.json:
         print_json([dataclasses.asdict(a) for a in adapters])
         return 0
+    if not adapters:
+        print("no adapters in the server's registry yet: the base model serves every request")
     for a in adapters:
         print(format_adapter(a))
     return 0

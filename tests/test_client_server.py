@@ -69,3 +69,6 @@ async def test_cli_generate_json_and_errors(server, tmp_path: Path) -> None:
 
     bad = await asyncio.to_thread(run, "generate", "hi", "--top-p", "3")
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "top_p" in bad.stderr
+
+    status = await asyncio.to_thread(run, "adapters", "status")  # a fresh registry: says so, not silence
+    assert status.returncode == 0 and "no adapters" in status.stdout, status
