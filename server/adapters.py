@@ -47,6 +47,7 @@ class _Slot:
     adapter: LoadedAdapter
     leases: int = 0
     served: bool = False  # has any request used it yet (for publish-to-first-served)
+    probed: bool = False  # passed its probe generation (once per load is enough)
 
 
 @dataclass
@@ -161,7 +162,7 @@ class AdapterManager:
         return route
 
     # -- loading -------------------------------------------------------------------------------
-    def check_servable(self, found: AdapterVersion) -> None:
+    def _check_servable(self, found: AdapterVersion) -> None:
         """Refuse versions this server cannot serve, with the reason; raises FailedPrecondition."""
         key = f"{found.name}@{found.version}"
         if found.rank is not None and found.rank > self._max_rank:
@@ -183,7 +184,7 @@ class AdapterManager:
         async with lock:
             if key in self._slots:  # loaded by the request we waited behind
                 return self._slots[key].adapter
-            self.check_servable(found)
+            self._check_servable(found)
             adapter = LoadedAdapter(key=key, int_id=next(_ADAPTER_IDS), path=str(found.path))
             await self._engine.add_adapter(adapter)
             self._slots[key] = _Slot(found, adapter)
@@ -200,14 +201,10 @@ class AdapterManager:
             adapter=adapter,
         )
         produced = 0
-
-        async def run() -> None:
-            nonlocal produced
-            async for delta in self._engine.generate(request):
-                produced += len(delta.token_ids)
-
         try:
-            await asyncio.wait_for(run(), PROBE_TIMEOUT_S)  # cancelling aborts the engine request
+            async with asyncio.timeout(PROBE_TIMEOUT_S):  # cancelling aborts the engine request
+                async for delta in self._engine.generate(request):
+                    produced += len(delta.token_ids)
         except TimeoutError:
             raise FailedPrecondition(
                 f"adapter {adapter.key}'s probe generation did not finish within {PROBE_TIMEOUT_S:.0f} s"
@@ -255,16 +252,21 @@ class AdapterManager:
 
     # -- swapping ------------------------------------------------------------------------------
     async def prepare(self, name: str, version: str) -> AdapterVersion:
-        """Load and probe a version without routing anything to it. A version that cannot be
-        served is recorded as refused (with a log line and a metric), unloaded, and the error
-        raised; one that can is cleared of an earlier refusal."""
+        """Load and probe a version (once per load) without routing anything to it. A version
+        that cannot be served is recorded as refused (with a log line and a metric), unloaded,
+        and the error raised; one that can is cleared of an earlier refusal."""
         key = f"{name}@{version}"
         found: AdapterVersion | None = None
         try:
             found = self._registry.get(name, version)
             if found.status != ACCEPTED:
                 raise FailedPrecondition(f"adapter {key} was rejected by its gate and cannot be served")
-            await self._probe(await self._ensure_loaded(found))
+            adapter = await self._ensure_loaded(found)
+            slot = self._slots.get(key)
+            if slot is None or not slot.probed:
+                await self._probe(adapter)
+                if slot is not None:
+                    slot.probed = True
         except TuneloopError as exc:
             self._refused[key] = str(exc)
             self._metrics.swaps.labels("refused").inc()
