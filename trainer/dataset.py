@@ -108,21 +108,24 @@ def correction_pairs(
         elif f.text.strip() == original.text.strip():
             dropped["correction_unchanged"] += 1
         else:
-            pairs.append(
-                PreferencePair(
-                    prompt_text=original.prompt_text,
-                    prompt_hash=original.prompt_hash,
-                    chosen_text=f.text,
-                    rejected_text=original.text,
-                    source=CORRECTION,
-                    event_ids=(f.event_id,),
-                    rater_ids=(f.rater_id,),
-                    chosen_completion_id="",
-                    rejected_completion_id=original.completion_id,
-                    created_at=f.created_at,
-                )
-            )
+            pairs.append(_correction_pair(original, f))
     return pairs
+
+
+def _correction_pair(original: CompletionRow, correction: FeedbackRow) -> PreferencePair:
+    """The corrected text (chosen, no completion of its own) over the completion it corrects."""
+    return PreferencePair(
+        prompt_text=original.prompt_text,
+        prompt_hash=original.prompt_hash,
+        chosen_text=correction.text,
+        rejected_text=original.text,
+        source=CORRECTION,
+        event_ids=(correction.event_id,),
+        rater_ids=(correction.rater_id,),
+        chosen_completion_id="",
+        rejected_completion_id=original.completion_id,
+        created_at=correction.created_at,
+    )
 
 
 def thumbs_pairs(
@@ -311,18 +314,7 @@ def rebuild_dataset(
         rejected = by_id[rec["rejected"]]
         if rec["source"] == CORRECTION:
             (f,) = evs
-            return PreferencePair(
-                prompt_text=rejected.prompt_text,
-                prompt_hash=rejected.prompt_hash,
-                chosen_text=f.text,
-                rejected_text=rejected.text,
-                source=CORRECTION,
-                event_ids=(f.event_id,),
-                rater_ids=(f.rater_id,),
-                chosen_completion_id="",
-                rejected_completion_id=rejected.completion_id,
-                created_at=f.created_at,
-            )
+            return _correction_pair(rejected, f)
         return _pair(by_id[rec["chosen"]], rejected, rec["source"], evs)
 
     pairs = snapshot["pairs"]
