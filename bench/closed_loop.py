@@ -40,6 +40,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+from tuneloop.trainer.gate import distinct_n
 from tuneloop.v1 import admin_pb2 as apb
 from tuneloop.v1 import admin_pb2_grpc as apb_grpc
 from tuneloop.v1 import feedback_pb2 as fpb
@@ -67,16 +68,6 @@ def load_prompts() -> tuple[list[str], list[str]]:
 
 def compound(text: str) -> float:
     return vader.polarity_scores(text)["compound"]
-
-
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    grams, total = set(), 0
-    for t in texts:
-        toks = t.split()
-        for i in range(len(toks) - n + 1):
-            grams.add(tuple(toks[i : i + n]))
-            total += 1
-    return len(grams) / total if total else 0.0
 
 
 def chat(prompt: str) -> pb.ChatInput:
@@ -218,7 +209,14 @@ def evaluate(version: str, comps: list[pb.Completion], prompts: list[str], sampl
             kls.append(served - scorer.logprob(prompts[i // samples], ids))
             tokens += len(ids)
     mean_compound = statistics.fmean(compound(t) for t in texts)
-    return Eval(version, mean_compound, distinct_n(texts, 2), statistics.fmean(kls), sum(kls) / tokens, texts)
+    return Eval(
+        version,
+        mean_compound,
+        distinct_n([t.split() for t in texts], 2),
+        statistics.fmean(kls),
+        sum(kls) / tokens,
+        texts,
+    )
 
 
 # --------------------------------------------------------------------------- main

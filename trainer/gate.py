@@ -11,7 +11,7 @@ The metric functions are pure; `evaluate_candidate` runs the model to feed them.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -60,7 +60,7 @@ def kl_per_token(policy_logps: torch.Tensor, reference_logps: torch.Tensor, leng
     return float((policy_logps - reference_logps).sum()) / total if total else 0.0
 
 
-def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
+def distinct_n(sequences: Sequence[Sequence[Hashable]], n: int) -> float:
     """Unique n-grams over all n-grams, pooled across sequences (Li et al. 2016); 0 if none."""
     grams = [tuple(s[i : i + n]) for s in sequences for i in range(len(s) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
