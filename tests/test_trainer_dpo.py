@@ -51,7 +51,11 @@ def test_short_run_lowers_the_loss_and_changes_the_adapter(model_dir: Path, tok)
     cfg = tiny_dpo(epochs=3, batch_size=2)
     model, result, before, items = train(model_dir, tok, cfg, dtype=torch.bfloat16)
     assert result.steps == 6 and result.examples == 4
-    assert result.first_loss == pytest.approx(0.6931, abs=1e-3)  # LoRA starts at zero: policy == reference
+    # LoRA starts at zero, so policy == reference and the first loss is ln 2, up to bf16 rounding:
+    # the reference was scored in batches of another shape, and bf16 GEMMs (AMX, AVX-512) round
+    # differently per shape (up to ~0.5 nats per 24-token sequence seen, 0.03 in loss at beta 0.1).
+    # The fp32 chained-round test below holds it to 1e-3.
+    assert result.first_loss == pytest.approx(0.6931, abs=0.05)
     assert result.last_loss < 0.5 * result.first_loss
     after = lora_state(model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
