@@ -66,7 +66,10 @@ class ServerConfig:
         choices=("auto", "on", "off"),
     )
     default_max_tokens: int = setting(128, "max_tokens when a request does not set it.")
-    max_tokens_limit: int = setting(1024, "Largest max_tokens a request may ask for (below max_model_len).")
+    # 0 follows max_model_len, so `--max-model-len 1024` alone is a valid configuration.
+    max_tokens_limit: int = setting(
+        0, "Largest max_tokens a request may ask for, below max_model_len (0: half of max_model_len)."
+    )
     # --- data ---
     store_url: str = setting("", "Completion and feedback store. Default sqlite:///$TUNELOOP_HOME/tuneloop.db.")
     adapter_dir: str = setting("", "Adapter registry directory. Default $TUNELOOP_HOME/adapters.")
@@ -112,6 +115,8 @@ class ServerConfig:
         if not self.adapter_dir:
             self.adapter_dir = str((home / "adapters").resolve())
         self.log_level = self.log_level.upper()
+        if self.max_tokens_limit == 0:
+            self.max_tokens_limit = max(1, self.max_model_len // 2)
         self.validate()
 
     def validate(self) -> None:
@@ -125,8 +130,16 @@ class ServerConfig:
         need(self.log_level in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         need(self.chunked_prefill in ("auto", "on", "off"), "chunked_prefill must be auto, on or off")
         need(self.max_model_len >= 16, "max_model_len must be >= 16")
-        need(1 <= self.default_max_tokens <= self.max_tokens_limit, "need 1 <= default_max_tokens <= max_tokens_limit")
-        need(self.max_tokens_limit < self.max_model_len, "max_tokens_limit must be below max_model_len")
+        need(
+            self.max_tokens_limit < self.max_model_len,
+            f"max_tokens_limit ({self.max_tokens_limit}) must be below max_model_len ({self.max_model_len}): "
+            "lower --max-tokens-limit or raise --max-model-len",
+        )
+        need(
+            1 <= self.default_max_tokens <= self.max_tokens_limit,
+            f"default_max_tokens ({self.default_max_tokens}) must be between 1 and max_tokens_limit "
+            f"({self.max_tokens_limit}): set --default-max-tokens",
+        )
         need(self.max_loras >= 1 and self.max_lora_rank >= 1, "max_loras and max_lora_rank must be >= 1")
         need(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         need(self.kv_cache_gib > 0, "kv_cache_gib must be > 0")
@@ -162,12 +175,7 @@ class ServerConfig:
         return bool(self.tls_cert)
 
     def is_loopback(self) -> bool:
-        if self.host in ("localhost", ""):
-            return self.host == "localhost"
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
 
 
 class ConfigError(ValueError):
@@ -238,3 +246,13 @@ def read_api_keys(path: str) -> dict[str, frozenset[str]]:
             raise ConfigError(f"{path}:{lineno}: key too short (use at least 16 characters)")
         keys[parts[0]] = roles
     return keys
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when `host` binds only this machine ("" and "0.0.0.0" bind every interface)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

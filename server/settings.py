@@ -36,7 +36,8 @@ def add_flags(
     later merge can tell "not given" from "given the default"."""
     for f in dataclasses.fields(cls) if fields is None else fields:
         typ = field_type(cls, f)
-        kw: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        # argparse %-formats help strings; help text is prose, so a literal "%" must survive.
+        kw: dict[str, Any] = {"help": f.metadata.get("help", "").replace("%", "%%"), "default": argparse.SUPPRESS}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if typ is bool:

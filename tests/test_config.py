@@ -50,6 +50,17 @@ def test_invalid_settings_name_the_setting(kwargs: dict, words: str) -> None:
         ServerConfig(**kwargs)
 
 
+def test_max_tokens_limit_follows_max_model_len() -> None:
+    assert ServerConfig().max_tokens_limit == 1024
+    cfg = load_config(["--max-model-len", "1024"], env={})
+    assert cfg.max_tokens_limit == 512 and cfg.default_max_tokens == 128
+    with pytest.raises(ConfigError, match="--default-max-tokens"):
+        load_config(["--max-model-len", "128"], env={})  # limit 64 < the default 128
+    assert load_config(["--max-model-len", "128", "--default-max-tokens", "32"], env={}).max_tokens_limit == 64
+    with pytest.raises(ConfigError, match="--max-tokens-limit"):
+        ServerConfig(max_tokens_limit=2048)
+
+
 def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
     f.write_text("prot = 1\n")

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tuneloop.server.errors import TuneloopError
+from tuneloop.server.config import is_loopback_host
 from tuneloop.server.registry import DEFAULT_CHANNEL, AdapterRegistry
 from tuneloop.server.settings import add_flags
 
@@ -123,6 +124,12 @@ def _run_sidecar(cfg: TrainerConfig, source: Any, registry: AdapterRegistry, met
     if cfg.sidecar.metrics_port:
         port = metrics.serve(cfg.sidecar.metrics_port, cfg.sidecar.metrics_host)
         log.info("trainer metrics on http://%s:%d/metrics", cfg.sidecar.metrics_host, port)
+        if not is_loopback_host(cfg.sidecar.metrics_host):
+            log.warning(
+                "trainer metrics bind %s: reachable beyond this machine (set --metrics-host 127.0.0.1 to keep "
+                "them local)",
+                cfg.sidecar.metrics_host,
+            )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -171,7 +171,8 @@ class SidecarConfig:
     min_new_pairs_periodic: int = setting(16, "...if at least this many new usable pairs arrived (M).")
     poll_seconds: float = setting(30.0, "How often the feedback store is checked.")
     metrics_port: int = setting(9401, "Prometheus metrics port (0 disables the endpoint).")
-    metrics_host: str = setting("0.0.0.0", "Address the metrics endpoint binds.")
+    # Loopback like the server's endpoints: exposing it is a choice, warned about at start.
+    metrics_host: str = setting("127.0.0.1", "Address the metrics endpoint binds (0.0.0.0 exposes it).")
 
     def __post_init__(self) -> None:
         _check(self.min_new_pairs >= 1, f"min_new_pairs must be >= 1, got {self.min_new_pairs}")
