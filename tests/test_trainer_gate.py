@@ -13,14 +13,20 @@ from tuneloop.trainer.config import GateConfig
 from tuneloop.trainer.dpo import score_pairs, tokenize_pair, train_dpo
 from tuneloop.trainer.gate import (
     GateMetrics,
+    cutoff_share,
     decide,
     distinct_n,
+    empty_share,
     evaluate_candidate,
     implicit_margins,
     kl_estimate,
     kl_per_token,
+    nll_per_token,
+    non_language_share,
     preference_accuracy,
+    repetition_share,
     sample_completions,
+    sanity,
 )
 from tuneloop.trainer.model import build_policy, load_base_model, load_tokenizer
 
@@ -84,6 +90,7 @@ def candidate(model_dir: Path, tok, *, flip: bool):  # type: ignore[no-untyped-d
 GATE = GateConfig(
     min_accuracy=0.75,
     max_kl_per_token=5.0,
+    max_nll_increase_per_token=5.0,  # eight toy pairs move the candidate far from the base by design
     min_diversity_ratio=0.3,
     eval_prompts=2,
     samples_per_prompt=2,
@@ -118,3 +125,34 @@ def test_samples_are_seeded_and_cut_at_eos(setup) -> None:  # type: ignore[no-un
     for p, c in a:
         assert p == prompt and 1 <= len(c) <= 6
         assert tok.eos_token_id not in c[:-1]
+
+
+def test_sanity_checks_on_constructed_samples() -> None:
+    fluent = ["The weather is mild today, so a walk in the park sounds good.", "I think it will rain later."]
+    emoji = ["\U0001f600\U0001f600!!! \U0001f389\U0001f389\U0001f389", "wow \U0001f525\U0001f525\U0001f525"]
+    assert non_language_share(fluent) == 0.0
+    assert non_language_share(emoji) > 0.5
+    assert empty_share(["", "  ", "hi", "ok"]) == 0.5 and empty_share([]) == 0.0
+    assert repetition_share([[1, 2, 3, 4, 5, 6]]) == 0.0
+    assert repetition_share([[7] * 10]) == pytest.approx(7 / 8)  # every 3-gram after the first repeats
+    assert repetition_share([[1, 2, 3], [1, 2, 3]]) == 0.0  # across replies is distinct-n's job
+    assert cutoff_share([[1, 2, 0], [1, 2], []], eos_id=0) == pytest.approx(2 / 3)
+    assert nll_per_token(torch.tensor([-3.0, -1.0]), [2, 2]) == pytest.approx(1.0)
+    s = sanity([[5] * 8], ["a a a a"], eos_id=0)
+    assert s.repetition > 0.5 and s.cutoff == 1.0 and s.empty == 0.0
+
+
+def test_decide_names_each_failed_fluency_check() -> None:
+    cfg = GateConfig()
+    ok = metrics(nll_per_token=2.4, reference_nll_per_token=2.23, non_language=0.01, reference_non_language=0.0)
+    assert decide(ok, cfg).passed
+    # The degenerate candidate: 3.15 vs 2.23 nats/token under the base, emoji-heavy, looping.
+    bad = metrics(
+        nll_per_token=3.15, reference_nll_per_token=2.23, non_language=0.4, reference_non_language=0.02,
+        repetition=0.5, reference_repetition=0.05, empty=0.3, reference_empty=0.0, cutoff=1.0, reference_cutoff=0.5,
+    )  # fmt: skip
+    r = decide(bad, cfg)
+    assert r.failed_checks == ["nll", "repetition", "non_language", "empty", "cutoff"]
+    assert "+0.920 > max_nll_increase_per_token 0.500" in r.failures[0]
+    assert r.to_dict()["failed_checks"] == r.failed_checks
+    assert not decide(metrics(nll_per_token=float("nan")), cfg).passed

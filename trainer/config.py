@@ -148,6 +148,27 @@ class GateConfig:
     min_diversity_ratio: float = setting(
         0.8, "Candidate distinct-1 and distinct-2 must stay above this fraction of the reference's."
     )
+    # Fluency: a candidate that learned an oracle's surface property (emoji and exclamation marks,
+    # 327 + 83 pairs) wrote replies the base model scored at 3.15 nats/token against 2.23 for its
+    # own samples on the same prompts (+0.92, 2.5x the perplexity) while its KL was only 0.57 nats
+    # per token; the sentiment loop's goal is an increase of at most 0.3. 0.5 lies between.
+    max_nll_increase_per_token: float = setting(
+        0.5,
+        "Bound on the reference model's NLL per token of the candidate's samples minus that of its own samples on "
+        "the same prompts, in nats (0.5: 1.65x the perplexity).",
+    )
+    # Degeneration signals, each the candidate's share minus the reference's on the same prompts;
+    # cheap, and readable in the report where an NLL figure is not.
+    max_repetition_increase: float = setting(
+        0.2, "Bound on the rise in the share of 3-grams that repeat earlier in the same reply."
+    )
+    max_non_language_increase: float = setting(
+        0.1, "Bound on the rise in the share of characters that are symbols (emoji...) or control characters."
+    )
+    max_empty_increase: float = setting(0.1, "Bound on the rise in the share of empty replies.")
+    max_cutoff_increase: float = setting(
+        0.3, "Bound on the rise in the share of replies cut off at sample_max_tokens without EOS."
+    )
     eval_prompts: int = setting(16, "Held-out prompts sampled for the KL and diversity checks.")
     samples_per_prompt: int = setting(2, "Samples per held-out prompt, from candidate and reference each.")
     sample_max_tokens: int = setting(32, "New tokens per sample.")
@@ -157,6 +178,10 @@ class GateConfig:
         _check(0.0 <= self.min_accuracy <= 1.0, f"min_accuracy must be in [0, 1], got {self.min_accuracy}")
         _check(self.max_kl_per_token > 0, f"max_kl_per_token must be > 0, got {self.max_kl_per_token}")
         _check(0.0 <= self.min_diversity_ratio <= 1.0, "min_diversity_ratio must be in [0, 1]")
+        _check(self.max_nll_increase_per_token > 0, "max_nll_increase_per_token must be > 0")
+        for name in ("repetition", "non_language", "empty", "cutoff"):
+            bound = getattr(self, f"max_{name}_increase")
+            _check(0.0 <= bound <= 1.0, f"max_{name}_increase must be in [0, 1] (a difference of shares), got {bound}")
         _check(self.eval_prompts >= 1 and self.samples_per_prompt >= 1, "eval_prompts and samples_per_prompt >= 1")
         _check(self.sample_max_tokens >= 2, "sample_max_tokens must be >= 2 (distinct-2 needs two tokens)")
         _check(self.sample_temperature > 0, f"sample_temperature must be > 0, got {self.sample_temperature}")

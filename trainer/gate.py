@@ -5,12 +5,18 @@ Held-out pairs give preference accuracy (how often the implicit reward
 beta * log(pi / pi_base) ranks the chosen completion above the rejected one) and the mean
 margin; the adapter now served is scored the same way on the same pairs. Samples on held-out
 prompts give a KL estimate to the reference and distinct-1/2 against the reference's samples.
-The metric functions are pure; `evaluate_candidate` runs the model to feed them.
+Fluency and sanity checks apply to every algorithm: the reference's per-token NLL of the
+candidate's samples against that of its own samples on the same prompts (a candidate that learned
+to please a surface-level oracle writes text its reference finds unlikely), and cheap degeneration
+signals (repeated n-grams, non-language characters, empty replies, replies cut off without EOS),
+each compared with the reference's samples. The metric functions are pure; `evaluate_candidate`
+runs the model to feed them.
 """
 
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -66,6 +72,75 @@ def distinct_n(sequences: Sequence[Sequence[Hashable]], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def nll_per_token(logps: torch.Tensor, lengths: Sequence[int]) -> float:
+    """Mean negative log-likelihood per token, -sum_s log p(y_s | x_s) / sum_s |y_s|, in nats.
+
+    Args:
+        logps:   (S,) summed log-probs of S completions under the scoring model.
+        lengths: S completion lengths in tokens.
+    exp of it is the perplexity; 0 when there are no tokens.
+    """
+    total = sum(lengths)
+    return -float(logps.sum()) / total if total else 0.0
+
+
+def repetition_share(sequences: Sequence[Sequence[Hashable]], n: int = 3) -> float:
+    """Share of n-grams that already occurred earlier in the same sequence, pooled; 0 if none.
+
+    Unlike distinct-n (pooled across sequences), this sees a reply that loops on itself even when
+    every reply loops on something different.
+    """
+    repeats = total = 0
+    for s in sequences:
+        seen: set[tuple[Hashable, ...]] = set()
+        for i in range(len(s) - n + 1):
+            gram = tuple(s[i : i + n])
+            repeats += gram in seen
+            seen.add(gram)
+            total += 1
+    return repeats / total if total else 0.0
+
+
+def non_language_share(texts: Sequence[str]) -> float:
+    """Share of non-space characters that are neither letters, digits nor punctuation, pooled.
+
+    Unicode categories decide: emoji and other symbols (S*), control, format and unassigned
+    characters (C*) count as non-language; marks (M*) go with the letters they modify.
+    """
+    chars = [ch for t in texts for ch in t if not ch.isspace()]
+    bad = sum(1 for ch in chars if unicodedata.category(ch)[0] in "SC")
+    return bad / len(chars) if chars else 0.0
+
+
+def empty_share(texts: Sequence[str]) -> float:
+    """Share of replies with no visible character; 0 when there are none."""
+    return sum(1 for t in texts if not t.strip()) / len(texts) if texts else 0.0
+
+
+def cutoff_share(completions: Sequence[Sequence[int]], eos_id: int) -> float:
+    """Share of sampled completions that hit the token limit without ending in EOS."""
+    return sum(1 for c in completions if not c or c[-1] != eos_id) / len(completions) if completions else 0.0
+
+
+@dataclass(frozen=True)
+class Sanity:
+    """The degeneration signals of one policy's samples."""
+
+    repetition: float
+    non_language: float
+    empty: float
+    cutoff: float
+
+
+def sanity(completions: Sequence[Sequence[int]], texts: Sequence[str], eos_id: int) -> Sanity:
+    return Sanity(
+        repetition=repetition_share(completions),
+        non_language=non_language_share(texts),
+        empty=empty_share(texts),
+        cutoff=cutoff_share(completions, eos_id),
+    )
+
+
 @dataclass
 class GateMetrics:
     heldout_pairs: int
@@ -80,41 +155,84 @@ class GateMetrics:
     reference_distinct_1: float
     reference_distinct_2: float
     samples: int
+    # The reference model's NLL per token of the candidate's samples and of its own samples.
+    nll_per_token: float = 0.0
+    reference_nll_per_token: float = 0.0
+    repetition: float = 0.0
+    reference_repetition: float = 0.0
+    non_language: float = 0.0
+    reference_non_language: float = 0.0
+    empty: float = 0.0
+    reference_empty: float = 0.0
+    cutoff: float = 0.0
+    reference_cutoff: float = 0.0
+
+    @property
+    def nll_increase_per_token(self) -> float:
+        return self.nll_per_token - self.reference_nll_per_token
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["nll_increase_per_token"] = self.nll_increase_per_token
+        return d
 
 
 @dataclass
 class GateResult:
     passed: bool
-    failures: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # one line per failed check: what and by how much
+    failed_checks: list[str] = field(default_factory=list)  # their names, same order (metrics label)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "failures": list(self.failures)}
+        return {"passed": self.passed, "failures": list(self.failures), "failed_checks": list(self.failed_checks)}
+
+
+GATE_CHECKS = (
+    "accuracy", "beat_served", "kl", "distinct_1", "distinct_2", "nll", "repetition", "non_language", "empty", "cutoff",
+)  # fmt: skip
 
 
 def decide(m: GateMetrics, cfg: GateConfig) -> GateResult:
     """Every check is run so the manifest says all the reasons a candidate failed, not just the first."""
-    failures = []
+    failed: list[tuple[str, str]] = []
     if m.accuracy < cfg.min_accuracy:
-        failures.append(f"held-out accuracy {m.accuracy:.3f} < min_accuracy {cfg.min_accuracy:.3f}")
+        failed.append(("accuracy", f"held-out accuracy {m.accuracy:.3f} < min_accuracy {cfg.min_accuracy:.3f}"))
     if cfg.beat_served and m.served_accuracy is not None:
         served_margin = m.served_margin if m.served_margin is not None else -math.inf
         if (m.accuracy, m.margin) <= (m.served_accuracy, served_margin):
-            failures.append(
+            failed.append((
+                "beat_served",
                 f"does not beat the served adapter: accuracy {m.accuracy:.3f} (margin {m.margin:.3f}) vs "
-                f"{m.served_accuracy:.3f} (margin {served_margin:.3f})"
-            )
+                f"{m.served_accuracy:.3f} (margin {served_margin:.3f})",
+            ))
     if not m.kl_per_token <= cfg.max_kl_per_token:  # also fails on NaN
-        failures.append(
+        failed.append((
+            "kl",
             f"KL to reference {m.kl_per_token:.3f} nats/token ({m.kl:.2f} per completion) > "
-            f"max_kl_per_token {cfg.max_kl_per_token:.3f}"
-        )
+            f"max_kl_per_token {cfg.max_kl_per_token:.3f}",
+        ))
     for n, cand, ref in ((1, m.distinct_1, m.reference_distinct_1), (2, m.distinct_2, m.reference_distinct_2)):
         if cand < cfg.min_diversity_ratio * ref:
-            failures.append(f"distinct-{n} {cand:.3f} < {cfg.min_diversity_ratio:.2f} x reference's {ref:.3f}")
-    return GateResult(passed=not failures, failures=failures)
+            failed.append((f"distinct_{n}", f"distinct-{n} {cand:.3f} < {cfg.min_diversity_ratio:.2f} x reference's {ref:.3f}"))
+    rise = m.nll_increase_per_token
+    if not rise <= cfg.max_nll_increase_per_token:
+        failed.append((
+            "nll",
+            f"reference NLL of the candidate's samples {m.nll_per_token:.3f} nats/token vs {m.reference_nll_per_token:.3f} "
+            f"of its own: +{rise:.3f} > max_nll_increase_per_token {cfg.max_nll_increase_per_token:.3f}",
+        ))
+    for name, cand, ref, bound in (
+        ("repetition", m.repetition, m.reference_repetition, cfg.max_repetition_increase),
+        ("non_language", m.non_language, m.reference_non_language, cfg.max_non_language_increase),
+        ("empty", m.empty, m.reference_empty, cfg.max_empty_increase),
+        ("cutoff", m.cutoff, m.reference_cutoff, cfg.max_cutoff_increase),
+    ):
+        if not cand - ref <= bound:
+            failed.append((
+                name,
+                f"{name} share {cand:.3f} vs reference's {ref:.3f}: +{cand - ref:.3f} > max_{name}_increase {bound:.3f}",
+            ))
+    return GateResult(passed=not failed, failures=[f for _, f in failed], failed_checks=[c for c, _ in failed])
 
 
 # -- running the model --------------------------------------------------------------------------
@@ -164,6 +282,11 @@ def sample_completions(
         end = seq.index(eos) + 1 if eos in seq else len(seq)
         results.append((tuple(prompts[row // n]), tuple(seq[:end])))
     return results
+
+
+def decode_replies(tokenizer: PreTrainedTokenizerBase, completions: Sequence[Sequence[int]]) -> list[str]:
+    """The text of each completion, special tokens (EOS) left out: the character-level checks read it."""
+    return [tokenizer.decode(list(c), skip_special_tokens=True) for c in completions]
 
 
 @torch.no_grad()
@@ -227,8 +350,12 @@ def evaluate_candidate(
     ref_samples = sample_completions(model, tokenizer, unique_prompts, mode=reference, **sample_kw)
     policy_lp = score_sequences(model, cand_samples, mode=TRAINED, **kw)
     ref_lp = score_sequences(model, cand_samples, mode=reference, **kw)
+    ref_own_lp = score_sequences(model, ref_samples, mode=reference, **kw)
     cand_tokens = [c for _, c in cand_samples]
     ref_tokens = [c for _, c in ref_samples]
+    eos = tokenizer.eos_token_id
+    cand_sanity = sanity(cand_tokens, decode_replies(tokenizer, cand_tokens), eos)
+    ref_sanity = sanity(ref_tokens, decode_replies(tokenizer, ref_tokens), eos)
     return GateMetrics(
         heldout_pairs=len(heldout),
         accuracy=preference_accuracy(margins),
@@ -242,4 +369,14 @@ def evaluate_candidate(
         reference_distinct_1=distinct_n(ref_tokens, 1),
         reference_distinct_2=distinct_n(ref_tokens, 2),
         samples=len(cand_samples),
+        nll_per_token=nll_per_token(ref_lp, [len(c) for c in cand_tokens]),
+        reference_nll_per_token=nll_per_token(ref_own_lp, [len(c) for c in ref_tokens]),
+        repetition=cand_sanity.repetition,
+        reference_repetition=ref_sanity.repetition,
+        non_language=cand_sanity.non_language,
+        reference_non_language=ref_sanity.non_language,
+        empty=cand_sanity.empty,
+        reference_empty=ref_sanity.empty,
+        cutoff=cand_sanity.cutoff,
+        reference_cutoff=ref_sanity.cutoff,
     )

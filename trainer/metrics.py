@@ -36,12 +36,25 @@ class TrainerMetrics:
         self.kl = Gauge(
             "tuneloop_trainer_kl_per_token", "Estimated KL(candidate || reference), nats per sampled token.", registry=r
         )
+        self.nll_increase = Gauge(
+            "tuneloop_trainer_nll_increase_per_token",
+            "Reference NLL per token of the last candidate's samples minus that of the reference's own samples.",
+            registry=r,
+        )
+        self.gate_failures = Counter(
+            "tuneloop_trainer_gate_failures", "Gate checks failed by candidates, by check.", ("check",), registry=r
+        )
         self.examples = Gauge("tuneloop_trainer_examples", "Training pairs used by the last round.", registry=r)
         self.last_success = Gauge(
             "tuneloop_trainer_last_success_timestamp_seconds",
             "Unix time of the last round that published an accepted adapter.",
             registry=r,
         )
+
+    def gate_checked(self, nll_increase: float, failed_checks: list[str]) -> None:
+        self.nll_increase.set(nll_increase)
+        for check in failed_checks:
+            self.gate_failures.labels(check).inc()
 
     def run_finished(self, outcome: str, seconds: float | None = None) -> None:
         self.runs.labels(outcome).inc()

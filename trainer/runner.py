@@ -61,7 +61,8 @@ class RoundResult:
             parts.append(f"version={self.version}")
         parts.append(f"parent={self.parent_version or 'base'}")
         parts.append(f"pairs={self.train_pairs}+{self.heldout_pairs}")
-        for k in ("first_loss", "last_loss", "accuracy", "served_accuracy", "kl", "kl_per_token", "distinct_2"):
+        keys = ("first_loss", "last_loss", "accuracy", "served_accuracy", "kl", "kl_per_token", "distinct_2")
+        for k in (*keys, "nll_increase_per_token"):
             v = self.metrics.get(k)
             if isinstance(v, float):
                 parts.append(f"{k}={v:.4f}")
@@ -227,6 +228,7 @@ def _run(
     verdict = decide(gate_metrics, cfg.gate)
     metrics.heldout_accuracy.set(gate_metrics.accuracy)
     metrics.kl.set(gate_metrics.kl_per_token)
+    metrics.gate_checked(gate_metrics.nll_increase_per_token, verdict.failed_checks)
     metrics.examples.set(n_train)
 
     all_metrics = {
@@ -259,7 +261,7 @@ def _run(
         published = registry.publish(cfg.adapter, Path(tmp), manifest, accepted=verdict.passed)
     return RoundResult(
         "published" if verdict.passed else "rejected",
-        reason="; ".join(verdict.failures),
+        reason="; ".join(f"{c}: {f}" for c, f in zip(verdict.failed_checks, verdict.failures, strict=True)),
         version=published.version,
         parent_version=parent,
         train_pairs=n_train,
