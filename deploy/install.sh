@@ -13,6 +13,16 @@ for arg in "$@"; do
   esac
 done
 
+# The store tests run a throwaway PostgreSQL server (tests/postgres_server.py); install the Debian
+# server packages when they are missing and we may (root with apt-get). Debian's postgresql package
+# also creates and starts a default cluster; the tests do not use it, so it is stopped again.
+if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "tuneloop: installing the PostgreSQL server (Debian package) for the store tests" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; }
+  command -v pg_ctlcluster >/dev/null && { service postgresql stop >/dev/null 2>&1 || true; }
+fi
+
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "tuneloop: creating .venv" >&2

@@ -6,20 +6,23 @@ from .base import CanaryEvidence, CompletionRef, FeedbackTx, Store, StoredEventK
 from .migrations import SchemaTooNew
 from .schema import prompt_sha256
 
-SUPPORTED_SCHEMES = ("sqlite:///",)
+SUPPORTED_SCHEMES = ("sqlite:///", "postgresql+psycopg://")
 
 
 def open_store(url: str) -> Store:
     """Opens (creating and migrating as needed) the store at `url`.
 
     Supported: "sqlite:///relative/path.db" and "sqlite:////absolute/path.db" (parent folders are
-    created). Raises ValueError for any other scheme, SchemaTooNew for a database written by a
-    newer tuneloop.
+    created), and "postgresql+psycopg://user:password@host:port/database" (the database must exist;
+    its tables are created and migrated). Raises ValueError for any other scheme, SchemaTooNew for
+    a database written by a newer tuneloop.
     """
-    from .sql import SQLITE_PREFIX, SqlStore  # deferred: sql imports the feedback domain types
+    from .sql import POSTGRES_PREFIX, SQLITE_PREFIX, SqlStore  # deferred: sql imports the feedback domain types
 
     if url.startswith(SQLITE_PREFIX):
         return SqlStore.open(url)
+    if url.startswith(POSTGRES_PREFIX):
+        return SqlStore.open_postgres(url)
     raise ValueError(
         f"unsupported store URL {url!r}; supported schemes: {', '.join(SUPPORTED_SCHEMES)} "
         "(e.g. sqlite:////var/lib/tuneloop/tuneloop.db)"

@@ -1,4 +1,4 @@
-"""The store on SQLAlchemy Core, configured for SQLite in WAL mode.
+"""The store on SQLAlchemy Core: SQLite in WAL mode (embedded) or PostgreSQL through psycopg 3.
 
 Durability: `synchronous=FULL` on every connection. In WAL mode NORMAL already survives a killed
 process, but a power loss or kernel crash can lose the last commits; FULL fsyncs the WAL at each
@@ -30,6 +30,7 @@ from .migrations import migrate
 from .schema import completions, feedback, prompt_sha256
 
 SQLITE_PREFIX = "sqlite:///"
+POSTGRES_PREFIX = "postgresql+psycopg://"
 
 
 def sqlite_engine(url: str, busy_timeout_s: float = 10.0) -> Engine:
@@ -76,6 +77,13 @@ class SqlStore:
     @classmethod
     def open(cls, url: str, busy_timeout_s: float = 10.0) -> SqlStore:
         return cls(sqlite_engine(url, busy_timeout_s))
+
+    @classmethod
+    def open_postgres(cls, url: str) -> SqlStore:
+        """The store on PostgreSQL through psycopg 3. Writes run at READ COMMITTED: the unique
+        indexes (event id, current judgement) reject a concurrent duplicate, and the writers retry."""
+        # pre_ping: a pooled connection dropped by a server restart is replaced instead of failing a call.
+        return cls(create_engine(url, pool_pre_ping=True))
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:

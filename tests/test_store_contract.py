@@ -1,0 +1,106 @@
+"""The `Store` contract on every backend: SQLite (embedded) and a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from completion_factory import make_completion, make_group
+from postgres_server import ExternalPostgres, PostgresServer, PostgresUnavailable
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.exc import IntegrityError
+
+from tuneloop.server.feedback import FeedbackEvent, FeedbackRecord
+from tuneloop.server.store import Store, open_store, prompt_sha256
+from tuneloop.server.store.migrations import LATEST_VERSION
+from tuneloop.server.store.schema import metadata
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer | ExternalPostgres]:
+    external = os.environ.get("TUNELOOP_TEST_POSTGRES_URL")
+    if external:
+        yield ExternalPostgres(external)
+        return
+    try:
+        server = PostgresServer()
+        server.start()
+    except (PostgresUnavailable, OSError) as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must exercise the PostgreSQL store: {e}")
+        pytest.skip(f"no PostgreSQL server for the store contract tests: {e}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/tuneloop.db"
+    return request.getfixturevalue("postgres").create_database()
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    s = open_store(store_url)
+    yield s
+    s.close()
+
+
+def _thumbs(rec_id: str, prompt: str, event_id: str, superseded_by: str | None = None) -> FeedbackRecord:
+    event = FeedbackEvent(event_id=event_id, rater_id="r", kind="thumbs", completion_id=rec_id, thumb_up=True)
+    return FeedbackRecord(0, event, rec_id, None, prompt_sha256(prompt), 0.0, superseded_by=superseded_by)
+
+
+def test_migrations_create_the_query_schema_and_reopen_is_idempotent(store_url: str, store: Store) -> None:
+    rec = make_completion()
+    store.write_completions([rec])
+    store.close()
+    reopened = open_store(store_url)
+    assert reopened.get_completion(rec.completion_id) == rec
+    reopened.close()
+    engine = create_engine(store_url)
+    insp = inspect(engine)
+    for table in metadata.sorted_tables:
+        assert [c["name"] for c in insp.get_columns(table.name)] == [c.name for c in table.columns], table.name
+    with engine.connect() as conn:
+        versions = [v for (v,) in conn.exec_driver_sql("SELECT version FROM schema_version ORDER BY version")]
+    engine.dispose()
+    assert versions == list(range(1, LATEST_VERSION + 1))
+
+
+def test_completion_round_trip_and_idempotent_write(store: Store) -> None:
+    group = make_group("Tell me a joke.", ["one", "two"], adapter=("kind", "v3"))
+    plain = make_completion(output="x")
+    store.write_completions([*group, plain])
+    store.write_completions([plain])  # a retried batch must not fail on its own rows
+    assert store.count_completions() == 3
+    for rec in [*group, plain]:
+        assert store.get_completion(rec.completion_id) == rec
+    assert store.get_completion("cmpl-missing") is None
+    assert set(store.get_completions([group[0].completion_id, "nope"])) == {group[0].completion_id}
+
+
+def test_feedback_sequence_supersede_and_reads(store: Store) -> None:
+    rec = make_completion(adapter=("kind", "v1"))
+    store.write_completions([rec])
+    with store.feedback_transaction() as tx:
+        assert tx.insert_feedback([_thumbs(rec.completion_id, rec.prompt_text, "a", superseded_by="b"),
+                                   _thumbs(rec.completion_id, rec.prompt_text, "b")]) == [1, 2]  # fmt: skip
+    with pytest.raises(IntegrityError), store.feedback_transaction() as tx:
+        tx.insert_feedback([_thumbs(rec.completion_id, rec.prompt_text, "c")])  # a second current judgement
+    key = _thumbs(rec.completion_id, rec.prompt_text, "x").event.judgement_key
+    with store.feedback_transaction() as tx:
+        assert tx.current_judgements([key]) == {key: "b"}
+        assert set(tx.stored_events(["a", "zz"])) == {"a"}
+        assert set(tx.completion_refs([rec.completion_id])) == {rec.completion_id}
+    assert [r.event_id for r in store.feedback_since(1)] == ["b"]
+    assert [r.event_id for r in store.iter_feedback(page_size=1)] == ["a", "b"]
+    assert [r.event_id for r in store.feedback_for_prompt(prompt_sha256(rec.prompt_text))] == ["a", "b"]
+    got = store.get_feedback("a")
+    assert got is not None and got.superseded_by == "b" and got.event.thumb_up is True
+    assert store.count_feedback() == 2
+    totals = store.version_feedback("kind")
+    assert totals["v1"].thumbs_up == 1 and totals["v1"].thumbs_down == 0
