@@ -22,6 +22,7 @@ from .adapters import AdapterManager, follow_registry
 from .admin import AdminService, monitor_canaries
 from .auth import ApiKeyInterceptor
 from .config import ServerConfig, read_api_keys
+from .decoding import DecodeGuardInterceptor
 from .engine import Engine, start_engine
 from .errors import EngineUnavailable
 from .feedback import FeedbackService
@@ -100,7 +101,8 @@ class TuneloopServer:
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> int:
         cfg = self.config
-        interceptors = []
+        # The decode guard runs innermost, so a request is authenticated before its bytes are judged.
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if cfg.api_keys_file:
             interceptors.append(
                 ApiKeyInterceptor(read_api_keys(cfg.api_keys_file), self._required_roles(), self.metrics)
@@ -109,6 +111,7 @@ class TuneloopServer:
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ]
+        interceptors.append(DecodeGuardInterceptor(self.metrics))
         server = grpc.aio.server(interceptors=interceptors, options=options)
         self._add_servicers(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -1,0 +1,103 @@
+"""Requests whose bytes are not a valid protobuf message get INVALID_ARGUMENT, not UNKNOWN.
+
+gRPC Python runs the request deserializer before any servicer code; when it raises, the caller
+sees `UNKNOWN` with a Python class name in the text. This interceptor gives every method a
+deserializer that never raises: undecodable bytes become an `Undecodable` marker, and the method
+answers it with a plain message before the servicer is called (for a request stream: when the bad
+message is read, ending the stream). It wraps every service (health and reflection too).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from .metrics import Metrics
+
+
+class Undecodable:
+    """What a request deserializer returns for bytes that do not parse."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, or whatever a parser raises on hostile bytes
+            what = getattr(deserializer, "__qualname__", "request").removesuffix(".FromString")
+            return Undecodable(
+                f"the request ({len(data)} bytes) is not a valid {what} message ({exc.__class__.__name__}); "
+                "send a message built from the tuneloop.v1 .proto files"
+            )
+
+    return decode
+
+
+class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def _reject(self, method: str, bad: Undecodable, context: grpc.aio.ServicerContext) -> None:
+        self._metrics.rpc_done(method, grpc.StatusCode.INVALID_ARGUMENT.name)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
+
+    def _checked_stream(self, method: str, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        async def checked() -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, Undecodable):
+                    await self._reject(method, request, context)
+                yield request
+
+        return checked()
+
+    def _wrap(self, method: str, behavior: Callable[..., Any], request_streaming: bool) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(behavior):
+
+            async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if request_streaming:
+                    request = self._checked_stream(method, request, context)
+                elif isinstance(request, Undecodable):
+                    await self._reject(method, request, context)
+                async for response in behavior(request, context):
+                    yield response
+
+            return gen
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if request_streaming:
+                request = self._checked_stream(method, request, context)
+            elif isinstance(request, Undecodable):
+                await self._reject(method, request, context)
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+        return call
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler  # unknown method: gRPC answers UNIMPLEMENTED
+        method = details.method.rsplit("/", 1)[-1]
+        kind = ("stream" if handler.request_streaming else "unary") + "_" + (
+            "stream" if handler.response_streaming else "unary"
+        )
+        behavior = getattr(handler, kind)
+        return handler._replace(  # type: ignore[attr-defined] # grpc's handlers are namedtuples
+            request_deserializer=_safe(handler.request_deserializer),
+            **{kind: self._wrap(method, behavior, handler.request_streaming)},
+        )
