@@ -19,8 +19,8 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from tuneloop.server.errors import TuneloopError
 from tuneloop.server.config import is_loopback_host
+from tuneloop.server.errors import TuneloopError
 from tuneloop.server.registry import DEFAULT_CHANNEL, AdapterRegistry
 from tuneloop.server.settings import add_flags
 

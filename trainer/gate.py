@@ -213,13 +213,14 @@ def decide(m: GateMetrics, cfg: GateConfig) -> GateResult:
         ))
     for n, cand, ref in ((1, m.distinct_1, m.reference_distinct_1), (2, m.distinct_2, m.reference_distinct_2)):
         if cand < cfg.min_diversity_ratio * ref:
-            failed.append((f"distinct_{n}", f"distinct-{n} {cand:.3f} < {cfg.min_diversity_ratio:.2f} x reference's {ref:.3f}"))
+            why = f"distinct-{n} {cand:.3f} < {cfg.min_diversity_ratio:.2f} x reference's {ref:.3f}"
+            failed.append((f"distinct_{n}", why))
     rise = m.nll_increase_per_token
     if not rise <= cfg.max_nll_increase_per_token:
         failed.append((
             "nll",
-            f"reference NLL of the candidate's samples {m.nll_per_token:.3f} nats/token vs {m.reference_nll_per_token:.3f} "
-            f"of its own: +{rise:.3f} > max_nll_increase_per_token {cfg.max_nll_increase_per_token:.3f}",
+            f"reference NLL of the candidate's samples {m.nll_per_token:.3f} nats/token vs "
+            f"{m.reference_nll_per_token:.3f} of its own: +{rise:.3f} > max_nll_increase_per_token {cfg.max_nll_increase_per_token:.3f}",
         ))
     for name, cand, ref, bound in (
         ("repetition", m.repetition, m.reference_repetition, cfg.max_repetition_increase),
@@ -230,7 +231,8 @@ def decide(m: GateMetrics, cfg: GateConfig) -> GateResult:
         if not cand - ref <= bound:
             failed.append((
                 name,
-                f"{name} share {cand:.3f} vs reference's {ref:.3f}: +{cand - ref:.3f} > max_{name}_increase {bound:.3f}",
+                f"{name} share {cand:.3f} vs reference's {ref:.3f}: +{cand - ref:.3f} > "
+                f"max_{name}_increase {bound:.3f}",
             ))
     return GateResult(passed=not failed, failures=[f for _, f in failed], failed_checks=[c for c, _ in failed])
 
