@@ -220,7 +220,8 @@ def decide(m: GateMetrics, cfg: GateConfig) -> GateResult:
         failed.append((
             "nll",
             f"reference NLL of the candidate's samples {m.nll_per_token:.3f} nats/token vs "
-            f"{m.reference_nll_per_token:.3f} of its own: +{rise:.3f} > max_nll_increase_per_token {cfg.max_nll_increase_per_token:.3f}",
+            f"{m.reference_nll_per_token:.3f} of its own: +{rise:.3f} > "
+            f"max_nll_increase_per_token {cfg.max_nll_increase_per_token:.3f}",
         ))
     for name, cand, ref, bound in (
         ("repetition", m.repetition, m.reference_repetition, cfg.max_repetition_increase),
