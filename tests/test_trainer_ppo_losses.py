@@ -96,13 +96,14 @@ def test_clipped_value_loss_hand_values() -> None:
     # t0: err 1, clipped V 0.2 -> 0.04; max 1. t1: err 0.81, clipped V 0.1 -> 0.81; max 0.81
     assert out.loss.item() == pytest.approx(0.5 * (1.0 + 0.81) / 2)
     assert out.clip_fraction.item() == 0.0
-    far = clipped_value_loss(torch.tensor([[-1.0]]), torch.zeros(1, 1), torch.tensor([[1.0]]), torch.ones(1, 1), clip=0.2)
+    one = torch.ones(1, 1)
+    far = clipped_value_loss(torch.tensor([[-1.0]]), torch.zeros(1, 1), torch.tensor([[1.0]]), one, clip=0.2)
     # V moved away from the return: err 4, clipped V -0.2 -> 1.44; the max keeps 4
     assert far.loss.item() == pytest.approx(2.0)
-    toward = clipped_value_loss(torch.tensor([[2.0]]), torch.zeros(1, 1), torch.tensor([[1.0]]), torch.ones(1, 1), clip=0.2)
+    toward = clipped_value_loss(torch.tensor([[2.0]]), torch.zeros(1, 1), torch.tensor([[1.0]]), one, clip=0.2)
     # V overshot toward the return: err 1, clipped V 0.2 -> 0.64; max 1 (not clipped), fraction 0
     assert toward.loss.item() == pytest.approx(0.5)
-    overstep = clipped_value_loss(torch.tensor([[0.9]]), torch.zeros(1, 1), torch.tensor([[1.0]]), torch.ones(1, 1), clip=0.2)
+    overstep = clipped_value_loss(torch.tensor([[0.9]]), torch.zeros(1, 1), torch.tensor([[1.0]]), one, clip=0.2)
     # err 0.01, clipped V 0.2 -> 0.64: the clipped error wins
     assert overstep.loss.item() == pytest.approx(0.32) and overstep.clip_fraction.item() == 1.0
 
