@@ -13,14 +13,19 @@ for arg in "$@"; do
   esac
 done
 
-# The store tests run a throwaway PostgreSQL server (tests/postgres_server.py); install the Debian
-# server packages when they are missing and we may (root with apt-get). Debian's postgresql package
-# also creates and starts a default cluster; the tests do not use it, so it is stopped again.
-if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "tuneloop: installing the PostgreSQL server (Debian package) for the store tests" >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null \
-    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; }
-  command -v pg_ctlcluster >/dev/null && { service postgresql stop >/dev/null 2>&1 || true; }
+# Services the tests need, from Debian's packages, installed when missing and we may (root with
+# apt-get): the PostgreSQL server (the store tests run a throwaway one, tests/postgres_server.py)
+# and Prometheus (promtool checks the shipped scrape config, alert rules and their unit tests).
+# Debian's postgresql package also creates and starts a default cluster and prometheus starts a
+# server where it can; the tests use neither, so both are stopped again.
+missing=()
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
+command -v promtool >/dev/null || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "tuneloop: installing ${missing[*]} (Debian packages) for the tests" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; }
+  for svc in postgresql prometheus; do service "$svc" stop >/dev/null 2>&1 || true; done
 fi
 
 python=${PYTHON:-python3}
