@@ -67,8 +67,11 @@ def tiny_config(registry_dir: str, model_dir: str, **kw: object) -> TrainerConfi
     base: dict[str, object] = dict(
         adapter="toy", model_dir=model_dir, registry_dir=registry_dir, min_train_pairs=4, min_heldout_pairs=2,
         progress=False, data=DatasetConfig(heldout_fraction=0.34), dpo=tiny_dpo(),
+        # The toy task moves the adapter far on purpose (a few steps at lr 2e-3): loose KL and NLL
+        # bounds let these tests exercise publishing; tests/test_trainer_gate.py tests the bounds.
         gate=GateConfig(
-            eval_prompts=2, samples_per_prompt=2, sample_max_tokens=8, max_kl_per_token=5.0, min_diversity_ratio=0.3
+            eval_prompts=2, samples_per_prompt=2, sample_max_tokens=8, max_kl_per_token=5.0, min_diversity_ratio=0.3,
+            max_nll_increase_per_token=5.0,
         ),
     )  # fmt: skip
     base.update(kw)
