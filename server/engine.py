@@ -15,6 +15,7 @@ from typing import Protocol
 
 from .config import ServerConfig
 from .domain import SamplingSpec
+from .hardware import fastest_dtype
 from .errors import EngineUnavailable, FailedPrecondition, InvalidArgument, RequestFailed
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,10 @@ class VllmEngine:
             chunked = not cpu
         else:
             chunked = config.chunked_prefill == "on"
+        dtype = fastest_dtype(config.dtype, "cpu" if cpu else "cuda")
         args = AsyncEngineArgs(
             model=model_dir,
-            dtype=config.dtype,
+            dtype=dtype,
             max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs,
             enable_lora=True,
@@ -116,7 +118,14 @@ class VllmEngine:
             disable_log_stats=False,
             enable_log_requests=False,
         )
-        log.info("starting vLLM engine on %s (%s, chunked prefill %s)", model_dir, "CPU" if cpu else "GPU", chunked)
+        log.info(
+            "starting vLLM engine on %s (%s, dtype %s from %r, chunked prefill %s)",
+            model_dir,
+            "CPU" if cpu else "GPU",
+            dtype,
+            config.dtype,
+            chunked,
+        )
         llm = AsyncLLM.from_engine_args(args)
         return cls(llm, config.max_model_len)
 

@@ -19,6 +19,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from tuneloop.server.hardware import bf16_math, fastest_dtype
+
 from .config import DPOConfig
 from .losses import completion_positions, gathered_token_logps, sum_by_row
 
@@ -35,23 +37,11 @@ def resolve_device(preference: str) -> torch.device:
     return torch.device("cpu")
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """bf16 is worth it where the hardware has bf16 math (AVX512-BF16/AMX on CPU, Ampere+ on CUDA);
-    elsewhere it is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN
-        return False
-
-
 def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
-    if preference == "float32":
-        return torch.float32
-    if preference == "bfloat16":
-        return torch.bfloat16
-    return torch.bfloat16 if bf16_supported(device) else torch.float32
+    """The trainer's dtype: the same hardware-aware choice the server makes (server/hardware.py)."""
+    if preference == "auto" and device.type == "cuda" and not bf16_math(device.type):
+        return torch.float32  # fp16 training would need loss scaling; fp32 is the safe fallback
+    return getattr(torch, fastest_dtype(preference, device.type))
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[object]:
