@@ -15,8 +15,8 @@ from typing import Protocol
 
 from .config import ServerConfig
 from .domain import SamplingSpec
-from .hardware import fastest_dtype
 from .errors import EngineUnavailable, FailedPrecondition, InvalidArgument, RequestFailed
+from .hardware import fastest_dtype
 
 log = logging.getLogger(__name__)
 
