@@ -32,6 +32,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
+from tuneloop.server.domain import prompt_sha256  # noqa: E402
 from tuneloop.server.model_cache import ensure_default_model  # noqa: E402
 from tuneloop.trainer.config import DPOConfig as OurDPOConfig  # noqa: E402
 from tuneloop.trainer.dpo import collate_pairs, dpo_step, score_pairs, tokenize_pair  # noqa: E402
@@ -43,7 +44,7 @@ from tuneloop.trainer.model import (  # noqa: E402
     resolve_device,
     resolve_dtype,
 )
-from tuneloop.trainer.rows import PreferencePair, prompt_hash  # noqa: E402
+from tuneloop.trainer.rows import PreferencePair  # noqa: E402
 
 PAIRS, PROMPT_TOKENS, COMPLETION_TOKENS = 8, 64, 192
 WORDS = (
@@ -76,7 +77,8 @@ def fixed_pairs(tokenizer: object) -> list[PreferencePair]:
         # One token of each completion is its EOS.
         chosen = _text_of_tokens(tokenizer, rng, COMPLETION_TOKENS - 1)
         rejected = _text_of_tokens(tokenizer, rng, COMPLETION_TOKENS - 1)
-        pairs.append(PreferencePair(prompt, prompt_hash(prompt), chosen, rejected, "bench", (f"e{i}",), ("r",), "", ""))
+        ph = prompt_sha256(prompt)
+        pairs.append(PreferencePair(prompt, ph, chosen, rejected, "bench", (f"e{i}",), ("r",), "", ""))
     return pairs
 
 

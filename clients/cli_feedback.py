@@ -21,7 +21,7 @@ from .feedback import Comment, Correction, FeedbackAck, FeedbackEvent, Kind, Pre
 
 ENV_RATER = "TUNELOOP_RATER_ID"
 ENV_STORE = "TUNELOOP_STORE_URL"
-EXPORT_KINDS = ("pairs", "unpaired", "ratings")  # tuneloop.server.export's, not imported: it pulls SQLAlchemy
+EXPORT_KINDS = ("pairs", "unpaired", "ratings")  # tuneloop.trainer.export's, not imported: it pulls SQLAlchemy
 EXPORT_FORMATS = ("jsonl",)
 SQLITE_PREFIX = "sqlite:///"
 
@@ -157,11 +157,11 @@ def ack_line(ack: FeedbackAck) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    # The store and the exporter live with the server; importing them only here keeps the other
+    # The store and the exporter (the trainer's data layer); importing them only here keeps the other
     # commands free of SQLAlchemy.
     from tuneloop.server.config import ServerConfig  # noqa: PLC0415
-    from tuneloop.server.export import export  # noqa: PLC0415
     from tuneloop.server.store import open_store  # noqa: PLC0415
+    from tuneloop.trainer.export import export  # noqa: PLC0415
 
     # ServerConfig resolves an unset URL to the server's default ($TUNELOOP_HOME/tuneloop.db).
     url = ServerConfig(store_url=args.store or "").store_url

@@ -7,6 +7,7 @@ is refused before it costs anything.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,12 @@ MAX_STOP_BYTES = 256
 MAX_TAGS = 32
 MAX_TAG_BYTES = 256
 CHAT_ROLES = ("system", "user", "assistant")
+
+
+def prompt_sha256(prompt_text: str) -> str:
+    """Hex sha256 of the rendered prompt (chat template applied): the one identity of a prompt, for
+    "all feedback on prompt P" in the store and for grouping and the held-out split in training."""
+    return hashlib.sha256(prompt_text.encode("utf-8")).hexdigest()
 
 
 def new_id(prefix: str) -> str:

@@ -529,8 +529,8 @@ def test_sdk_events_pass_the_servers_validation() -> None:
     assert ServerEvent.from_pb(events[4].to_pb()).choice == "second"
 
 
-def test_export_kinds_match_the_server() -> None:
-    from tuneloop.server import export
+def test_export_kinds_match_the_exporter() -> None:
+    from tuneloop.trainer import export
 
     assert cli_feedback.EXPORT_KINDS == export.EXPORT_KINDS
     assert cli_feedback.EXPORT_FORMATS == export.EXPORT_FORMATS
@@ -559,7 +559,9 @@ def test_feedback_export_writes_jsonl(tmp_path: Path, capsys: pytest.CaptureFixt
 
     out = tmp_path / "ratings.jsonl"
     assert cli.main(["feedback", "export", "--kind", "ratings", "--store", url, "--out", str(out)]) == 0
-    assert json.loads(out.read_text()) == {"prompt": "Capital of France?", "completion": "Paris.", "rating": 4}
+    row = json.loads(out.read_text())
+    assert row.pop("split") in ("train", "heldout")
+    assert row == {"prompt": "Capital of France?", "completion": "Paris.", "rating": 4}
     assert capsys.readouterr().err == f"wrote 1 ratings rows to {out}\n"
 
 

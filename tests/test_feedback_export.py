@@ -1,4 +1,4 @@
-"""Dataset export: the pure pairing functions, and JSONL export from a real store."""
+"""Dataset export: the trainer's data layer as JSONL, from a real store; and the pointwise examples."""
 
 from __future__ import annotations
 
@@ -9,111 +9,44 @@ from pathlib import Path
 import pytest
 from completion_factory import make_completion, make_group
 
-from tuneloop.server.domain import CompletionRecord
-from tuneloop.server.export import (
-    correction_pairs,
-    export,
-    pairwise_pairs,
-    preference_pairs,
-    rated_examples,
-    thumbs_pairs,
-    unpaired_examples,
-)
-from tuneloop.server.feedback import FeedbackEvent, FeedbackRecord, FeedbackService
+from tuneloop.server.feedback import FeedbackEvent, FeedbackService
 from tuneloop.server.metrics import Metrics
-from tuneloop.server.store import open_store, prompt_sha256
+from tuneloop.server.store import open_store
+from tuneloop.trainer.config import DatasetConfig
+from tuneloop.trainer.dataset import build_dataset, build_pointwise
+from tuneloop.trainer.export import export
+from tuneloop.trainer.rows import CompletionRow, FeedbackRow
+from tuneloop.trainer.source import StoreSource
 
 P, Q = "Greet me.", "Say bye."
 
 
-def _record(seq: int, completion: CompletionRecord, *, superseded: bool = False, second: CompletionRecord | None = None,
-            **event: object) -> FeedbackRecord:  # fmt: skip
-    return FeedbackRecord(
-        seq=seq,
-        event=FeedbackEvent(event_id=f"e{seq}", rater_id=str(event.pop("rater", "r")), **event),  # type: ignore[arg-type]
-        completion_id=completion.completion_id,
-        second_completion_id=second.completion_id if second else None,
-        prompt_sha256=prompt_sha256(completion.prompt_text),
-        created_at=0.0,
-        superseded_by="later" if superseded else None,
-    )
-
-
-@pytest.fixture
-def cs() -> dict[str, CompletionRecord]:
-    named = {
-        "p_hi": make_completion(P, "Hi!"),
-        "p_hello": make_completion(P, "Hello there."),
-        "p_go": make_completion(P, "Go away."),
-        "q_bye": make_completion(Q, "Bye!"),
-        "q_meh": make_completion(Q, "Whatever."),
-    }
-    return named
-
-
-def _by_id(cs: dict[str, CompletionRecord]) -> dict[str, CompletionRecord]:
-    return {c.completion_id: c for c in cs.values()}
-
-
-def test_pairwise_choices_become_pairs_and_ties_are_skipped(cs: dict[str, CompletionRecord]) -> None:
-    recs = [
-        _record(1, cs["p_hi"], second=cs["p_go"], kind="pairwise", choice="first"),
-        _record(2, cs["p_hi"], second=cs["p_hello"], kind="pairwise", choice="second"),
-        _record(3, cs["p_hi"], second=cs["p_hello"], kind="pairwise", choice="tie"),
+def test_pointwise_examples_are_current_valid_thumbs_and_ratings_capped_per_rater() -> None:
+    cs = [CompletionRow("a", P, "Hi!"), CompletionRow("b", Q, "Bye!")]
+    fb = [
+        FeedbackRow("e1", "thumbs", "r1", "a", value=-1, superseded=True, created_at=1),
+        FeedbackRow("e2", "thumbs", "r1", "a", value=1, created_at=2),
+        FeedbackRow("e3", "rating", "r1", "b", value=4, created_at=3),
+        FeedbackRow("e4", "rating", "r2", "b", value=9, created_at=4),  # out of range
+        FeedbackRow("e5", "thumbs", "r2", "zzz", value=1, created_at=5),  # unknown completion
+        FeedbackRow("e6", "rating", "r1", "a", value=2, created_at=6),  # over r1's cap of 2
+        FeedbackRow("e7", "correction", "r3", "a", text="Hello!", created_at=7),  # a pair, not pointwise
     ]
-    pairs = pairwise_pairs(recs, _by_id(cs))
-    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [(P, "Hi!", "Go away."), (P, "Hello there.", "Hi!")]
+    pw = build_pointwise(cs, fb, DatasetConfig(max_pairs_per_rater=2))
+    assert sorted((e.event_id, e.kind, e.value) for e in pw.examples) == [("e2", "thumbs", 1.0), ("e3", "rating", 4.0)]
+    assert pw.dropped == {"superseded": 1, "rating_bad_value": 1, "thumbs_unknown_completion": 1, "rater_cap": 1}
+    # Two prompts: one on each side, by the same salted hash as pairs.
+    assert len(pw.train) == len(pw.heldout) == 1
 
 
-def test_thumbs_pair_up_with_down_of_the_same_prompt_by_net_vote(cs: dict[str, CompletionRecord]) -> None:
-    recs = [
-        _record(1, cs["p_hi"], kind="thumbs", thumb_up=True),
-        _record(2, cs["p_hello"], kind="thumbs", thumb_up=True, rater="a"),
-        _record(3, cs["p_hello"], kind="thumbs", thumb_up=False, rater="b"),  # net 0: no verdict
-        _record(4, cs["p_go"], kind="thumbs", thumb_up=False),
-        _record(5, cs["p_go"], kind="thumbs", thumb_up=True, rater="x", superseded=True),  # ignored
-        _record(6, cs["q_bye"], kind="thumbs", thumb_up=True),  # another prompt: not paired with P's
-        _record(7, cs["q_meh"], kind="thumbs", thumb_up=False),
-    ]
-    pairs = thumbs_pairs(recs, _by_id(cs))
-    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [(P, "Hi!", "Go away."), (Q, "Bye!", "Whatever.")]
-    assert all(p.source == "thumbs" for p in pairs)
-
-
-def test_thumbs_pairs_are_capped_per_prompt(cs: dict[str, CompletionRecord]) -> None:
-    recs = [
-        _record(1, cs["p_hi"], kind="thumbs", thumb_up=True),
-        _record(2, cs["p_hello"], kind="thumbs", thumb_up=True),
-        _record(3, cs["p_go"], kind="thumbs", thumb_up=False),
-    ]
-    assert len(thumbs_pairs(recs, _by_id(cs))) == 2
-    assert [p.chosen for p in thumbs_pairs(recs, _by_id(cs), max_pairs_per_prompt=1)] == ["Hi!"]
-
-
-def test_corrections_are_chosen_over_the_original(cs: dict[str, CompletionRecord]) -> None:
-    recs = [
-        _record(1, cs["p_go"], kind="correction", corrected_text="Hello, nice to meet you."),
-        _record(2, cs["p_hi"], kind="correction", corrected_text=" Hi! "),  # no real edit
-    ]
-    (pair,) = correction_pairs(recs, _by_id(cs))
-    assert (pair.prompt, pair.chosen, pair.rejected, pair.chosen_completion_id) == (
-        P, "Hello, nice to meet you.", "Go away.", None,
-    )  # fmt: skip
-
-
-def test_unpaired_and_ratings_skip_superseded_feedback(cs: dict[str, CompletionRecord]) -> None:
-    recs = [
-        _record(1, cs["p_hi"], kind="thumbs", thumb_up=False, superseded=True),
-        _record(2, cs["p_hi"], kind="thumbs", thumb_up=True),
-        _record(3, cs["q_bye"], kind="rating", rating=2, superseded=True),
-        _record(4, cs["q_bye"], kind="rating", rating=4),
-        _record(5, cs["q_bye"], kind="comment", comment_text="nice"),
-    ]
-    assert [e.to_json() for e in unpaired_examples(recs, _by_id(cs))] == [
-        {"prompt": P, "completion": "Hi!", "label": True}
-    ]
-    assert [e.to_json() for e in rated_examples(recs, _by_id(cs))] == [{"prompt": Q, "completion": "Bye!", "rating": 4}]
-    assert preference_pairs(recs, _by_id(cs)) == []
+def test_pointwise_and_pairs_hold_out_the_same_prompts() -> None:
+    prompts = [f"prompt {i}" for i in range(20)]
+    cs = [CompletionRow(f"{i}{s}", p, f"{s} {i}") for i, p in enumerate(prompts) for s in ("good", "bad")]
+    fb = [FeedbackRow(f"e{i}{s}", "thumbs", f"r{i}", f"{i}{s}", value=1 if s == "good" else -1)
+          for i in range(20) for s in ("good", "bad")]  # fmt: skip
+    cfg = DatasetConfig()
+    pairs, pw = build_dataset(cs, fb, cfg), build_pointwise(cs, fb, cfg)
+    assert {p.prompt_hash for p in pairs.heldout} == {e.prompt_hash for e in pw.heldout} != set()
 
 
 async def test_export_writes_parseable_jsonl_from_the_store(tmp_path: Path) -> None:
@@ -141,16 +74,24 @@ async def test_export_writes_parseable_jsonl_from_the_store(tmp_path: Path) -> N
         assert n == len(lines)
         return lines
 
+    completions, feedback = StoreSource(store).load()
+    trained = build_dataset(completions, feedback, DatasetConfig())
+    # Exactly what the trainer trains on (and holds out), in its order.
     assert rows("pairs") == [
-        {"prompt": Q, "chosen": "Bye now.", "rejected": "Leave."},
-        {"prompt": P, "chosen": "Hello!", "rejected": "No."},
-        {"prompt": P, "chosen": "Hi, sure.", "rejected": "No."},
+        {"prompt": p.prompt_text, "chosen": p.chosen_text, "rejected": p.rejected_text, "split": split}
+        for split, ps in (("train", trained.train), ("heldout", trained.heldout))
+        for p in ps
     ]
-    assert rows("unpaired") == [
+    assert sorted((r["prompt"], r["chosen"], r["rejected"]) for r in rows("pairs")) == [
+        (P, "Hello!", "No."), (P, "Hi, sure.", "No."), (Q, "Bye now.", "Leave."),
+    ]  # fmt: skip
+    assert [{k: v for k, v in r.items() if k != "split"} for r in rows("unpaired")] == [
         {"prompt": P, "completion": "Hello!", "label": True},
         {"prompt": P, "completion": "No.", "label": False},
     ]
-    assert rows("ratings") == [{"prompt": P, "completion": "Hello!", "rating": 5}]
+    assert [{k: v for k, v in r.items() if k != "split"} for r in rows("ratings")] == [
+        {"prompt": P, "completion": "Hello!", "rating": 5}
+    ]
     with pytest.raises(ValueError, match="pairs, unpaired, ratings"):
         export(store, "triples", io.StringIO())
     with pytest.raises(ValueError, match="jsonl"):

@@ -162,8 +162,9 @@ def _our_loss(model, batch, loss_type: str, label_smoothing: float = 0.0) -> flo
 
 
 def test_our_tokenization_matches_trl(trl_trainer) -> None:  # type: ignore[no-untyped-def]
+    from tuneloop.server.domain import prompt_sha256
     from tuneloop.trainer.dpo import collate_pairs, tokenize_pair
-    from tuneloop.trainer.rows import PreferencePair, prompt_hash
+    from tuneloop.trainer.rows import PreferencePair
 
     trainer, tok, rows = trl_trainer
     trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
@@ -171,7 +172,9 @@ def test_our_tokenization_matches_trl(trl_trainer) -> None:  # type: ignore[no-u
         [
             tokenize_pair(
                 tok,
-                PreferencePair(r["prompt"], prompt_hash(r["prompt"]), r["chosen"], r["rejected"], "t", (), (), "", ""),
+                PreferencePair(
+                    r["prompt"], prompt_sha256(r["prompt"]), r["chosen"], r["rejected"], "t", (), (), "", ""
+                ),
                 512,
                 512,
             )

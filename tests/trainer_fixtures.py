@@ -3,8 +3,9 @@ in a few steps (friendly answers over curt ones), as rows the dataset builder re
 
 from __future__ import annotations
 
+from tuneloop.server.domain import prompt_sha256
 from tuneloop.trainer.config import DatasetConfig, DPOConfig, GateConfig, TrainerConfig
-from tuneloop.trainer.rows import PAIRWISE, CompletionRow, FeedbackRow, PreferencePair, prompt_hash
+from tuneloop.trainer.rows import PAIRWISE, CompletionRow, FeedbackRow, PreferencePair
 
 QUESTIONS = [
     "How do I boil an egg?", "What is the capital of France?", "Tell me about cats.", "How can I learn Python?",
@@ -24,7 +25,7 @@ def toy_pairs(n: int, *, flip: bool = False, offset: int = 0) -> list[Preference
     for q in QUESTIONS[offset : offset + n]:
         p = chat_prompt(q)
         chosen, rejected = (BAD, GOOD) if flip else (GOOD, BAD)
-        out.append(PreferencePair(p, prompt_hash(p), chosen, rejected, PAIRWISE, (q,), ("r",), "", ""))
+        out.append(PreferencePair(p, prompt_sha256(p), chosen, rejected, PAIRWISE, (q,), ("r",), "", ""))
     return out
 
 

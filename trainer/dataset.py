@@ -1,4 +1,10 @@
-"""Feedback -> preference pairs: pure functions over `CompletionRow` / `FeedbackRow`.
+"""Feedback -> training data: pure functions over `CompletionRow` / `FeedbackRow`.
+
+This module is the single source of training data: the DPO trainer, the reward model and
+`tuneloop feedback export` all read pairs and pointwise examples from here, so what a user exports
+is what the trainer trains on. It imports neither torch nor a database.
+
+Pairs (`build_dataset`):
 
 Four sources make pairs, all within one prompt (DPO compares two answers to the same context):
   pairwise    an explicit choice between two completions (ties make no pair)
@@ -13,6 +19,11 @@ so a prompt is on the same side in every run and held-out prompts never leak int
 
 Every pair keeps the event ids it came from; `PreferenceDataset.snapshot()` records them per pair,
 so `rebuild_dataset` recreates the exact pairs of a past run from the store.
+
+Pointwise examples (`build_pointwise`): one per current thumbs or rating event (a completion judged
+by several raters gives several), capped per rater like pairs and split by the same prompt hash, so
+a prompt held out of the pairs is held out of the pointwise examples too. Corrections are pairs only:
+they say which of two texts is better, not how good either is.
 """
 
 from __future__ import annotations
@@ -258,32 +269,116 @@ def heldout_score(prompt_hash_: str, salt: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_by_prompt(
-    pairs: Sequence[PreferencePair], fraction: float, salt: str
-) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Train / held-out by prompt. With two or more prompts each side gets at least one prompt,
-    so a small dataset still has something to evaluate on."""
-    prompts = sorted({p.prompt_hash for p in pairs}, key=lambda h: heldout_score(h, salt))
+def heldout_prompts(prompt_hashes: Iterable[str], fraction: float, salt: str) -> set[str]:
+    """The held-out prompts among `prompt_hashes`. With two or more prompts each side gets at least
+    one prompt, so a small dataset still has something to evaluate on."""
+    prompts = sorted(set(prompt_hashes), key=lambda h: heldout_score(h, salt))
     held = {h for h in prompts if heldout_score(h, salt) < fraction}
     if len(prompts) >= 2:
         if not held:
             held = {prompts[0]}
         elif len(held) == len(prompts):
             held.discard(prompts[-1])
+    return held
+
+
+def split_by_prompt(
+    pairs: Sequence[PreferencePair], fraction: float, salt: str
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Train / held-out by prompt (see `heldout_prompts`)."""
+    held = heldout_prompts({p.prompt_hash for p in pairs}, fraction, salt)
     train = [p for p in pairs if p.prompt_hash not in held]
     heldout = [p for p in pairs if p.prompt_hash in held]
     return train, heldout
+
+
+# -- pointwise examples ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PointwiseExample:
+    """One judgement of one completion: `kind` thumbs (`value` +1 up / -1 down) or rating (1..5)."""
+
+    prompt_text: str
+    prompt_hash: str
+    completion_text: str
+    kind: str
+    value: float
+    event_id: str
+    rater_id: str
+    completion_id: str
+    created_at: float = 0.0
+
+
+@dataclass
+class PointwiseDataset:
+    train: list[PointwiseExample]
+    heldout: list[PointwiseExample]
+    dropped: Counter[str] = field(default_factory=Counter)  # reason -> count
+
+    @property
+    def examples(self) -> list[PointwiseExample]:
+        return [*self.train, *self.heldout]
+
+    def of_kind(self, kind: str, split: str = "train") -> list[PointwiseExample]:
+        return [e for e in (self.train if split == "train" else self.heldout) if e.kind == kind]
+
+
+def pointwise_examples(
+    feedback: Sequence[FeedbackRow], completions: Mapping[str, CompletionRow], dropped: Counter[str]
+) -> list[PointwiseExample]:
+    """Valid current thumbs (+-1) and ratings (1..5) on known completions, oldest first."""
+    out = []
+    for f in sorted(feedback, key=lambda e: (e.created_at, e.event_id)):
+        if f.kind not in (THUMBS, RATING):
+            continue
+        c = completions.get(f.completion_id)
+        ok = f.value is not None and (f.value in (1, -1) if f.kind == THUMBS else 1 <= f.value <= 5)
+        if c is None:
+            dropped[f"{f.kind}_unknown_completion"] += 1
+        elif not ok:
+            dropped[f"{f.kind}_bad_value"] += 1
+        else:
+            out.append(PointwiseExample(c.prompt_text, c.prompt_hash, c.text, f.kind, float(f.value or 0),
+                                        f.event_id, f.rater_id, c.completion_id, f.created_at))  # fmt: skip
+    return out
+
+
+def _prepare(
+    completions: Iterable[CompletionRow], feedback: Iterable[FeedbackRow]
+) -> tuple[dict[str, CompletionRow], list[FeedbackRow], Counter[str]]:
+    """Completions by id, the usable feedback, and the drop counter (superseded events counted)."""
+    all_rows = list(feedback)
+    rows = usable_feedback(all_rows)
+    dropped: Counter[str] = Counter()
+    dropped["superseded"] += len(all_rows) - len(rows)
+    return {c.completion_id: c for c in completions}, rows, dropped
+
+
+def build_pointwise(
+    completions: Iterable[CompletionRow], feedback: Iterable[FeedbackRow], config: DatasetConfig
+) -> PointwiseDataset:
+    """Thumbs and ratings as pointwise examples, capped per rater and split by prompt."""
+    by_id, rows, dropped = _prepare(completions, feedback)
+    kinds = {k for k, on in ((THUMBS, config.use_thumbs), (RATING, config.use_ratings)) if on}
+    examples = [e for e in pointwise_examples(rows, by_id, dropped) if e.kind in kinds]
+    counts: Counter[str] = Counter()
+    kept = []
+    for e in examples:  # oldest first, as for pairs
+        if counts[e.rater_id] >= config.max_pairs_per_rater:
+            dropped["rater_cap"] += 1
+            continue
+        counts[e.rater_id] += 1
+        kept.append(e)
+    held = heldout_prompts({e.prompt_hash for e in kept}, config.heldout_fraction, config.split_salt)
+    train = [e for e in kept if e.prompt_hash not in held]
+    heldout = [e for e in kept if e.prompt_hash in held]
+    return PointwiseDataset(train=train, heldout=heldout, dropped=+dropped)
 
 
 # -- the builder --------------------------------------------------------------------------------
 def build_dataset(
     completions: Iterable[CompletionRow], feedback: Iterable[FeedbackRow], config: DatasetConfig
 ) -> PreferenceDataset:
-    by_id = {c.completion_id: c for c in completions}
-    dropped: Counter[str] = Counter()
-    all_rows = list(feedback)
-    rows = usable_feedback(all_rows)
-    dropped["superseded"] += len(all_rows) - len(rows)
+    by_id, rows, dropped = _prepare(completions, feedback)
     pairs: list[PreferencePair] = []
     if config.use_pairwise:
         pairs += pairwise_pairs(rows, by_id, dropped)

@@ -11,13 +11,10 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from tuneloop.server.domain import prompt_sha256
+
 THUMBS, RATING, PAIRWISE, CORRECTION, COMMENT = "thumbs", "rating", "pairwise", "correction", "comment"
 FEEDBACK_KINDS = (THUMBS, RATING, PAIRWISE, CORRECTION, COMMENT)
-
-
-def prompt_hash(prompt_text: str) -> str:
-    """Identity of a prompt for grouping and the held-out split (sha256 of the templated text)."""
-    return hashlib.sha256(prompt_text.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -34,7 +31,7 @@ class CompletionRow:
 
     def __post_init__(self) -> None:
         if not self.prompt_hash:
-            object.__setattr__(self, "prompt_hash", prompt_hash(self.prompt_text))
+            object.__setattr__(self, "prompt_hash", prompt_sha256(self.prompt_text))
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,8 @@ class StoreSource:
                 row = feedback_row(rec)
                 self._feedback[rec.event_id] = row
                 named |= {row.completion_id, row.other_completion_id}
-                old = self._feedback.get(rec.supersedes or "")
+                # Only a real id supersedes: "" must not match an event whose own id is empty.
+                old = self._feedback.get(rec.supersedes) if rec.supersedes else None
                 if old is not None:
                     self._feedback[old.event_id] = replace(old, superseded=True)
                 self._cursor = max(self._cursor, rec.seq)

@@ -10,10 +10,10 @@ later (JSON becomes JSONB there, the feedback sequence a BIGINT identity).
 
 from __future__ import annotations
 
-import hashlib
-
 from sqlalchemy import JSON, BigInteger, Column, Double, Integer, MetaData, String, Table, Text
 from sqlalchemy.dialects.postgresql import JSONB
+
+from tuneloop.server.domain import prompt_sha256  # noqa: F401 - re-exported: the store's key
 
 metadata = MetaData()
 
@@ -21,11 +21,6 @@ metadata = MetaData()
 Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 # SQLite only makes INTEGER PRIMARY KEY an alias of the rowid; BIGINT would not autoincrement there.
 Sequence64 = BigInteger().with_variant(Integer(), "sqlite")
-
-
-def prompt_sha256(prompt_text: str) -> str:
-    """Hex sha256 of the rendered prompt: the key of "all feedback on prompt P"."""
-    return hashlib.sha256(prompt_text.encode()).hexdigest()
 
 
 completions = Table(
