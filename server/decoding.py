@@ -52,6 +52,14 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
         self._metrics.rpc_done(method, grpc.StatusCode.INVALID_ARGUMENT.name)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
 
+    async def _checked(self, method: str, request: Any, request_streaming: bool, context: Any) -> Any:
+        """The request to hand the servicer: a unary one checked now, a stream checked as it is read."""
+        if request_streaming:
+            return self._checked_stream(method, request, context)
+        if isinstance(request, Undecodable):
+            await self._reject(method, request, context)
+        return request
+
     def _checked_stream(self, method: str, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         async def checked() -> AsyncIterator[Any]:
             async for request in requests:
@@ -65,21 +73,14 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(behavior):
 
             async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                if request_streaming:
-                    request = self._checked_stream(method, request, context)
-                elif isinstance(request, Undecodable):
-                    await self._reject(method, request, context)
-                async for response in behavior(request, context):
+                checked = await self._checked(method, request, request_streaming, context)
+                async for response in behavior(checked, context):
                     yield response
 
             return gen
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if request_streaming:
-                request = self._checked_stream(method, request, context)
-            elif isinstance(request, Undecodable):
-                await self._reject(method, request, context)
-            result = behavior(request, context)
+            result = behavior(await self._checked(method, request, request_streaming, context), context)
             return await result if inspect.isawaitable(result) else result
 
         return call

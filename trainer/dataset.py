@@ -31,9 +31,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from .config import DatasetConfig
 from .rows import CORRECTION, PAIRWISE, RATING, THUMBS, CompletionRow, FeedbackRow, PreferencePair
@@ -246,21 +246,31 @@ def dedupe(pairs: Iterable[PreferencePair], dropped: Counter[str]) -> list[Prefe
     return result
 
 
+T = TypeVar("T")
+
+
+def _cap_in_order(items: Iterable[T], raters: Callable[[T], Sequence[str]], cap: int, dropped: Counter[str]) -> list[T]:
+    """Keep an item (visited in the given order) only while every rater behind it has fewer than
+    `cap` kept items."""
+    counts: Counter[str] = Counter()
+    kept = []
+    for item in items:
+        if any(counts[r] >= cap for r in raters(item)):
+            dropped["rater_cap"] += 1
+            continue
+        counts.update(raters(item))
+        kept.append(item)
+    return kept
+
+
 def cap_per_rater(pairs: Iterable[PreferencePair], cap: int, dropped: Counter[str]) -> list[PreferencePair]:
     """Keep a pair only while every rater behind it has fewer than `cap` kept pairs.
 
     Pairs are visited oldest first, so a rater's earliest feedback counts and a burst of later
     votes from one account cannot crowd out everyone else.
     """
-    counts: Counter[str] = Counter()
-    kept = []
-    for p in sorted(pairs, key=lambda q: (q.created_at, SOURCE_PRIORITY[q.source], q.event_ids)):
-        if any(counts[r] >= cap for r in p.rater_ids):
-            dropped["rater_cap"] += 1
-            continue
-        counts.update(p.rater_ids)
-        kept.append(p)
-    return kept
+    ordered = sorted(pairs, key=lambda q: (q.created_at, SOURCE_PRIORITY[q.source], q.event_ids))
+    return _cap_in_order(ordered, lambda p: p.rater_ids, cap, dropped)
 
 
 def heldout_score(prompt_hash_: str, salt: str) -> float:
@@ -282,13 +292,19 @@ def heldout_prompts(prompt_hashes: Iterable[str], fraction: float, salt: str) ->
     return held
 
 
-def split_by_prompt(
-    pairs: Sequence[PreferencePair], fraction: float, salt: str
-) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Train / held-out by prompt (see `heldout_prompts`)."""
-    held = heldout_prompts({p.prompt_hash for p in pairs}, fraction, salt)
-    train = [p for p in pairs if p.prompt_hash not in held]
-    heldout = [p for p in pairs if p.prompt_hash in held]
+class _ByPrompt(Protocol):
+    @property
+    def prompt_hash(self) -> str: ...
+
+
+P = TypeVar("P", bound=_ByPrompt)
+
+
+def split_by_prompt(items: Sequence[P], fraction: float, salt: str) -> tuple[list[P], list[P]]:
+    """Train / held-out by prompt (see `heldout_prompts`): pairs and pointwise examples alike."""
+    held = heldout_prompts({p.prompt_hash for p in items}, fraction, salt)
+    train = [p for p in items if p.prompt_hash not in held]
+    heldout = [p for p in items if p.prompt_hash in held]
     return train, heldout
 
 
@@ -360,17 +376,9 @@ def build_pointwise(
     by_id, rows, dropped = _prepare(completions, feedback)
     kinds = {k for k, on in ((THUMBS, config.use_thumbs), (RATING, config.use_ratings)) if on}
     examples = [e for e in pointwise_examples(rows, by_id, dropped) if e.kind in kinds]
-    counts: Counter[str] = Counter()
-    kept = []
-    for e in examples:  # oldest first, as for pairs
-        if counts[e.rater_id] >= config.max_pairs_per_rater:
-            dropped["rater_cap"] += 1
-            continue
-        counts[e.rater_id] += 1
-        kept.append(e)
-    held = heldout_prompts({e.prompt_hash for e in kept}, config.heldout_fraction, config.split_salt)
-    train = [e for e in kept if e.prompt_hash not in held]
-    heldout = [e for e in kept if e.prompt_hash in held]
+    # `examples` are oldest first, as pairs are for their cap.
+    kept = _cap_in_order(examples, lambda e: (e.rater_id,), config.max_pairs_per_rater, dropped)
+    train, heldout = split_by_prompt(kept, config.heldout_fraction, config.split_salt)
     return PointwiseDataset(train=train, heldout=heldout, dropped=+dropped)
 
 

@@ -19,7 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tuneloop.server.hardware import bf16_math, fastest_dtype
+from tuneloop.server.hardware import fastest_dtype
 
 from .config import DPOConfig
 from .losses import completion_positions, gathered_token_logps, sum_by_row
@@ -39,9 +39,10 @@ def resolve_device(preference: str) -> torch.device:
 
 def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
     """The trainer's dtype: the same hardware-aware choice the server makes (server/hardware.py)."""
-    if preference == "auto" and device.type == "cuda" and not bf16_math(device.type):
-        return torch.float32  # fp16 training would need loss scaling; fp32 is the safe fallback
-    return getattr(torch, fastest_dtype(preference, device.type))
+    name = fastest_dtype(preference, device.type)
+    if preference == "auto" and name == "float16":
+        return torch.float32  # a GPU without bf16: fp16 training would need loss scaling; fp32 is safe
+    return getattr(torch, name)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[object]:

@@ -61,8 +61,10 @@ class RoundResult:
             parts.append(f"version={self.version}")
         parts.append(f"parent={self.parent_version or 'base'}")
         parts.append(f"pairs={self.train_pairs}+{self.heldout_pairs}")
-        keys = ("first_loss", "last_loss", "accuracy", "served_accuracy", "kl", "kl_per_token", "distinct_2")
-        for k in (*keys, "nll_increase_per_token"):
+        for k in (
+            "first_loss", "last_loss", "accuracy", "served_accuracy", "kl", "kl_per_token", "distinct_2",
+            "nll_increase_per_token",
+        ):  # fmt: skip
             v = self.metrics.get(k)
             if isinstance(v, float):
                 parts.append(f"{k}={v:.4f}")
