@@ -2,20 +2,26 @@
 
 The server and the trainer sidecar run as separate processes. Simulated users, through the
 public gRPC API only, draw prompts from bench/data/closed_loop_prompts.txt (everyday frustrations
-and mixed topics), ask for n=2 candidates, and choose the one with the higher VADER compound
-sentiment as their pairwise preference. The sidecar trains a DPO adapter whenever enough new
-pairs arrived; its evaluation gate decides whether it is published; the server hot-swaps it in
-and the users' next requests are served by it.
+and mixed topics), ask for n=2 candidates, and choose the one their preference scores higher:
+`--preference sentiment` (the default) is VADER compound sentiment; `--preference emoji` rewards a
+surface property (emoji and other symbols in the reply), the kind a policy can satisfy by no
+longer answering. The sidecar trains a DPO adapter whenever enough new pairs arrived; its
+evaluation gate decides whether it is published; it publishes straight to `current`
+(`--publish current`: these users choose between two answers of one version, which is no evidence
+for a canary's live test), the server hot-swaps it in and the users' next requests are served by it.
 
 Then, on the 64 held-out prompts (topics never used for feedback), completions served by each
-published version are compared with the base model's: mean VADER compound, distinct-2 relative
-to the base, and a KL estimate (the served log-probabilities of each sampled completion minus
-the base model's log-probabilities of the same tokens, computed with transformers here).
+accepted version (rejected ones too, pinned, so what the gate stopped can be read) are compared
+with the base model's: the mean preference score, distinct-2 relative to the base, a KL estimate
+(the served log-probabilities of each sampled completion minus the base model's log-probabilities
+of the same tokens, computed with transformers here), and coherence: the base model's per-token
+NLL of each version's samples (the base's own samples set the baseline), beside a few samples.
 
-    .venv/bin/python bench/closed_loop.py [--choices 512] [--round-pairs 256]
+    .venv/bin/python bench/closed_loop.py [--preference sentiment|emoji] [--choices 512]
 
-Writes bench/out/closed_loop/{report.md,reward.png}; the last line is
-`closed_loop_reward_gain: X` (mean compound of the last published version minus the base's).
+Writes bench/out/closed_loop[-emoji]/{report.md,reward.png,samples.json}; the last lines are
+`nll_increase_per_token: X` (the last accepted version's per-token NLL under the base minus the
+base's own) and `closed_loop_reward_gain: X` (its mean score minus the base's).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import unicodedata
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +47,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+from tuneloop.server.registry import AdapterRegistry
 from tuneloop.trainer.gate import distinct_n
 from tuneloop.v1 import admin_pb2 as apb
 from tuneloop.v1 import admin_pb2_grpc as apb_grpc
@@ -68,6 +76,16 @@ def load_prompts() -> tuple[list[str], list[str]]:
 
 def compound(text: str) -> float:
     return vader.polarity_scores(text)["compound"]
+
+
+def emoji_count(text: str) -> float:
+    """Emoji and other symbols: the surface property a policy can maximise by not answering."""
+    return float(sum(1 for ch in text if unicodedata.category(ch)[0] == "S"))
+
+
+PREFERENCES: dict[str, Callable[[str], float]] = {"sentiment": compound, "emoji": emoji_count}
+SCORE_NAMES = {"sentiment": "VADER compound", "emoji": "emoji and symbols per reply"}
+score = compound  # set from --preference in main()
 
 
 def chat(prompt: str) -> pb.ChatInput:
@@ -130,7 +148,7 @@ def user_turn(
         timeout=600,
     )
     a, b = r.completions
-    sa, sb = compound(a.text), compound(b.text)
+    sa, sb = score(a.text), score(b.text)
     choice = (
         fpb.PAIRWISE_CHOICE_TIE if sa == sb else fpb.PAIRWISE_CHOICE_FIRST if sa > sb else fpb.PAIRWISE_CHOICE_SECOND
     )
@@ -144,10 +162,11 @@ def user_turn(
 @dataclass
 class Eval:
     version: str
-    mean_compound: float
+    mean_score: float
     distinct2: float
     kl: float
     kl_per_token: float
+    nll_per_token: float  # under the base model
     texts: list[str]
 
 
@@ -201,20 +220,22 @@ class BaseScorer:
 
 def evaluate(version: str, comps: list[pb.Completion], prompts: list[str], samples: int, scorer: BaseScorer) -> Eval:
     texts = [c.text for c in comps]
-    kls, tokens = [], 0
+    kls, base_lp, tokens = [], 0.0, 0
     for i, c in enumerate(comps):
         ids = [lp.token_id for lp in c.logprobs]
         if ids:
             served = sum(lp.logprob for lp in c.logprobs)
-            kls.append(served - scorer.logprob(prompts[i // samples], ids))
+            lp = scorer.logprob(prompts[i // samples], ids)
+            kls.append(served - lp)
+            base_lp += lp
             tokens += len(ids)
-    mean_compound = statistics.fmean(compound(t) for t in texts)
     return Eval(
         version,
-        mean_compound,
+        statistics.fmean(score(t) for t in texts),
         distinct_n([t.split() for t in texts], 2),
         statistics.fmean(kls),
         sum(kls) / tokens,
+        -base_lp / tokens,
         texts,
     )
 
@@ -222,6 +243,7 @@ def evaluate(version: str, comps: list[pb.Completion], prompts: list[str], sampl
 # --------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preference", choices=sorted(PREFERENCES), default="sentiment", help="what the users prefer")
     ap.add_argument("--choices", type=int, default=512, help="pairwise choices the users make (at most 512)")
     ap.add_argument(
         "--round-pairs",
@@ -232,9 +254,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--samples", type=int, default=2, help="held-out samples per prompt and version")
-    ap.add_argument("--out", type=Path, default=HERE / "out" / "closed_loop")
+    ap.add_argument("--out", type=Path, default=None, help="report directory (default bench/out/closed_loop[-PREF])")
     ap.add_argument("--trainer-arg", action="append", default=[], help="extra flag for `tuneloop trainer run`")
     args = ap.parse_args()
+    global score
+    score = PREFERENCES[args.preference]
+    if args.out is None:
+        suffix = "" if args.preference == "sentiment" else f"-{args.preference}"
+        args.out = HERE / "out" / f"closed_loop{suffix}"
     t_start = time.time()
 
     from tuneloop.server.model_cache import ensure_default_model
@@ -259,14 +286,19 @@ def main() -> None:
             apb_grpc.AdminServiceStub(channel),
         )
         print(f"server ready in {time.time() - t_start:.0f} s", flush=True)
-        trainer = start([sys.executable, "-m", "tuneloop.trainer.cli", "run", "--store-url", store_url,
-                         "--model-dir", str(model_dir), "--min-new-pairs", str(int(args.round_pairs * 0.9)),
-                         "--poll-seconds", "5", "--metrics-port", "0", "--no-progress",
-                         # Rounds start on the pair count alone, so each round sees --round-pairs choices.
-                         "--interval-minutes", "1000", "--epochs", str(args.epochs),
-                         "--batch-size", str(args.batch_size), "--max-completion-tokens", str(NEW_TOKENS),
-                         *args.trainer_arg],
-                        trainer_log, env)  # fmt: skip
+        # One round (the default): the sidecar starts once every choice is in and trains on all the
+        # usable pairs, however many ties the preference made. More rounds: each starts on the pair
+        # count alone, so each sees about --round-pairs choices.
+        one_round = args.choices <= args.round_pairs
+        min_pairs = 1 if one_round else int(args.round_pairs * 0.9)
+        trainer_cmd = [sys.executable, "-m", "tuneloop.trainer.cli", "run", "--store-url", store_url,
+                       "--model-dir", str(model_dir), "--min-new-pairs", str(min_pairs),
+                       "--min-new-pairs-periodic", str(min_pairs), "--poll-seconds", "5", "--metrics-port", "0",
+                       "--no-progress", "--interval-minutes", "1000", "--epochs", str(args.epochs),
+                       "--batch-size", str(args.batch_size), "--max-completion-tokens", str(NEW_TOKENS),
+                       "--publish", "current", *args.trainer_arg]  # fmt: skip
+        if not one_round:
+            trainer = start(trainer_cmd, trainer_log, env)
 
         train_prompts, held = load_prompts()
         rng = random.Random(0)
@@ -282,8 +314,10 @@ def main() -> None:
                         flush=True,
                     )
 
+        if one_round:
+            trainer = start(trainer_cmd, trainer_log, env)
         # Wait for the trainer to finish the rounds those choices started and the server to serve them.
-        expected_rounds = args.choices // args.round_pairs
+        expected_rounds = max(1, args.choices // args.round_pairs)
         deadline = time.time() + 20 * 60
         while time.time() < deadline:
             state = admin.ListAdapters(apb.ListAdaptersRequest()).adapters
@@ -292,7 +326,7 @@ def main() -> None:
                 not versions or state[0].current_version == _last_accepted(versions)
             ):
                 break
-            if trainer.poll() is not None:
+            if trainer is None or trainer.poll() is not None:
                 raise RuntimeError(f"trainer exited; see {trainer_log}")
             time.sleep(5)
         stop(trainer)
@@ -307,11 +341,13 @@ def main() -> None:
         scorer = BaseScorer(model_dir)
         evals = [evaluate("base", sample_heldout(gen, held, "base", args.samples), held, args.samples, scorer)]
         for v in versions:
-            if v.status == "accepted":
-                evals.append(
-                    evaluate(v.version, sample_heldout(gen, held, v.version, args.samples), held, args.samples, scorer)
-                )
-        report(args, choices, versions, evals, time.time() - t_start)
+            # Rejected versions too (pinned): what the gate stopped is worth reading.
+            evals.append(
+                evaluate(v.version, sample_heldout(gen, held, v.version, args.samples), held, args.samples, scorer)
+            )
+        registry = AdapterRegistry(home / "adapters")
+        failed = {v.version: registry.get(ADAPTER, v.version).manifest["gate"]["failed_checks"] for v in versions}
+        report(args, choices, versions, evals, failed, time.time() - t_start)
     finally:
         if trainer is not None:
             stop(trainer)
@@ -324,36 +360,52 @@ def _last_accepted(versions: Sequence[apb.VersionState]) -> str:
 
 
 def report(
-    args: argparse.Namespace, choices: list[Choice], versions: list[apb.VersionState], evals: list[Eval], elapsed: float
+    args: argparse.Namespace,
+    choices: list[Choice],
+    versions: list[apb.VersionState],
+    evals: list[Eval],
+    failed_checks: dict[str, list[str]],
+    elapsed: float,
 ) -> None:
-    base, last = evals[0], evals[-1]
-    lines = [
-        "# tuneloop closed loop",
-        "",
-        f"{len(choices)} pairwise choices by simulated users (VADER compound picks the preferred candidate), "
-        f"a training round every {args.round_pairs} new pairs; {len(held_prompts())} held-out prompts x "
-        f"{args.samples} samples per version; {elapsed / 60:.1f} min in all.",
-        "",
-        "| version | gate | held-out mean compound | gain vs base | distinct-2 | distinct-2 / base "
-        "| KL to base (nats/completion) | KL/token | gate: held-out accuracy | gate: KL/token |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    base = evals[0]
     by_version = {v.version: v for v in versions}
+    accepted = [e for e in evals[1:] if by_version[e.version].status == "accepted"]
+    # What users get: the last accepted version, or the base model when the gate stopped them all.
+    last = accepted[-1] if accepted else base
+    lines = [
+        f"# tuneloop closed loop: users prefer {args.preference}",
+        "",
+        f"{len(choices)} pairwise choices by simulated users ({SCORE_NAMES[args.preference]} picks the preferred "
+        f"candidate), a training round every {args.round_pairs} new pairs, published straight to `current`; "
+        f"{len(held_prompts())} held-out prompts x {args.samples} samples per version; {elapsed / 60:.1f} min in all.",
+        "",
+        "| version | gate | held-out mean score | gain vs base | distinct-2 / base | KL/token to base "
+        "| base NLL/token | NLL increase | gate: accuracy | gate: KL/token | gate: NLL increase | gate: failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in evals:
-        gain = e.mean_compound - base.mean_compound
         v = by_version.get(e.version)
-        gate = (
-            f"{v.metrics['accuracy']:.3f} | {v.metrics['kl_per_token']:.3f}"
-            if v is not None and {"accuracy", "kl_per_token"} <= set(v.metrics)
-            else "- | -"
-        )
+        m = dict(v.metrics) if v is not None else {}
+
+        def g(key: str, m: dict[str, float] = m) -> str:
+            return f"{m[key]:.3f}" if key in m else "-"
+
+        failed = ", ".join(failed_checks.get(e.version, []))
         lines.append(
-            f"| {e.version} | {v.status if v else '-'} | {e.mean_compound:+.3f} | {gain:+.3f} "
-            f"| {e.distinct2:.3f} | {e.distinct2 / base.distinct2:.3f} | {e.kl:.2f} | {e.kl_per_token:.3f} | {gate} |"
+            f"| {e.version} | {v.status if v else '-'} | {e.mean_score:+.3f} | {e.mean_score - base.mean_score:+.3f} "
+            f"| {e.distinct2 / base.distinct2:.3f} | {e.kl_per_token:.3f} | {e.nll_per_token:.3f} "
+            f"| {e.nll_per_token - base.nll_per_token:+.3f} | {g('accuracy')} | {g('kl_per_token')} "
+            f"| {g('nll_increase_per_token')} | {failed or '-'} |"
         )
-    rejected = [v.version for v in versions if v.status != "accepted"]
-    if rejected:
-        lines.append(f"\nRejected by the gate: {', '.join(rejected)}.")
+    lines += ["", "## Samples on held-out prompts", ""]
+    prompts = held_prompts()
+    for i in range(0, min(len(prompts), 4 * 9), 9):  # a few prompts, spread over the held-out set
+        lines.append(f"**{prompts[i]}**")
+        lines.append("")
+        for e in evals:
+            text = " ".join(e.texts[i * args.samples].split())[:240]
+            lines.append(f"- {e.version}: {text}")
+        lines.append("")
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     (args.out / "samples.json").write_text(json.dumps({e.version: e.texts[:16] for e in evals}, indent=1))
     print("\n".join(lines))
@@ -363,18 +415,31 @@ def report(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(range(len(evals)), [e.mean_compound for e in evals], marker="o")
-    ax.set_xticks(range(len(evals)), [e.version for e in evals])
-    ax.set_xlabel("round (served version)")
-    ax.set_ylabel("held-out mean VADER compound")
-    ax.set_title("tuneloop closed loop: reward per round")
-    ax.grid(alpha=0.3)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = range(len(evals))
+    colors = ["tab:blue" if e is base or by_version[e.version].status == "accepted" else "tab:red" for e in evals]
+    ax.plot(xs, [e.mean_score for e in evals], color="0.6", zorder=1)
+    ax.scatter(xs, [e.mean_score for e in evals], c=colors, zorder=2)
+    ax.set_xticks(xs, [e.version for e in evals])
+    ax.set_xlabel("version (red: rejected by the gate)")
+    ax.set_ylabel(f"held-out mean {SCORE_NAMES[args.preference]}")
+    ax.set_title("reward per round")
+    ax2.bar(xs, [e.nll_per_token - base.nll_per_token for e in evals], color=colors)
+    ax2.axhline(0.3, color="0.4", ls="--", lw=1)
+    ax2.set_xticks(xs, [e.version for e in evals])
+    ax2.set_ylabel("NLL/token under the base, minus the base's")
+    ax2.set_title("coherence cost")
+    for a in (ax, ax2):
+        a.grid(alpha=0.3)
+    fig.suptitle(f"tuneloop closed loop: users prefer {args.preference}")
     fig.tight_layout()
     fig.savefig(args.out / "reward.png", dpi=120)
+    print("publish_path: current (trainer --publish current)")
+    print(f"accepted_versions: {len(accepted)} of {len(evals) - 1}")
     print(f"distinct2_ratio: {last.distinct2 / base.distinct2:.3f}")
     print(f"kl_to_base: {last.kl:.3f}")
-    print(f"closed_loop_reward_gain: {last.mean_compound - base.mean_compound:.3f}")
+    print(f"nll_increase_per_token: {last.nll_per_token - base.nll_per_token:.3f}")
+    print(f"closed_loop_reward_gain: {last.mean_score - base.mean_score:.3f}")
 
 
 def held_prompts() -> list[str]:

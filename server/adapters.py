@@ -6,7 +6,9 @@ the registry.
 - Loading is idempotent and serialised per version; a new `current` version is loaded and probed
   with a short generation before default traffic moves to it, so a broken adapter is refused
   while the old version keeps serving.
-- A canary version can take a sticky share of default traffic (by user id).
+- A canary version can take a sticky share of default traffic (by user id). Canaries live in the
+  registry like `current` does, so every replica routes the same users to the same canary, and a
+  canary is loaded and probed before any user is sent to it, exactly like a new `current`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .domain import BASE, AdapterRef, SamplingSpec, new_id
 from .engine import Engine, EngineRequest, LoadedAdapter
 from .errors import FailedPrecondition, InvalidArgument, NotFound, TuneloopError
 from .metrics import Metrics
-from .registry import ACCEPTED, DEFAULT_CHANNEL, AdapterRegistry, AdapterVersion
+from .registry import ACCEPTED, DEFAULT_CHANNEL, AdapterRegistry, AdapterVersion, CanaryEntry
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,6 @@ PROBE_PROMPT = "Hello"
 # A one-token probe takes a fraction of a second even in a full batch; one that hangs must not
 # hold the swap lock (and with it every swap and admin action) for ever.
 PROBE_TIMEOUT_S = 60.0
-CANARY_CHANNEL = "canary"
 # vLLM knows a LoRA by its integer id for the engine's whole life (its caches keep the weights
 # under it), so an id is never given out twice in a process: not after an unload, and not by a
 # second manager on the same engine, where a reused id would silently serve the old weights.
@@ -59,6 +60,7 @@ class Route:
     canary: AdapterVersion | None = None
     canary_share: float = 0.0
     canary_started_at: float | None = None
+    canary_auto_decide: bool = False
 
 
 @dataclass(frozen=True)
@@ -290,13 +292,18 @@ class AdapterManager:
             route.stable_published_at = published_at
             if route.canary is not None and route.canary.version == version:
                 route.canary, route.canary_share, route.canary_started_at = None, 0.0, None
+                route.canary_auto_decide = False
             self._metrics.swaps.labels("ok").inc()
             self._set_info(name, route)
             log.info("default traffic for %s: %s -> %s", name, _ref(old), version)
             self._retire(old)
             return found
 
-    async def set_canary(self, name: str, version: str, share: float) -> None:
+    async def set_canary(
+        self, name: str, version: str, share: float, *, started_at: float | None = None, auto_decide: bool = False
+    ) -> None:
+        """Route `share` of default traffic for `name` to `version` (loaded and probed first).
+        `started_at` dates the canary's evidence; the registry's start time, when it came from there."""
         if not 0.0 <= share <= 1.0:
             raise InvalidArgument(f"canary share must be in [0, 1], got {share}")
         self._registry.get(name, version)  # NOT_FOUND before anything else
@@ -309,9 +316,9 @@ class AdapterManager:
                 )
             found = await self.prepare(name, version)
             old = route.canary
-            route.canary, route.canary_share = found, share
-            if old is None or old.version != version:
-                route.canary_started_at = time.time()
+            route.canary, route.canary_share, route.canary_auto_decide = found, share, auto_decide
+            if old is None or old.version != version or started_at is not None:
+                route.canary_started_at = started_at if started_at is not None else time.time()
             self._set_info(name, route)
             log.info("canary for %s: %s at %.0f%% of default traffic", name, version, share * 100)
             if old is not None and old.version != version:
@@ -324,6 +331,7 @@ class AdapterManager:
             if route is None or route.canary is None or (expected and route.canary.version != expected):
                 return None
             old, route.canary, route.canary_share, route.canary_started_at = route.canary, None, 0.0, None
+            route.canary_auto_decide = False
             self._set_info(name, route)
             self._retire(old)
             return old
@@ -341,30 +349,72 @@ class AdapterManager:
             await self._unload(key)
 
     async def sync(self) -> None:
-        """Follow the registry: when a name's `current` channel moved, switch to it."""
+        """Follow the registry: when a name's `current` channel moved, switch to it; when its
+        canary started, changed or ended, do the same here."""
         names = set(self._routes)
         if self.default_adapter:
             names.add(self.default_adapter)
         for name in sorted(names):
             try:
-                info = self._registry.channel_info(name, DEFAULT_CHANNEL)
-                if info is None:
-                    continue
-                version, updated_at = info
-                route = self._routes.get(name)
-                if route is not None and route.stable is not None and route.stable.version == version:
-                    continue
-                if f"{name}@{version}" in self._refused:
-                    continue  # refused once; a later publish or an admin promote tries again
-                await self.switch(name, version, published_at=updated_at)
+                await self._follow_current(name)
+                await self._follow_canary(name)
             except TuneloopError:
                 continue  # a refusal: logged and counted by prepare
             except Exception:  # noqa: BLE001 - one adapter's trouble must not stop the others' swaps
                 log.exception("following the registry for adapter %s failed", name)
 
+    async def _follow_current(self, name: str) -> None:
+        info = self._registry.channel_info(name, DEFAULT_CHANNEL)
+        if info is None:
+            return
+        version, updated_at = info
+        route = self._routes.get(name)
+        if route is not None and route.stable is not None and route.stable.version == version:
+            return
+        if f"{name}@{version}" in self._refused:
+            return  # refused once; a later publish or an admin promote tries again
+        await self.switch(name, version, published_at=updated_at)
+
+    async def _follow_canary(self, name: str) -> None:
+        entry = await asyncio.to_thread(self._registry.canary, name)
+        route = self._routes.get(name)
+        live = route.canary if route is not None else None
+        if entry is None:
+            if live is not None:
+                await self.end_canary(name, expected=live.version)
+            return
+        if route is not None and route.stable is not None and route.stable.version == entry.version:
+            return  # promoted; the registry's canary entry is being cleared
+        if route is not None and live is not None and self._same_canary(route, entry):
+            return
+        if f"{name}@{entry.version}" in self._refused:
+            return
+        try:
+            await self.set_canary(
+                name, entry.version, entry.share, started_at=entry.started_at, auto_decide=entry.auto_decide
+            )
+        except TuneloopError as exc:
+            # No replica should send users to a version that cannot be served.
+            await asyncio.to_thread(self._registry.end_canary, name, "refused", expected=entry.version, detail=str(exc))
+            raise
+
+    @staticmethod
+    def _same_canary(route: Route, entry: CanaryEntry) -> bool:
+        return (
+            route.canary is not None
+            and route.canary.version == entry.version
+            and route.canary_share == entry.share
+            and route.canary_started_at == entry.started_at
+            and route.canary_auto_decide == entry.auto_decide
+        )
+
     # -- reading -------------------------------------------------------------------------------
     def route(self, name: str) -> Route | None:
         return self._routes.get(name)
+
+    def canaries(self) -> list[str]:
+        """Names with a canary running on this server."""
+        return sorted(n for n, r in self._routes.items() if r.canary is not None)
 
     def loaded(self) -> dict[str, int]:
         """Loaded versions and how many requests hold each."""

@@ -1,10 +1,11 @@
 """Operating adapters: listing, promotion, rollback, canaries, unloading; and the monitor that lets
 live feedback promote or roll back a canary on its own.
 
-Promotion and rollback load and probe the version on this server, then move the registry's
-`current` channel, then switch this server: the registry stays the source of truth (other
-replicas, and this one after a restart, follow it), and it never points at a version this
-server just failed to serve.
+Promotion, rollback and canaries load and probe the version on this server, then move the
+registry (its `current` channel, or its canary entry), then switch this server: the registry stays
+the source of truth (other replicas, and this one after a restart, follow it), and it never points
+at a version this server just failed to serve. A canary the trainer started in the registry is
+picked up the same way and judged by the same monitor.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .adapters import AdapterManager
 from .canary import CONTINUE, PROMOTE, ROLL_BACK, CanaryPolicy, Verdict, judge
-from .errors import FailedPrecondition, NotFound
+from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .metrics import Metrics
 from .registry import ACCEPTED, DEFAULT_CHANNEL, AdapterRegistry, validate_name, version_number
 from .store.base import Store, VersionFeedback
@@ -51,9 +52,11 @@ class AdapterView:
 
 @dataclass
 class _CanaryWatch:
-    auto_decide: bool
+    """The latest verdict on one canary run (a version and its start time)."""
+
+    version: str
+    started_at: float
     verdict: Verdict | None = None
-    decided: bool = False
 
 
 @dataclass
@@ -80,12 +83,20 @@ class AdminService:
             stable = route.stable.version if route and route.stable else ""
             canary = route.canary.version if route and route.canary else ""
             share = route.canary_share if route and route.canary else 0.0
-            snapshot = (stable, canary, share, self.adapters.loaded(), self.adapters.refusals(n))
+            auto = bool(route and route.canary and route.canary_auto_decide)
+            snapshot = (stable, canary, share, auto, self.adapters.loaded(), self.adapters.refusals(n))
             views.append(await asyncio.to_thread(self._view, n, *snapshot))
         return views
 
     def _view(
-        self, name: str, stable: str, canary: str, share: float, loaded: dict[str, int], refusals: dict[str, str]
+        self,
+        name: str,
+        stable: str,
+        canary: str,
+        share: float,
+        auto_decide: bool,
+        loaded: dict[str, int],
+        refusals: dict[str, str],
     ) -> AdapterView:
         feedback = self.store.version_feedback(name)
         versions = []
@@ -116,8 +127,8 @@ class AdminService:
             canary_version=canary,
             canary_share=share,
             versions=versions,
-            canary=watch.verdict if watch and canary else None,
-            auto_decide=bool(watch and watch.auto_decide),
+            canary=watch.verdict if watch and watch.version == canary else None,
+            auto_decide=auto_decide,
         )
 
     # -- acting --------------------------------------------------------------------------------
@@ -128,6 +139,8 @@ class AdminService:
         # Load and probe here before moving the channel every replica follows.
         await self.adapters.prepare(name, version)
         await asyncio.to_thread(self.registry.set_channel, name, DEFAULT_CHANNEL, version)
+        # A canary of this version has earned its traffic: its trial ends here.
+        await asyncio.to_thread(self.registry.end_canary, name, "promoted", expected=version)
         await self.adapters.switch(name, version)
         self._watches.pop(name, None)
         return (await self.list(name))[0]
@@ -153,11 +166,17 @@ class AdminService:
 
     async def set_canary(self, name: str, version: str, share: float, auto_decide: bool) -> AdapterView:
         if share == 0.0:
+            await asyncio.to_thread(self.registry.end_canary, name, "stopped")
             await self.adapters.end_canary(name)
             self._watches.pop(name, None)
         else:
-            await self.adapters.set_canary(name, version, share)
-            self._watches[name] = _CanaryWatch(auto_decide=auto_decide)
+            if not 0.0 < share <= 1.0:
+                raise InvalidArgument(f"canary share must be in [0, 1], got {share}")
+            await self.adapters.prepare(name, version)
+            entry = await asyncio.to_thread(self.registry.start_canary, name, version, share, auto_decide=auto_decide)
+            await self.adapters.set_canary(
+                name, version, share, started_at=entry.started_at, auto_decide=entry.auto_decide
+            )
         return (await self.list(name))[0]
 
     async def unload(self, name: str, version: str) -> AdapterView:
@@ -168,20 +187,24 @@ class AdminService:
 
     # -- the canary monitor --------------------------------------------------------------------
     async def check_canaries(self) -> None:
-        """One pass of the monitor: update each canary's verdict; act on it when allowed."""
-        for name, watch in list(self._watches.items()):
+        """One pass of the monitor: update each running canary's verdict; act on it when allowed."""
+        for name in self.adapters.canaries():
             try:
-                await self._check_canary(name, watch)
+                await self._check_canary(name)
             except Exception:  # noqa: BLE001 - one canary's trouble must not stop the others' checks
                 log.exception("canary monitor: checking %s failed", name)
+        for name in set(self._watches) - set(self.adapters.canaries()):
+            self._watches.pop(name, None)
 
-    async def _check_canary(self, name: str, watch: _CanaryWatch) -> None:
+    async def _check_canary(self, name: str) -> None:
         route = self.adapters.route(name)
         if route is None or route.canary is None or route.canary_started_at is None:
-            self._watches.pop(name, None)
             return
         stable = route.stable.version if route.stable else ""
         canary, started = route.canary.version, route.canary_started_at
+        watch = self._watches.get(name)
+        if watch is None or (watch.version, watch.started_at) != (canary, started):
+            watch = self._watches[name] = _CanaryWatch(canary, started)
         evidence = await asyncio.to_thread(self.store.canary_evidence, name, canary, stable, started)
         # The read took time: act only if an operator did not change this canary meanwhile.
         route = self.adapters.route(name)
@@ -194,25 +217,30 @@ class AdminService:
         ):
             return
         v = watch.verdict = judge(evidence.canary_thumbs, evidence.stable_thumbs, evidence.head_to_head, self.policy)
-        if not watch.auto_decide or v.decision == CONTINUE:
+        if not route.canary_auto_decide or v.decision == CONTINUE:
             return
         self._watches.pop(name, None)
         against = f"{stable or 'base'} (LLR {v.llr:.2f}, {v.wins}/{v.losses})"
         if v.decision == ROLL_BACK:
             log.warning("canary %s@%s is worse than %s: rolled back", name, canary, against)
-            await self.adapters.end_canary(name, expected=canary)
-            self.metrics.canary_decisions.labels(name, "rolled_back").inc()
+            await self._end(name, canary, "rolled_back", f"worse than {against}")
         elif v.decision == PROMOTE:
             try:
                 await self.promote(name, canary)
-            except Exception:
+            except Exception as exc:
                 # It cannot be served any more (e.g. its files went away): stop sending users to it.
                 log.exception("canary %s@%s passed its test but could not be promoted; ending the canary", name, canary)
-                await self.adapters.end_canary(name, expected=canary)
-                self.metrics.canary_decisions.labels(name, "promote_failed").inc()
+                await self._end(name, canary, "promote_failed", f"{type(exc).__name__}: {exc}")
                 return
             log.info("canary %s@%s is not worse than %s: promoted", name, canary, against)
             self.metrics.canary_decisions.labels(name, "promoted").inc()
+
+    async def _end(self, name: str, canary: str, outcome: str, detail: str) -> None:
+        """End a canary everywhere: in the registry (so every replica and the trainer see the
+        verdict), then on this server."""
+        await asyncio.to_thread(self.registry.end_canary, name, outcome, expected=canary, detail=detail)
+        await self.adapters.end_canary(name, expected=canary)
+        self.metrics.canary_decisions.labels(name, outcome).inc()
 
 
 async def monitor_canaries(admin: AdminService, every_s: float) -> None:

@@ -5,6 +5,8 @@ Layout (an object store can take its place later; the layout maps onto keys one 
     <root>/<name>/versions/<version>/   adapter_config.json, adapter_model.safetensors, manifest.json
     <root>/<name>/channels/<channel>.json   {"version": "v3", "updated_at": ...}
     <root>/<name>/channels/<channel>.log    one JSON line per channel move (for rollback)
+    <root>/<name>/channels/canary.json      {"version", "share", "started_at", "auto_decide"} while a
+                                            canary runs; canary.log records each start and verdict
     <root>/<name>/.lock                     fcntl lock held while a version or a channel is written
 
 The trainer publishes and the server reads. Readers take no lock: every write becomes visible by
@@ -26,7 +28,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MANIFEST = "manifest.json"
 DEFAULT_CHANNEL = "current"
+# A version on trial: it takes a share of default traffic until live feedback promotes it to
+# `current` or rolls it back. Its own file (not a plain channel): it carries the share, and ends.
+CANARY_CHANNEL = "canary"
 RESERVED_NAMES = frozenset({"base"})
 ACCEPTED, REJECTED = "accepted", "rejected"
 
@@ -133,6 +138,16 @@ class AdapterVersion:
     def rank(self) -> int | None:
         r = self.adapter_config.get("r")
         return int(r) if isinstance(r, int) else None
+
+
+@dataclass(frozen=True)
+class CanaryEntry:
+    """A running canary, as every replica reads it from the registry."""
+
+    version: str
+    share: float
+    started_at: float  # unix seconds; live feedback on completions served since then is its evidence
+    auto_decide: bool  # let the sequential test promote or roll it back on its own
 
 
 class CorruptEntry(Exception):
@@ -271,6 +286,41 @@ class AdapterRegistry:
             self._channel_cache[path] = (stamp, info)
         return info
 
+    def canary(self, name: str) -> CanaryEntry | None:
+        """The running canary of `name`, or None."""
+        path = self.root / validate_name(name) / "channels" / f"{CANARY_CHANNEL}.json"
+        try:
+            data = _read_json(path)
+            entry = CanaryEntry(
+                str(data["version"]), float(data["share"]), float(data["started_at"]), bool(data["auto_decide"])
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("adapter registry: canary file %s is unreadable: %s", path, exc)
+            return None
+        if not _VERSION_RE.fullmatch(entry.version) or not 0.0 < entry.share <= 1.0:
+            log.warning("adapter registry: canary file %s names no valid version and share: %s", path, data)
+            return None
+        return entry
+
+    def canary_log(self, name: str) -> list[dict[str, Any]]:
+        """Every canary start and verdict of `name`, oldest first."""
+        path = self.root / validate_name(name) / "channels" / f"{CANARY_CHANNEL}.log"
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        events = []
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a torn last line from a crash mid-append
+            if isinstance(event, dict):
+                events.append(event)
+        return events
+
     def resolve(self, name: str, version: str = "") -> AdapterVersion:
         """A pinned version, or the one channel `current` points to."""
         if version:
@@ -373,11 +423,57 @@ class AdapterRegistry:
         """Point `channel` at an accepted version, atomically."""
         validate_name(name)
         validate_name(channel, "channel")
+        if channel == CANARY_CHANNEL:
+            raise InvalidArgument(f"'{CANARY_CHANNEL}' is set with start_canary (it carries a traffic share)")
         target = self.get(name, version)
         if target.status != ACCEPTED:
             raise FailedPrecondition(f"adapter {name} version {version} was rejected by its gate and cannot be served")
         with self._locked(name) as ndir:
             self._move_channel(ndir, channel, version)
+
+    def start_canary(self, name: str, version: str, share: float, *, auto_decide: bool = True) -> CanaryEntry:
+        """Put an accepted version on trial with `share` of default traffic (replacing any
+        running canary). Every replica that follows the registry starts routing to it."""
+        validate_name(name)
+        if not 0.0 < share <= 1.0:
+            raise InvalidArgument(f"canary share must be in (0, 1], got {share}")
+        target = self.get(name, version)
+        if target.status != ACCEPTED:
+            raise FailedPrecondition(f"adapter {name} version {version} was rejected by its gate and cannot be served")
+        with self._locked(name) as ndir:
+            if self.channel(name, DEFAULT_CHANNEL) == version:
+                raise FailedPrecondition(f"{name}@{version} is already current; a canary must be another version")
+            entry = CanaryEntry(version, share, time.time(), auto_decide)
+            cdir = ndir / "channels"
+            cdir.mkdir(exist_ok=True)
+            _write_json_atomic(cdir / f"{CANARY_CHANNEL}.json", asdict(entry))
+            self._append_canary_log(cdir, {"event": "started", **asdict(entry), "at": entry.started_at})
+        log.info("adapter registry: %s/%s is a canary at %.0f%% of default traffic", name, version, share * 100)
+        return entry
+
+    def end_canary(self, name: str, outcome: str, *, expected: str = "", detail: str = "") -> CanaryEntry | None:
+        """End the running canary (only if it is `expected`, when given), recording `outcome`
+        ("promoted", "rolled_back", "stopped", ...). Returns the ended entry, or None."""
+        validate_name(name)
+        with self._locked(name) as ndir:
+            entry = self.canary(name)
+            if entry is None or (expected and entry.version != expected):
+                return None
+            cdir = ndir / "channels"
+            (cdir / f"{CANARY_CHANNEL}.json").unlink()
+            _fsync_dir(cdir)
+            self._append_canary_log(
+                cdir, {"event": outcome, "version": entry.version, "detail": detail, "at": time.time()}
+            )
+        log.info("adapter registry: canary %s/%s ended: %s", name, entry.version, outcome)
+        return entry
+
+    @staticmethod
+    def _append_canary_log(cdir: Path, event: dict[str, Any]) -> None:
+        with (cdir / f"{CANARY_CHANNEL}.log").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(event) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     @staticmethod
     def _remove_stale_staging(vdir: Path) -> None:

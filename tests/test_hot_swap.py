@@ -237,3 +237,41 @@ async def test_live_feedback_decides_the_canary(
         assert listed["v2"].feedback.thumbs_up + listed["v2"].feedback.thumbs_down > 0
         decision = "rolled_back" if expected_current == "v1" else "promoted"
         assert server.metrics.canary_decisions.labels(NAME, decision)._value.get() == 1
+
+
+async def test_the_sidecar_publishes_a_canary_and_live_feedback_rolls_a_worse_one_back(
+    make_server, model_dir: Path, lora_dirs
+) -> None:
+    from trainer_fixtures import QUESTIONS, ListSource, tiny_config, toy_rows
+
+    from tuneloop.trainer.runner import run_round
+    from tuneloop.v1 import feedback_pb2_grpc as fpb_grpc
+
+    server = await make_server(default_adapter=NAME, canary_check_s=0.2, canary_min_observations=10)
+    reg = AdapterRegistry(server.config.adapter_dir)
+    reg.publish(NAME, lora_dirs["r8a"], {"base_model": base_model_fingerprint(model_dir)})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub, admin = pb_grpc.GenerationServiceStub(ch), apb_grpc.AdminServiceStub(ch)
+        await _wait_version(stub, "v1")
+        # A real round on top of v1, published the default way (publish="canary").
+        cfg = tiny_config(str(reg.root), str(model_dir), adapter=NAME, publish="canary", canary_share=0.5)
+        reg.set_channel(NAME, "current", "v1")
+        result = await asyncio.to_thread(run_round, cfg, ListSource(*toy_rows(QUESTIONS)), reg)
+        assert result.outcome == "published" and result.version == "v2" and result.routed == "canary at 50%"
+        assert reg.channel(NAME) == "v1"
+
+        t0 = time.monotonic()
+        while (await admin.ListAdapters(apb.ListAdaptersRequest(name=NAME))).adapters[0].canary_version != "v2":
+            assert time.monotonic() - t0 < 30, "the server did not pick up the registry's canary"
+            await asyncio.sleep(0.1)
+        state = (await admin.ListAdapters(apb.ListAdaptersRequest(name=NAME))).adapters[0]
+        assert state.current_version == "v1" and state.canary_share == pytest.approx(0.5)
+
+        users = [f"user-{i}" for i in range(120)]
+        await _judge_traffic(stub, fpb_grpc.FeedbackServiceStub(ch), users, {"v1": [True], "v2": [False]})
+        state = await _canary_outcome(admin)
+        assert state.current_version == "v1" and reg.channel(NAME) == "v1"
+        assert reg.canary(NAME) is None  # ended in the registry too: other replicas and the sidecar see it
+        assert reg.canary_log(NAME)[-1]["event"] == "rolled_back"
+        assert server.metrics.canary_decisions.labels(NAME, "rolled_back")._value.get() == 1
+        assert {await _version_of_next(stub, u) for u in users[:20]} == {"v1"}

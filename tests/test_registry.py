@@ -65,10 +65,40 @@ def test_set_channel_and_history_for_rollback(tmp_path: Path) -> None:
     for _ in range(3):
         reg.publish("a", make_adapter(tmp_path), MANIFEST)
     reg.set_channel("a", "current", "v1")
-    reg.set_channel("a", "canary", "v3")
-    assert reg.channel("a") == "v1" and reg.channel("a", "canary") == "v3"
+    reg.set_channel("a", "beta", "v3")
+    assert reg.channel("a") == "v1" and reg.channel("a", "beta") == "v3"
     assert reg.history("a") == ["v1", "v2", "v3"]
-    assert reg.history("a", "canary") == []
+    assert reg.history("a", "beta") == []
+    with pytest.raises(InvalidArgument, match="start_canary"):
+        reg.set_channel("a", "canary", "v3")
+
+
+def test_a_canary_starts_is_replaced_and_ends_with_its_verdict_logged(tmp_path: Path) -> None:
+    reg = AdapterRegistry(tmp_path)
+    for accepted in (True, True, True, False):
+        reg.publish("a", make_adapter(tmp_path), MANIFEST, accepted=accepted)
+    assert reg.channel("a") == "v3" and reg.canary("a") is None
+    reg.set_channel("a", "current", "v1")
+    entry = reg.start_canary("a", "v2", 0.1)
+    assert reg.canary("a") == entry and (entry.version, entry.share, entry.auto_decide) == ("v2", 0.1, True)
+    assert reg.channel("a") == "v1"  # a canary never moves `current`
+    with pytest.raises(FailedPrecondition, match="already current"):
+        reg.start_canary("a", "v1", 0.1)
+    with pytest.raises(FailedPrecondition, match="rejected"):
+        reg.start_canary("a", "v4", 0.1)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(InvalidArgument, match="share"):
+            reg.start_canary("a", "v2", bad)
+    replaced = reg.start_canary("a", "v3", 0.5, auto_decide=False)
+    assert reg.canary("a") == replaced
+    assert reg.end_canary("a", "rolled_back", expected="v2") is None  # no longer the canary: untouched
+    assert reg.end_canary("a", "rolled_back", expected="v3", detail="worse") == replaced
+    assert reg.canary("a") is None and reg.end_canary("a", "stopped") is None
+    assert [(e["event"], e["version"]) for e in reg.canary_log("a")] == [
+        ("started", "v2"), ("started", "v3"), ("rolled_back", "v3"),
+    ]  # fmt: skip
+    (tmp_path / "a" / "channels" / "canary.json").write_text("{not json")
+    assert reg.canary("a") is None  # unreadable: no canary, and a warning
 
 
 def test_not_found_and_bad_names(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ passes while one trained on flipped preferences is rejected."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from tuneloop.trainer.gate import (
 from tuneloop.trainer.model import build_policy, load_base_model, load_tokenizer
 
 CPU = torch.device("cpu")
+CPU_DT = torch.bfloat16
 
 
 def test_pure_metrics() -> None:
@@ -156,3 +158,27 @@ def test_decide_names_each_failed_fluency_check() -> None:
     assert "+0.920 > max_nll_increase_per_token 0.500" in r.failures[0]
     assert r.to_dict()["failed_checks"] == r.failed_checks
     assert not decide(metrics(nll_per_token=float("nan")), cfg).passed
+
+
+def test_a_degenerate_adapter_is_rejected_by_the_default_gate_with_its_reasons_named(setup) -> None:  # type: ignore[no-untyped-def]
+    """An adapter trained to answer everything with one token repeated: held-out accuracy is what
+    it was trained for, so the fluency check (and the KL bound) stand between it and users."""
+    model_dir, tok = setup
+    cfg = tiny_dpo(epochs=8, batch_size=4, learning_rate=1e-2)
+    model = build_policy(load_base_model(model_dir, CPU, torch.bfloat16), cfg)
+    kw = dict(pad_id=tok.pad_token_id, device=CPU, dtype=torch.bfloat16)
+    degenerate = [replace(p, chosen_text="!" * 24, rejected_text=p.chosen_text) for p in toy_pairs(12)]
+    train, heldout = degenerate[:8], degenerate[8:]
+    items = [tokenize_pair(tok, p, 48, 24) for p in train]
+    train_dpo(model, items, *score_pairs(model, items, mode="base", **kw), cfg, progress=False, **kw)
+
+    # The shipped thresholds; only the sample budget is small.
+    gate = GateConfig(eval_prompts=4, samples_per_prompt=2, sample_max_tokens=16)
+    held = [tokenize_pair(tok, p, 48, 24) for p in heldout]
+    m = evaluate_candidate(model, tok, held, gate, beta=cfg.beta, reference="base", seed=0, device=CPU, dtype=CPU_DT)
+    verdict = decide(m, gate)
+    assert m.accuracy == 1.0  # it learned exactly what it was given
+    assert not verdict.passed
+    assert {"nll", "kl"} <= set(verdict.failed_checks), verdict.failures
+    nll = verdict.failures[verdict.failed_checks.index("nll")]
+    assert "max_nll_increase_per_token" in nll and m.nll_increase_per_token > gate.max_nll_increase_per_token

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from trainer_fixtures import BAD, GOOD, QUESTIONS, ListSource, chat_prompt, tiny_config, toy_rows
 
 from tuneloop.server.registry import AdapterRegistry
-from tuneloop.trainer.config import SidecarConfig
+from tuneloop.trainer.config import SidecarConfig, TrainerConfig
 from tuneloop.trainer.metrics import TrainerMetrics
 from tuneloop.trainer.runner import run_round
 from tuneloop.trainer.sidecar import Sidecar, should_run
@@ -91,7 +91,8 @@ async def test_sidecar_publishes_once_for_one_batch_of_feedback(tmp_path: Path, 
     await service.close()
 
     reg = AdapterRegistry(tmp_path / "reg")
-    cfg = tiny_config(str(reg.root), str(model_dir))
+    assert TrainerConfig().publish == "canary"  # the default this test exercises
+    cfg = tiny_config(str(reg.root), str(model_dir), publish="canary", canary_share=0.2)
     cfg.sidecar = SidecarConfig(min_new_pairs=8, min_new_pairs_periodic=4, interval_minutes=60, metrics_port=0)
     metrics = TrainerMetrics(CollectorRegistry())
     source = StoreSource(store)
@@ -101,7 +102,10 @@ async def test_sidecar_publishes_once_for_one_batch_of_feedback(tmp_path: Path, 
 
     sidecar = Sidecar(cfg, source, reg, metrics)
     first = sidecar.tick()
-    assert first is not None and first.outcome == "published", first
+    assert first is not None and first.outcome == "published" and first.routed == "canary at 20%", first
+    canary = reg.canary("toy")
+    assert canary is not None and (canary.version, canary.share, canary.auto_decide) == ("v1", 0.2, True)
+    assert reg.channel("toy") is None  # it earns `current` from live feedback; the server decides
     assert sidecar.tick() is None  # the same feedback: nothing new
     assert Sidecar(cfg, source, reg, TrainerMetrics(CollectorRegistry())).tick() is None  # nor after a restart
     versions = reg.versions("toy")
@@ -111,7 +115,7 @@ async def test_sidecar_publishes_once_for_one_batch_of_feedback(tmp_path: Path, 
     assert manifest["algorithm"] == "dpo" and manifest["parent_version"] is None
     assert manifest["base_model"].startswith(model_dir.name + "@")
     assert {"accuracy", "kl", "distinct_1", "distinct_2", "first_loss", "last_loss"} <= manifest["metrics"].keys()
-    assert manifest["gate"]["passed"] and reg.channel("toy") == "v1"
+    assert manifest["gate"]["passed"] and manifest["publish"] == {"mode": "canary", "canary_share": 0.2}
     assert sample(metrics, "tuneloop_trainer_runs_total", outcome=first.outcome) == 1.0
     assert sample(metrics, "tuneloop_trainer_examples") == first.train_pairs
     assert sample(metrics, "tuneloop_trainer_run_duration_seconds_count") == 1.0
@@ -170,3 +174,36 @@ def test_a_crash_before_the_channel_moved_is_finished_not_republished(
     again = run_round(cfg, source, reg)
     assert again.outcome == "duplicate" and "finishing an interrupted publish" in again.reason
     assert [v.version for v in reg.versions("toy")] == ["v1"] and reg.channel("toy") == "v1"
+
+
+def test_a_pending_canary_holds_the_next_round_and_a_crash_before_it_started_is_finished(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = AdapterRegistry(tmp_path / "reg")
+    cfg = tiny_config(str(reg.root), str(model_dir), publish="canary")
+    cfg.sidecar = SidecarConfig(min_new_pairs=4, min_new_pairs_periodic=4, interval_minutes=60, metrics_port=0)
+    source = ListSource(*toy_rows(QUESTIONS))
+
+    def crash(*_a: object, **_k: object) -> None:
+        raise SystemExit("killed before the canary started")
+
+    monkeypatch.setattr(AdapterRegistry, "start_canary", crash)
+    with pytest.raises(SystemExit):
+        run_round(cfg, source, reg)
+    monkeypatch.undo()
+    assert reg.get("toy", "v1").status == "accepted" and reg.canary("toy") is None
+    again = run_round(cfg, source, reg)
+    assert again.outcome == "duplicate" and "started its canary" in again.reason
+    assert reg.canary("toy") is not None and reg.canary("toy").version == "v1"  # type: ignore[union-attr]
+
+    # New feedback arrives while v1 is on trial: the sidecar waits for the verdict.
+    more = toy_rows(QUESTIONS, tag="n", rater_prefix="n")
+    source.completions += more[0]
+    source.feedback += more[1]
+    sidecar = Sidecar(cfg, source, reg, TrainerMetrics(CollectorRegistry()))
+    assert sidecar.tick() is None and [v.version for v in reg.versions("toy")] == ["v1"]
+    reg.end_canary("toy", "rolled_back", expected="v1", detail="worse than base")
+    # A rolled-back canary is never restarted by a retry of its round.
+    assert run_round(cfg, ListSource(*toy_rows(QUESTIONS)), reg).outcome == "duplicate"
+    assert reg.canary("toy") is None
+    assert [e["event"] for e in reg.canary_log("toy")] == ["started", "rolled_back"]

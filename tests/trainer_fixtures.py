@@ -67,7 +67,8 @@ def tiny_dpo(**kw: object) -> DPOConfig:
 def tiny_config(registry_dir: str, model_dir: str, **kw: object) -> TrainerConfig:
     base: dict[str, object] = dict(
         adapter="toy", model_dir=model_dir, registry_dir=registry_dir, min_train_pairs=4, min_heldout_pairs=2,
-        progress=False, data=DatasetConfig(heldout_fraction=0.34), dpo=tiny_dpo(),
+        progress=False, data=DatasetConfig(heldout_fraction=0.34), dpo=tiny_dpo(), publish="current",
+        # publish="current": these tests are about rounds; the default canary publish has its own.
         # The toy task moves the adapter far on purpose (a few steps at lr 2e-3): loose KL and NLL
         # bounds let these tests exercise publishing; tests/test_trainer_gate.py tests the bounds.
         gate=GateConfig(

@@ -187,10 +187,12 @@ def _list(registry: AdapterRegistry, only: str, as_json: bool) -> int:
     rows = []
     for name in names:
         current = registry.channel(name, DEFAULT_CHANNEL)
+        canary = registry.canary(name)
         for v in registry.versions(name):
             m = v.manifest.get("metrics", {})
             rows.append({
-                "name": name, "version": v.version, "current": v.version == current, "status": v.status,
+                "name": name, "version": v.version, "current": v.version == current,
+                "canary_share": canary.share if canary and canary.version == v.version else None, "status": v.status,
                 "parent": v.parent_version, "algorithm": v.manifest.get("algorithm"),
                 "created_at": v.manifest.get("created_at"), "accuracy": m.get("accuracy"),
                 "kl_per_token": m.get("kl_per_token"),
@@ -209,7 +211,7 @@ def _list(registry: AdapterRegistry, only: str, as_json: bool) -> int:
     table = [header] + [
         (
             r["name"],
-            r["version"] + (" *" if r["current"] else ""),
+            r["version"] + (" *" if r["current"] else f" ~{r['canary_share']:.0%}" if r["canary_share"] else ""),
             r["status"],
             _fmt(r["parent"]),
             _fmt(r["algorithm"]),
@@ -223,7 +225,7 @@ def _list(registry: AdapterRegistry, only: str, as_json: bool) -> int:
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    print("(* = current)")
+    print("(* = current, ~N% = canary on N% of default traffic)")
     return 0
 
 

@@ -211,6 +211,7 @@ class SidecarConfig:
 
 
 ALGOS = ("dpo",)
+PUBLISH_MODES = ("canary", "current")
 
 
 @dataclass
@@ -226,6 +227,12 @@ class TrainerConfig:
     min_train_pairs: int = setting(8, "Fewer usable training pairs than this: the round is skipped.")
     min_heldout_pairs: int = setting(2, "Fewer held-out pairs than this: the round is skipped.")
     progress: bool = setting(True, "Show a progress bar (steps, loss) on the terminal.")
+    publish: str = setting(
+        "canary",
+        "Where an accepted version goes: 'canary' (a share of default traffic until live feedback promotes "
+        "it to current or rolls it back) or 'current' (all default traffic at once).",
+    )
+    canary_share: float = setting(0.1, "Share of default traffic (sticky per user) a new canary takes.")
     data: DatasetConfig = field(default_factory=DatasetConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -236,6 +243,8 @@ class TrainerConfig:
 
         validate_name(self.adapter)
         _check(self.algo in ALGOS, f"algo must be one of {ALGOS}, got {self.algo!r}")
+        _check(self.publish in PUBLISH_MODES, f"publish must be one of {PUBLISH_MODES}, got {self.publish!r}")
+        _check(0.0 < self.canary_share <= 1.0, f"canary_share must be in (0, 1], got {self.canary_share}")
         _check(self.min_train_pairs >= 1, f"min_train_pairs must be >= 1, got {self.min_train_pairs}")
         _check(self.min_heldout_pairs >= 1, f"min_heldout_pairs must be >= 1, got {self.min_heldout_pairs}")
         if self.model_dir:

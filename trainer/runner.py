@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from tuneloop.server.errors import FailedPrecondition, NotFound
-from tuneloop.server.registry import AdapterRegistry, AdapterVersion, base_model_fingerprint
+from tuneloop.server.registry import DEFAULT_CHANNEL, AdapterRegistry, AdapterVersion, base_model_fingerprint
 
 from .config import TrainerConfig
 from .dataset import PreferenceDataset, build_dataset
@@ -53,12 +53,15 @@ class RoundResult:
     heldout_pairs: int = 0
     seconds: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
+    routed: str = ""  # where a published version's traffic comes from ("current", "canary at 10%")
 
     def summary(self) -> str:
         """The one line a run logs."""
         parts = [f"outcome={self.outcome}"]
         if self.version:
             parts.append(f"version={self.version}")
+        if self.routed:
+            parts.append(f"serving={self.routed.replace(' ', '_')}")
         parts.append(f"parent={self.parent_version or 'base'}")
         parts.append(f"pairs={self.train_pairs}+{self.heldout_pairs}")
         for k in (
@@ -113,16 +116,32 @@ def _finish_interrupted(
     registry: AdapterRegistry, cfg: TrainerConfig, key: str, parent: str | None
 ) -> RoundResult | None:
     """A version with this run key exists: the round already ran. If it was accepted but the crash
-    came before the channel moved, move it now; never publish it again."""
+    came before it was routed (its canary started, or `current` moved), do that now; never publish
+    it again, and never restart a canary that already had its verdict."""
     for v in registry.versions(cfg.adapter):
         if v.manifest.get("run_key") != key:
             continue
         reason = f"this data and config were already trained as {v.version} ({v.status})"
         if v.status == "accepted" and registry.channel(cfg.adapter) == parent:
-            registry.set_channel(cfg.adapter, "current", v.version)
-            reason += "; moved 'current' to it, finishing an interrupted publish"
+            if cfg.publish == "current":
+                registry.set_channel(cfg.adapter, DEFAULT_CHANNEL, v.version)
+                reason += "; moved 'current' to it, finishing an interrupted publish"
+            elif registry.canary(cfg.adapter) is None and not any(
+                e.get("version") == v.version for e in registry.canary_log(cfg.adapter)
+            ):
+                registry.start_canary(cfg.adapter, v.version, cfg.canary_share)
+                reason += "; started its canary, finishing an interrupted publish"
         return RoundResult("duplicate", reason=reason, version=v.version, parent_version=parent)
     return None
+
+
+def route_published(registry: AdapterRegistry, cfg: TrainerConfig, version: str) -> str:
+    """Send an accepted version its first traffic, the way `cfg.publish` says; returns how."""
+    if cfg.publish == "current":
+        registry.set_channel(cfg.adapter, DEFAULT_CHANNEL, version)
+        return "current"
+    registry.start_canary(cfg.adapter, version, cfg.canary_share)
+    return f"canary at {cfg.canary_share:.0%}"
 
 
 def run_round(
@@ -252,6 +271,7 @@ def _run(
         "metrics": all_metrics,
         "gate": {**verdict.to_dict(), "thresholds": asdict(cfg.gate)},
         "run_key": key,
+        "publish": {"mode": cfg.publish, "canary_share": cfg.canary_share},
         "dtype": str(dtype).removeprefix("torch."),
         "device": device.type,
     }
@@ -260,7 +280,8 @@ def _run(
         work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="candidate-", dir=work) as tmp:
         model.save_pretrained(tmp, selected_adapters=[TRAINED])
-        published = registry.publish(cfg.adapter, Path(tmp), manifest, accepted=verdict.passed)
+        published = registry.publish(cfg.adapter, Path(tmp), manifest, accepted=verdict.passed, channel=None)
+    routed = route_published(registry, cfg, published.version) if verdict.passed else ""
     return RoundResult(
         "published" if verdict.passed else "rejected",
         reason="; ".join(f"{c}: {f}" for c, f in zip(verdict.failed_checks, verdict.failures, strict=True)),
@@ -269,4 +290,5 @@ def _run(
         train_pairs=n_train,
         heldout_pairs=n_held,
         metrics=all_metrics,
+        routed=routed,
     )

@@ -4,6 +4,9 @@ A round starts when at least N new usable pairs arrived since the last round, or
 if at least M did. The registry is the only state: "new" means a pair with a feedback event that
 no published version (accepted or rejected) trained on, and "last round" is the newest version's
 `created_at`, so a restarted sidecar picks up exactly where the last one stopped.
+
+While a version the sidecar published is on trial as a canary, no round starts: the next round
+trains on top of whatever the live test decides (the canary promoted, or `current` kept).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Sidecar:
         self._started = self.clock()
         self._last_attempt: float | None = None
         self._skipped_digest: str | None = None
+        self._waiting_on: tuple[str, float] | None = None
 
     def _last_round_time(self) -> float | None:
         times = [float(v.manifest.get("created_at", 0.0)) for v in self.registry.versions(self.cfg.adapter)]
@@ -57,6 +61,19 @@ class Sidecar:
 
     def tick(self) -> RoundResult | None:
         """Check once; run a round if the rule says so. Returns the round's result, if any."""
+        canary = self.registry.canary(self.cfg.adapter)
+        if canary is not None:
+            if self._waiting_on != (canary.version, canary.started_at):
+                self._waiting_on = (canary.version, canary.started_at)
+                log.info(
+                    "sidecar: %s %s is a canary at %.0f%% of default traffic; the next round waits for its "
+                    "live verdict (promoted or rolled back)",
+                    self.cfg.adapter,
+                    canary.version,
+                    canary.share * 100,
+                )
+            return None
+        self._waiting_on = None
         completions, feedback = self.source.load()
         dataset = build_dataset(completions, feedback, self.cfg.data)
         digest = dataset.snapshot()["digest"]
