@@ -34,6 +34,7 @@ import torch  # noqa: E402
 
 from tuneloop.server.domain import prompt_sha256  # noqa: E402
 from tuneloop.server.model_cache import ensure_default_model  # noqa: E402
+from tuneloop.trainer.config import ComputeConfig  # noqa: E402
 from tuneloop.trainer.config import DPOConfig as OurDPOConfig  # noqa: E402
 from tuneloop.trainer.dpo import collate_pairs, dpo_step, score_pairs, tokenize_pair  # noqa: E402
 from tuneloop.trainer.model import (  # noqa: E402
@@ -85,11 +86,13 @@ def fixed_pairs(tokenizer: object) -> list[PreferencePair]:
 class OurTrainer:
     """Our trainer set up on the batch; `step()` runs and times one optimizer step."""
 
-    def __init__(self, model_dir: Path, pairs: list[PreferencePair], cfg: OurDPOConfig) -> None:
-        device = resolve_device(cfg.device)
-        self.cfg, self.dtype = cfg, resolve_dtype(cfg.dtype, device)
+    def __init__(
+        self, model_dir: Path, pairs: list[PreferencePair], cfg: OurDPOConfig, compute: ComputeConfig
+    ) -> None:
+        device = resolve_device(compute.device)
+        self.cfg, self.dtype = cfg, resolve_dtype(compute.dtype, device)
         tok = load_tokenizer(model_dir)
-        self.model = build_policy(load_base_model(model_dir, device, self.dtype, cfg.attn_implementation), cfg)
+        self.model = build_policy(load_base_model(model_dir, device, self.dtype, compute.attn_implementation), cfg)
         items = [tokenize_pair(tok, p, cfg.max_prompt_tokens, cfg.max_completion_tokens) for p in pairs]
         t0 = time.perf_counter()
         kw = {"pad_id": tok.pad_token_id, "device": device, "dtype": self.dtype}
@@ -179,10 +182,9 @@ def main() -> None:
         batch_size=PAIRS,
         max_prompt_tokens=4 * PROMPT_TOKENS,
         max_completion_tokens=4 * COMPLETION_TOKENS,
-        dtype=args.dtype,
     )
     pairs = fixed_pairs(load_tokenizer(model_dir))
-    ours = OurTrainer(model_dir, pairs, cfg)
+    ours = OurTrainer(model_dir, pairs, cfg, ComputeConfig(dtype=args.dtype))
     trl = run_trl_interleaved(model_dir, pairs, cfg, args.warmup + args.steps, args.trl_dtype, ours)
     ours_s = statistics.median(ours.times[args.warmup :])
     trl_s = statistics.median(trl["times"][args.warmup :])

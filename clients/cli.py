@@ -34,6 +34,10 @@ def _register_trainer(sub: Any, common: argparse.ArgumentParser) -> None:
     sub.add_parser("trainer", help="train adapters from feedback (see `tuneloop trainer --help`)", add_help=False)
 
 
+def _register_reward(sub: Any, common: argparse.ArgumentParser) -> None:
+    sub.add_parser("reward", help="score replies with a reward model (see `tuneloop reward --help`)", add_help=False)
+
+
 # name -> registrar(subparsers, client options parent). The registrar adds the command's parser
 # and sets `run`.
 COMMANDS: dict[str, Callable[[Any, argparse.ArgumentParser], None]] = {
@@ -42,6 +46,7 @@ COMMANDS: dict[str, Callable[[Any, argparse.ArgumentParser], None]] = {
     "feedback": cli_feedback.register,
     "adapters": cli_adapters.register,
     "trainer": _register_trainer,
+    "reward": _register_reward,
 }
 
 
@@ -71,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tuneloop.trainer.cli import main as trainer_main  # noqa: PLC0415 - imports torch: only here
 
         return trainer_main(args_list[1:])
+    if args_list[:1] == ["reward"]:
+        from tuneloop.trainer.cli import reward_main  # noqa: PLC0415 - imports torch: only here
+
+        return reward_main(args_list[1:])
     if args_list[:1] == ["adapters"] and args_list[1:2] in (["list"], ["show"]):
         from tuneloop.trainer.cli import adapters_main  # noqa: PLC0415 - reads the registry files
 

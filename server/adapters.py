@@ -26,7 +26,7 @@ from .domain import BASE, AdapterRef, SamplingSpec, new_id
 from .engine import Engine, EngineRequest, LoadedAdapter
 from .errors import FailedPrecondition, InvalidArgument, NotFound, TuneloopError
 from .metrics import Metrics
-from .registry import ACCEPTED, DEFAULT_CHANNEL, AdapterRegistry, AdapterVersion, CanaryEntry
+from .registry import ACCEPTED, DEFAULT_CHANNEL, POLICY, AdapterRegistry, AdapterVersion, CanaryEntry
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,11 @@ class AdapterManager:
     def _check_servable(self, found: AdapterVersion) -> None:
         """Refuse versions this server cannot serve, with the reason; raises FailedPrecondition."""
         key = f"{found.name}@{found.version}"
+        if found.kind != POLICY:
+            raise FailedPrecondition(
+                f"adapter {key} is a {found.kind} model (it scores completions for the trainer); only policy "
+                "adapters can serve requests"
+            )
         if found.rank is not None and found.rank > self._max_rank:
             raise FailedPrecondition(
                 f"adapter {key} has rank {found.rank}, above this server's max_lora_rank {self._max_rank}"

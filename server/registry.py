@@ -45,6 +45,10 @@ DEFAULT_CHANNEL = "current"
 CANARY_CHANNEL = "canary"
 RESERVED_NAMES = frozenset({"base"})
 ACCEPTED, REJECTED = "accepted", "rejected"
+# What a version is: a LoRA policy the server serves, or a reward model (a LoRA plus a score
+# head) that only the trainer reads. A manifest without a kind is a policy (older versions).
+POLICY, REWARD = "policy", "reward"
+KINDS = (POLICY, REWARD)
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _VERSION_RE = re.compile(r"v([1-9][0-9]*)")
@@ -116,6 +120,10 @@ class AdapterVersion:
     def status(self) -> str:
         """Either "accepted" (passed its gate, may be served) or "rejected" (kept for its metrics)."""
         return ACCEPTED if self.manifest.get("status", ACCEPTED) == ACCEPTED else REJECTED
+
+    @property
+    def kind(self) -> str:
+        return str(self.manifest.get("kind", POLICY))
 
     @property
     def base_model(self) -> str:
@@ -394,6 +402,9 @@ class AdapterRegistry:
         validate_name(name)
         if channel is not None:
             validate_name(channel, "channel")
+        kind = manifest.get("kind", POLICY)
+        if kind not in KINDS:
+            raise InvalidArgument(f"manifest kind must be one of {KINDS}, got {kind!r}")
         src = Path(adapter_dir)
         missing = [f for f in ADAPTER_FILES if not (src / f).is_file()]
         if missing:

@@ -82,3 +82,17 @@ async def test_adapter_versions_are_served_and_named(make_server, lora_dirs, mod
     assert await asyncio.to_thread(server.completion_log.flush, 10)
     rec = server.store.get_completion(current.completion_id)
     assert (rec.adapter_name, rec.adapter_version) == ("support", "v2")
+
+
+async def test_a_reward_model_entry_is_never_served(make_server, lora_dirs, model_dir: Path) -> None:
+    server = await make_server()
+    reg = AdapterRegistry(server.config.adapter_dir)
+    reg.publish("judge", lora_dirs["r8a"], {"base_model": base_model_fingerprint(model_dir), "kind": "reward"})
+    assert reg.get("judge", "v1").kind == "reward"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = pb_grpc.GenerationServiceStub(ch)
+        for selector in (pb.AdapterSelector(name="judge"), pb.AdapterSelector(name="judge", version="v1")):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Generate(pb.GenerateRequest(prompt=PROMPT, sampling=GREEDY, adapter=selector))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "judge@v1 is a reward model" in err.value.details() and "policy" in err.value.details()

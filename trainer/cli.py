@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from tuneloop.server.config import is_loopback_host
-from tuneloop.server.errors import TuneloopError
-from tuneloop.server.registry import DEFAULT_CHANNEL, AdapterRegistry
+from tuneloop.server.errors import FailedPrecondition, InvalidArgument, TuneloopError
+from tuneloop.server.registry import DEFAULT_CHANNEL, REWARD, AdapterRegistry, base_model_fingerprint
 from tuneloop.server.settings import add_flags
 
 from .config import SECTIONS, TrainerConfig, leaf_fields
@@ -248,3 +248,98 @@ def _show(registry: AdapterRegistry, name: str, version: str, full: bool) -> int
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# -- reward ---------------------------------------------------------------------------------
+def _reward_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tuneloop reward", description="Use a published reward model (trained with `--algo reward`)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    score = sub.add_parser(
+        "score",
+        help="Score replies to a prompt: the raw reward, its z-score on the training data's scale, the "
+        "chance of a thumbs up, and the most likely rating.",
+    )
+    score.add_argument("--prompt", required=True, help="The user's message (the chat template is applied).")
+    score.add_argument(
+        "--completion", action="append", required=True, help="A reply to score (repeat to compare several)."
+    )
+    score.add_argument("--adapter", default="default", help="Policy adapter whose reward model to use.")
+    score.add_argument("--version", default="", help="Reward model version (default: its current one).")
+    score.add_argument("--registry-dir", default="", help="Registry directory (default $TUNELOOP_HOME/adapters).")
+    score.add_argument("--model-dir", default="", help="Base model directory (default: the built-in SmolLM2).")
+    score.add_argument("--json", action="store_true", help="One JSON object per reply.")
+    return parser
+
+
+def reward_main(argv: Sequence[str] | None = None) -> int:
+    """`tuneloop reward score ...` (a leading "reward" is accepted and dropped)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["reward"]:
+        argv = argv[1:]
+    args = _reward_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return _score(args)
+    except TuneloopError as exc:
+        print(f"tuneloop reward: {exc}", file=sys.stderr)
+        return 1
+
+
+def _score(args: argparse.Namespace) -> int:
+    import math  # noqa: PLC0415
+
+    from .algos.reward import reward_name  # noqa: PLC0415 - torch-heavy imports after parsing
+    from .config import ComputeConfig  # noqa: PLC0415
+    from .dpo import encode_completion  # noqa: PLC0415
+    from .model import load_tokenizer, prepare_compute  # noqa: PLC0415
+    from .reward_model import load_reward_model, score_sequences  # noqa: PLC0415
+
+    if not args.prompt.strip() or not all(c.strip() for c in args.completion):
+        raise InvalidArgument("--prompt and every --completion must be non-empty")
+    registry = AdapterRegistry(args.registry_dir)
+    version = registry.resolve(reward_name(args.adapter), args.version)
+    if version.kind != REWARD:
+        raise InvalidArgument(f"{version.name}@{version.version} is a {version.kind} adapter, not a reward model")
+    model_dir = TrainerConfig(model_dir=args.model_dir).resolved_model_dir()
+    base_id = base_model_fingerprint(model_dir)
+    if version.base_model != base_id:
+        raise FailedPrecondition(
+            f"{version.name}@{version.version} was trained on {version.base_model!r}, not {base_id!r}; pass --model-dir"
+        )
+    compute = ComputeConfig()
+    device, dtype = prepare_compute(compute)
+    tok = load_tokenizer(model_dir)
+    model = load_reward_model(model_dir, version.path, compute, device, dtype, tok.pad_token_id)
+    hp = version.manifest.get("hyperparameters", {})
+    prompt_text = tok.apply_chat_template(
+        [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+    )
+    max_p = int(hp.get("reward_max_prompt_tokens", 256))
+    prompt = tuple(tok(prompt_text, add_special_tokens=False)["input_ids"][-max_p:])
+    max_c = int(hp.get("reward_max_completion_tokens", 256))
+    seqs = [(prompt, encode_completion(tok, c, max_c)) for c in args.completion]
+    rewards = score_sequences(model, seqs, pad_id=tok.pad_token_id, device=device, dtype=dtype).tolist()
+    scale = version.manifest.get("reward_scale", {})
+    mean, std = float(scale.get("mean", 0.0)), float(scale.get("std", 1.0)) or 1.0
+    anchor = float(scale.get("thumbs_anchor", 0.0))
+    thresholds = [float(t) for t in scale.get("rating_thresholds", [])]
+    rows = []
+    for text, r in zip(args.completion, rewards, strict=True):
+        cum = [1 / (1 + math.exp(-(t - r))) for t in thresholds] + [1.0]
+        probs = [cum[0]] + [cum[k] - cum[k - 1] for k in range(1, len(cum))]
+        rows.append({
+            "completion": text, "reward": r, "z": (r - mean) / std, "p_thumbs_up": 1 / (1 + math.exp(-(r - anchor))),
+            "likely_rating": 1 + max(range(len(probs)), key=probs.__getitem__) if thresholds else None,
+        })  # fmt: skip
+    print(f"reward model {version.name}@{version.version}", file=sys.stderr)
+    for row in rows:
+        if args.json:
+            print(json.dumps(row))
+        else:
+            print(
+                f"reward {row['reward']:+.3f}  z {row['z']:+.2f}  P(thumbs up) {row['p_thumbs_up']:.2f}  "
+                f"likely rating {row['likely_rating'] or '-'}  {row['completion'][:60]!r}"
+            )
+    return 0

@@ -74,12 +74,6 @@ class DPOConfig:
     lora_dropout: float = setting(0.0, "LoRA dropout.")
     lora_targets: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA.")
     seed: int = setting(0, "Seed for LoRA init and shuffling: the same seed and data give the same adapter.")
-    dtype: str = setting("auto", "'auto' (bf16 where the device supports it), 'float32' or 'bfloat16'.")
-    device: str = setting("auto", "'auto' (cuda if available), 'cpu' or 'cuda'.")
-    threads: int = setting(0, "CPU threads for torch (0 leaves torch's default).")
-    attn_implementation: str = setting(
-        "sdpa", "Attention kernel: 'sdpa' (memory-efficient) or 'eager' (~10% faster on a CPU at a few hundred tokens)."
-    )
 
     def __post_init__(self) -> None:
         _check(self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
@@ -102,6 +96,75 @@ class DPOConfig:
         _check(self.lora_r >= 1 and self.lora_alpha >= 1, "lora_r and lora_alpha must be >= 1")
         _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         _check(bool(self.lora_targets), "lora_targets must name at least one module")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What goes into the manifest and the run key."""
+        return asdict(self)
+
+
+@dataclass
+class RewardConfig:
+    """The reward model (`--algo reward`, and the first half of `--algo ppo`): how it trains, and
+    its gate."""
+
+    reward_learning_rate: float = setting(3e-4, "AdamW learning rate for the reward model's LoRA and score head.")
+    reward_anchor_learning_rate: float = setting(
+        1e-2, "Learning rate of the thumbs anchor and rating thresholds (single numbers on the reward scale)."
+    )
+    reward_epochs: int = setting(2, "Passes over the reward model's examples.")
+    reward_batch_size: int = setting(8, "Examples (a pair counts as one) per optimizer step.")
+    reward_max_prompt_tokens: int = setting(256, "Prompts are cut to their last this-many tokens.")
+    reward_max_completion_tokens: int = setting(256, "Completions are cut to their first this-many tokens.")
+    reward_lora_r: int = setting(8, "Reward model LoRA rank.")
+    reward_lora_alpha: int = setting(16, "Reward model LoRA alpha.")
+    reward_lora_targets: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj"], "Reward model LoRA modules.")
+    reward_seed: int = setting(0, "Seed for the reward model's init and shuffling.")
+    reward_rating_margin: float = setting(
+        0.0, "Bradley-Terry margin per rating point for pairs made from rating gaps (0: no margin)."
+    )
+    reward_thumbs_weight: float = setting(1.0, "Weight of the thumbs loss against the pairwise loss.")
+    reward_ratings_weight: float = setting(1.0, "Weight of the ordinal ratings loss against the pairwise loss.")
+    reward_center_coefficient: float = setting(0.01, "Penalty on the squared mean reward (0 turns centering off).")
+    reward_min_accuracy: float = setting(0.6, "Gate: held-out pairwise accuracy must reach this.")
+    reward_max_length_correlation: float = setting(
+        0.5, "Gate: warn when |correlation of reward with completion length| exceeds this (a reward hack)."
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.reward_learning_rate > 0 and self.reward_anchor_learning_rate > 0, "learning rates must be > 0")
+        _check(self.reward_epochs >= 1 and self.reward_batch_size >= 1, "reward_epochs and reward_batch_size >= 1")
+        _check(
+            self.reward_max_prompt_tokens >= 1 and self.reward_max_completion_tokens >= 1, "token limits must be >= 1"
+        )
+        _check(self.reward_lora_r >= 1 and self.reward_lora_alpha >= 1, "reward LoRA rank and alpha must be >= 1")
+        _check(bool(self.reward_lora_targets), "reward_lora_targets must name at least one module")
+        _check(self.reward_rating_margin >= 0, "reward_rating_margin must be >= 0")
+        _check(self.reward_thumbs_weight >= 0 and self.reward_ratings_weight >= 0, "reward loss weights must be >= 0")
+        _check(self.reward_center_coefficient >= 0, "reward_center_coefficient must be >= 0")
+        _check(0.0 <= self.reward_min_accuracy <= 1.0, "reward_min_accuracy must be in [0, 1]")
+        _check(0.0 < self.reward_max_length_correlation <= 1.0, "reward_max_length_correlation must be in (0, 1]")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ComputeConfig:
+    """Where and how every algorithm runs the model (not part of what a round means: a version
+    trained on a GPU in bf16 is the same round as one trained on a CPU in fp32)."""
+
+    dtype: str = setting("auto", "'auto' (bf16 where the device has native bf16 math), 'float32' or 'bfloat16'.")
+    device: str = setting("auto", "'auto' (cuda if available), 'cpu' or 'cuda'.")
+    threads: int = setting(0, "CPU threads for torch (0 leaves torch's default).")
+    attn_implementation: str = setting(
+        "sdpa", "Attention kernel: 'sdpa' (memory-efficient) or 'eager' (~10% faster on a CPU at a few hundred tokens)."
+    )
+
+    def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         _check(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
@@ -109,17 +172,6 @@ class DPOConfig:
             self.attn_implementation in ATTENTION,
             f"attn_implementation must be one of {ATTENTION}, got {self.attn_implementation!r}",
         )
-
-    @property
-    def micro_batch_size(self) -> int:
-        return self.batch_size // self.grad_accum
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """What goes into the manifest (device and threads do not change the result's meaning)."""
-        d = asdict(self)
-        for k in ("device", "threads", "attn_implementation"):
-            d.pop(k)
-        return d
 
 
 @dataclass
@@ -210,7 +262,7 @@ class SidecarConfig:
         _check(0 <= self.metrics_port <= 65535, f"metrics_port must be a TCP port, got {self.metrics_port}")
 
 
-ALGOS = ("dpo",)
+ALGOS = ("dpo", "reward")
 PUBLISH_MODES = ("canary", "current")
 
 
@@ -219,7 +271,9 @@ class TrainerConfig:
     """One trainer: where data comes from, which base model, where adapters go, and each stage."""
 
     adapter: str = setting("default", "Adapter name in the registry that this trainer publishes.")
-    algo: str = setting("dpo", "Training algorithm.")
+    algo: str = setting(
+        "dpo", "Training algorithm: 'dpo' (a policy adapter from preference pairs) or 'reward' (a reward model alone)."
+    )
     model_dir: str = setting("", "Base model: a local Hugging Face directory (default: the built-in SmolLM2).")
     registry_dir: str = setting("", "Adapter registry directory (default $TUNELOOP_HOME/adapters).")
     store_url: str = setting("", "Feedback store URL (default: the server's default store).")
@@ -235,6 +289,8 @@ class TrainerConfig:
     canary_share: float = setting(0.1, "Share of default traffic (sticky per user) a new canary takes.")
     data: DatasetConfig = field(default_factory=DatasetConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     sidecar: SidecarConfig = field(default_factory=SidecarConfig)
 
@@ -269,7 +325,7 @@ class TrainerConfig:
         return f"sqlite:///{(tuneloop_home() / 'tuneloop.db').resolve()}"
 
 
-SECTIONS = ("data", "dpo", "gate", "sidecar")
+SECTIONS = ("data", "dpo", "reward", "compute", "gate", "sidecar")
 
 
 def leaf_fields(cls: type) -> list[Any]:

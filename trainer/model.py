@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from tuneloop.server.hardware import fastest_dtype
 
-from .config import DPOConfig
+from .config import ComputeConfig, DPOConfig
 from .losses import completion_positions, gathered_token_logps, sum_by_row
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,14 @@ def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
     if preference == "auto" and name == "float16":
         return torch.float32  # a GPU without bf16: fp16 training would need loss scaling; fp32 is safe
     return getattr(torch, name)
+
+
+def prepare_compute(cfg: ComputeConfig) -> tuple[torch.device, torch.dtype]:
+    """Apply the thread setting and resolve the device and dtype an algorithm runs in."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    return device, resolve_dtype(cfg.dtype, device)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[object]:

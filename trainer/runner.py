@@ -15,28 +15,18 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import Any
 
 from tuneloop.server.errors import FailedPrecondition, NotFound
-from tuneloop.server.registry import DEFAULT_CHANNEL, AdapterRegistry, AdapterVersion, base_model_fingerprint
+from tuneloop.server.registry import DEFAULT_CHANNEL, POLICY, AdapterRegistry, AdapterVersion, base_model_fingerprint
 
+from .algos import ALGORITHMS, RoundInputs
+from .algos.base import FeedbackSource
 from .config import TrainerConfig
 from .dataset import PreferenceDataset, build_dataset
-from .dpo import score_pairs, tokenize_pair, train_dpo
-from .gate import decide, evaluate_candidate
 from .metrics import TrainerMetrics
-from .model import SERVED, TRAINED, build_policy, load_base_model, load_tokenizer, resolve_device, resolve_dtype
-from .rows import CompletionRow, FeedbackRow
 
 log = logging.getLogger(__name__)
-
-
-class FeedbackSource(Protocol):
-    """Where completions and feedback come from (the store, in production)."""
-
-    def load(self) -> tuple[list[CompletionRow], list[FeedbackRow]]: ...
 
 
 class BaseModelMismatch(FailedPrecondition):
@@ -89,7 +79,7 @@ def run_key(base_model: str, parent: str | None, cfg: TrainerConfig, data_digest
         "base_model": base_model,
         "parent": parent,
         "algo": cfg.algo,
-        "hyperparameters": cfg.dpo.hyperparameters(),
+        "hyperparameters": ALGORITHMS[cfg.algo].settings(cfg),
         "gate": asdict(cfg.gate),
         "data": data_digest,
     }
@@ -113,34 +103,39 @@ def check_base_model(served: AdapterVersion | None, base_id: str) -> None:
 
 
 def _finish_interrupted(
-    registry: AdapterRegistry, cfg: TrainerConfig, key: str, parent: str | None
+    registry: AdapterRegistry, cfg: TrainerConfig, name: str, key: str, parent: str | None
 ) -> RoundResult | None:
     """A version with this run key exists: the round already ran. If it was accepted but the crash
     came before it was routed (its canary started, or `current` moved), do that now; never publish
     it again, and never restart a canary that already had its verdict."""
-    for v in registry.versions(cfg.adapter):
+    for v in registry.versions(name):
         if v.manifest.get("run_key") != key:
             continue
         reason = f"this data and config were already trained as {v.version} ({v.status})"
-        if v.status == "accepted" and registry.channel(cfg.adapter) == parent:
-            if cfg.publish == "current":
-                registry.set_channel(cfg.adapter, DEFAULT_CHANNEL, v.version)
+        if v.status == "accepted" and registry.channel(name) == parent:
+            if publish_mode(cfg, v.kind) == "current":
+                registry.set_channel(name, DEFAULT_CHANNEL, v.version)
                 reason += "; moved 'current' to it, finishing an interrupted publish"
-            elif registry.canary(cfg.adapter) is None and not any(
-                e.get("version") == v.version for e in registry.canary_log(cfg.adapter)
+            elif registry.canary(name) is None and not any(
+                e.get("version") == v.version for e in registry.canary_log(name)
             ):
-                registry.start_canary(cfg.adapter, v.version, cfg.canary_share)
+                registry.start_canary(name, v.version, cfg.canary_share)
                 reason += "; started its canary, finishing an interrupted publish"
         return RoundResult("duplicate", reason=reason, version=v.version, parent_version=parent)
     return None
 
 
-def route_published(registry: AdapterRegistry, cfg: TrainerConfig, version: str) -> str:
+def publish_mode(cfg: TrainerConfig, kind: str) -> str:
+    """A reward model is never served, so it has no canary: it becomes `current` at once."""
+    return cfg.publish if kind == POLICY else "current"
+
+
+def route_published(registry: AdapterRegistry, cfg: TrainerConfig, name: str, version: str, kind: str) -> str:
     """Send an accepted version its first traffic, the way `cfg.publish` says; returns how."""
-    if cfg.publish == "current":
-        registry.set_channel(cfg.adapter, DEFAULT_CHANNEL, version)
+    if publish_mode(cfg, kind) == "current":
+        registry.set_channel(name, DEFAULT_CHANNEL, version)
         return "current"
-    registry.start_canary(cfg.adapter, version, cfg.canary_share)
+    registry.start_canary(name, version, cfg.canary_share)
     return f"canary at {cfg.canary_share:.0%}"
 
 
@@ -197,91 +192,42 @@ def _run(
         )
     model_dir = cfg.resolved_model_dir()
     base_id = base_model_fingerprint(model_dir)
-    served = served_version(registry, cfg.adapter)
+    algorithm = ALGORITHMS[cfg.algo]
+    name = algorithm.target_name(cfg)
+    served = served_version(registry, name)
     check_base_model(served, base_id)
     parent = served.version if served else None
     snapshot = dataset.snapshot()
     key = run_key(base_id, parent, cfg, snapshot["digest"])
-    done = _finish_interrupted(registry, cfg, key, parent)
+    done = _finish_interrupted(registry, cfg, name, key, parent)
     if done is not None:
         done.train_pairs, done.heldout_pairs = n_train, n_held
         return done
 
-    dc = cfg.dpo
-    if dc.threads:
-        torch.set_num_threads(dc.threads)
-    device = resolve_device(dc.device)
-    dtype = resolve_dtype(dc.dtype, device)
-    tokenizer = load_tokenizer(model_dir)
-    chain = dc.reference == "served" and served is not None
-    model = build_policy(
-        load_base_model(model_dir, device, dtype, dc.attn_implementation),
-        dc,
-        served_adapter=served.path if served else None,
-        init_from_served=chain,
-    )
-    reference = SERVED if chain else "base"
-    train_items = [tokenize_pair(tokenizer, p, dc.max_prompt_tokens, dc.max_completion_tokens) for p in dataset.train]
-    held_items = [tokenize_pair(tokenizer, p, dc.max_prompt_tokens, dc.max_completion_tokens) for p in dataset.heldout]
-    kw: dict[str, Any] = {"pad_id": tokenizer.pad_token_id, "device": device, "dtype": dtype}
-    ref_c, ref_r = score_pairs(model, train_items, mode=reference, batch_size=dc.micro_batch_size, **kw)
-    trained = train_dpo(
-        model,
-        train_items,
-        ref_c,
-        ref_r,
-        dc,
-        progress=cfg.progress,
-        on_step=lambda s: metrics.last_loss.set(s.loss),
-        **kw,
-    )
-    gate_metrics = evaluate_candidate(
-        model,
-        tokenizer,
-        held_items,
-        cfg.gate,
-        beta=dc.beta,
-        reference=reference,
-        seed=dc.seed,
-        device=device,
-        dtype=dtype,
-    )
-    verdict = decide(gate_metrics, cfg.gate)
-    metrics.heldout_accuracy.set(gate_metrics.accuracy)
-    metrics.kl.set(gate_metrics.kl_per_token)
-    metrics.gate_checked(gate_metrics.nll_increase_per_token, verdict.failed_checks)
+    candidate = algorithm.train(RoundInputs(cfg, dataset, source, model_dir, served, registry, metrics))
+    verdict = candidate.verdict
     metrics.examples.set(n_train)
-
-    all_metrics = {
-        **gate_metrics.to_dict(),
-        "first_loss": trained.first_loss,
-        "last_loss": trained.last_loss,
-        "steps": trained.steps,
-        "train_seconds": trained.seconds,
-        "loss_curve": [round(s.loss, 6) for s in trained.log],
-    }
     manifest = {
+        "kind": candidate.kind,
         "parent_version": parent,
         "base_model": base_id,
         "base_model_dir": str(model_dir),
         "algorithm": cfg.algo,
-        "reference": f"{cfg.adapter}:{parent}" if chain else "base",
-        "hyperparameters": dc.hyperparameters(),
+        "hyperparameters": algorithm.settings(cfg),
         "data_snapshot": {**snapshot, "builder": asdict(cfg.data)},
-        "metrics": all_metrics,
+        "metrics": candidate.metrics,
         "gate": {**verdict.to_dict(), "thresholds": asdict(cfg.gate)},
         "run_key": key,
         "publish": {"mode": cfg.publish, "canary_share": cfg.canary_share},
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": device.type,
+        **candidate.manifest,
     }
     work = Path(cfg.work_dir) if cfg.work_dir else None
     if work:
         work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="candidate-", dir=work) as tmp:
-        model.save_pretrained(tmp, selected_adapters=[TRAINED])
-        published = registry.publish(cfg.adapter, Path(tmp), manifest, accepted=verdict.passed, channel=None)
-    routed = route_published(registry, cfg, published.version) if verdict.passed else ""
+        candidate.save(Path(tmp))
+        published = registry.publish(name, Path(tmp), manifest, accepted=verdict.passed, channel=None)
+    routed = route_published(registry, cfg, name, published.version, candidate.kind) if verdict.passed else ""
     return RoundResult(
         "published" if verdict.passed else "rejected",
         reason="; ".join(f"{c}: {f}" for c, f in zip(verdict.failed_checks, verdict.failures, strict=True)),
@@ -289,6 +235,6 @@ def _run(
         parent_version=parent,
         train_pairs=n_train,
         heldout_pairs=n_held,
-        metrics=all_metrics,
+        metrics=candidate.metrics,
         routed=routed,
     )

@@ -1,0 +1,61 @@
+"""The reward model on the real model: trained from pairs, thumbs and ratings at once, it ranks
+held-out pairs of a synthetic preference, and is published as a `reward` entry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from trainer_fixtures import BAD, GOOD, QUESTIONS, ListSource, tiny_config, toy_rows
+
+from tuneloop.server.registry import AdapterRegistry
+from tuneloop.trainer.config import RewardConfig
+from tuneloop.trainer.rows import RATING, THUMBS, FeedbackRow
+from tuneloop.trainer.runner import run_round
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    from tuneloop.server.model_cache import ensure_default_model
+
+    return ensure_default_model()
+
+
+def mixed_feedback() -> ListSource:
+    """Pairs on every prompt, plus a thumb and a rating on each reply."""
+    completions, feedback = toy_rows(QUESTIONS)
+    for i, c in enumerate(completions):
+        good = c.completion_text == GOOD
+        thumb, rating = (1.0, 5.0) if good else (-1.0, 1.0)
+        feedback.append(FeedbackRow(f"t{i}", THUMBS, f"u{i % 5}", c.completion_id, value=thumb, created_at=50.0 + i))
+        feedback.append(FeedbackRow(f"s{i}", RATING, f"v{i % 5}", c.completion_id, value=rating, created_at=99.0 + i))
+    assert {c.completion_text for c in completions} == {GOOD, BAD}
+    return ListSource(completions, feedback)
+
+
+def test_a_reward_model_learns_the_preference_and_is_published_as_a_reward_entry(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    reg = AdapterRegistry(tmp_path / "reg")
+    rc = RewardConfig(
+        reward_epochs=3, reward_batch_size=4, reward_learning_rate=1e-3, reward_max_prompt_tokens=48,
+        reward_max_completion_tokens=24,
+    )  # fmt: skip
+    cfg = tiny_config(str(reg.root), str(model_dir), algo="reward", reward=rc)
+    result = run_round(cfg, mixed_feedback(), reg)
+    assert result.outcome == "published", result.reason
+    assert reg.names() == ["toy-reward"]  # the policy name is untouched
+    v = reg.get("toy-reward", "v1")
+    assert v.kind == "reward" and reg.channel("toy-reward") == "v1" and reg.canary("toy-reward") is None
+    m = v.manifest["metrics"]
+    assert m["accuracy"] == 1.0 and m["heldout_pairs"] >= 2 and m["margin"] > 0
+    assert m["thumbs_auc"] == 1.0 and m["rating_spearman"] > 0.5
+    assert m["last_loss"] < m["first_loss"]
+    scale = v.manifest["reward_scale"]
+    assert scale["std"] > 0 and len(scale["rating_thresholds"]) == 4
+    assert scale["rating_thresholds"] == sorted(scale["rating_thresholds"])
+    weights = load_file(str(v.path / "adapter_model.safetensors"))
+    assert any("score" in k for k in weights), sorted(weights)[:5]  # the head travels with the adapter
+    lora_b = [t for k, t in weights.items() if "lora_B" in k]
+    assert lora_b and any(float(t.abs().max()) > 0 for t in lora_b)  # B starts at zero: it trained

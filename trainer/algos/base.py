@@ -1,0 +1,69 @@
+"""The seam between the round runner and a training algorithm.
+
+The runner owns what every algorithm shares: the data snapshot, the run key, idempotent
+publishing into the registry, the trainer's metrics and the one-line summary. An algorithm owns
+how a candidate is trained from the round's data, and its own part of the gate (DPO: held-out
+preference accuracy; a reward model: ranking accuracy; PPO: the reward model's gain), on top of
+the shared checks in `trainer/gate.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tuneloop.server.registry import POLICY, AdapterRegistry, AdapterVersion
+
+from ..config import TrainerConfig
+from ..dataset import PreferenceDataset
+from ..gate import GateResult
+from ..metrics import TrainerMetrics
+from ..rows import CompletionRow, FeedbackRow
+
+
+class FeedbackSource(Protocol):
+    """Where completions and feedback come from (the store, in production)."""
+
+    def load(self) -> tuple[list[CompletionRow], list[FeedbackRow]]: ...
+
+
+@dataclass
+class RoundInputs:
+    """What a round hands to its algorithm."""
+
+    cfg: TrainerConfig
+    dataset: PreferenceDataset  # the round's preference pairs (its snapshot is the run key's data)
+    source: FeedbackSource  # for what else an algorithm reads (pointwise judgements, prompts)
+    model_dir: Path
+    served: AdapterVersion | None  # the version serving now (the parent), if any
+    registry: AdapterRegistry
+    metrics: TrainerMetrics
+
+
+@dataclass
+class Candidate:
+    """A trained, gated candidate, ready for the runner to publish."""
+
+    verdict: GateResult
+    metrics: dict[str, Any]  # manifest["metrics"]: gate figures, losses, timings
+    save: Callable[[Path], None]  # writes the adapter files (peft layout) into a directory
+    manifest: dict[str, Any] = field(default_factory=dict)  # algorithm-specific manifest entries
+    kind: str = POLICY
+
+
+class Algorithm(Protocol):
+    """One family of training algorithms, selected by `--algo`."""
+
+    name: str
+
+    def target_name(self, cfg: TrainerConfig) -> str:
+        """The registry name the algorithm publishes under."""
+        ...
+
+    def settings(self, cfg: TrainerConfig) -> dict[str, Any]:
+        """The settings that change what it trains: in the run key and the manifest."""
+        ...
+
+    def train(self, inputs: RoundInputs) -> Candidate: ...
