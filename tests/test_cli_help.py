@@ -56,7 +56,7 @@ TREE = command_tree()
 
 def test_the_tree_has_every_command() -> None:
     for words in [("serve",), ("generate",), ("feedback", "export"), ("adapters", "status"), ("trainer", "once"),
-                  ("trainer", "run")]:  # fmt: skip
+                  ("trainer", "run"), ("reward", "score")]:  # fmt: skip
         assert words in TREE, f"`tuneloop {' '.join(words)}` was not found from the help texts"
 
 

@@ -28,6 +28,7 @@ from tuneloop.trainer.gate import (
     repetition_share,
     sample_completions,
     sanity,
+    wilson_upper,
 )
 from tuneloop.trainer.model import build_policy, load_base_model, load_tokenizer
 
@@ -57,13 +58,24 @@ def metrics(**kw: object) -> GateMetrics:
     return GateMetrics(**base)  # type: ignore[arg-type]
 
 
+def test_accuracy_fails_only_beyond_sampling_noise() -> None:
+    assert wilson_upper(0.0, 4) == pytest.approx(0.4035, abs=1e-3)
+    assert wilson_upper(0.5, 0) == 1.0
+    cfg = GateConfig(min_accuracy=0.5)
+    # The sentiment closed loop's adapter (gain +0.57) on its 69 noisy held-out pairs: passes.
+    assert decide(metrics(accuracy=0.493, heldout_pairs=69), cfg).passed
+    # A candidate that learned the preference backwards: fails.
+    assert decide(metrics(accuracy=0.35, heldout_pairs=69), cfg).failed_checks == ["accuracy"]
+
+
 def test_decide_checks_every_threshold() -> None:
     cfg = GateConfig(min_accuracy=0.6, max_kl_per_token=0.5, min_diversity_ratio=0.8)
     assert decide(metrics(), cfg).passed
     assert decide(metrics(served_accuracy=0.7, served_margin=3.0), cfg).passed
-    r = decide(metrics(accuracy=0.5, kl=9.0, kl_per_token=0.6, distinct_2=0.5), cfg)
+    r = decide(metrics(accuracy=0.5, heldout_pairs=400, kl=9.0, kl_per_token=0.6, distinct_2=0.5), cfg)
     assert not r.passed and len(r.failures) == 3
-    assert "accuracy 0.500 < min_accuracy" in r.failures[0] and "KL" in r.failures[1] and "distinct-2" in r.failures[2]
+    assert "accuracy 0.500 over 400 pairs" in r.failures[0] and "< min_accuracy 0.600" in r.failures[0]
+    assert "KL" in r.failures[1] and "distinct-2" in r.failures[2]
     assert not decide(metrics(kl_per_token=float("nan")), cfg).passed
     # Beating the served adapter: accuracy first, then the margin breaks a tie.
     assert not decide(metrics(served_accuracy=0.9, served_margin=0.0), cfg).passed

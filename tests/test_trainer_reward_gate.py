@@ -47,8 +47,8 @@ def metrics(**kw: object) -> RewardGateMetrics:
 def test_decide_reward(caplog: pytest.LogCaptureFixture) -> None:
     cfg = RewardConfig()
     assert decide_reward(metrics(), cfg).passed
-    low = decide_reward(metrics(accuracy=0.55), cfg)
-    assert low.failed_checks == ["accuracy"] and "0.550 < reward_min_accuracy 0.600" in low.failures[0]
+    low = decide_reward(metrics(accuracy=0.58, length_baseline_accuracy=0.5), cfg)
+    assert low.failed_checks == ["accuracy"] and "0.580 < reward_min_accuracy 0.600" in low.failures[0]
     hack = decide_reward(metrics(accuracy=0.7, length_baseline_accuracy=0.8), cfg)
     assert hack.failed_checks == ["length_baseline"] and "length-only" in hack.failures[0]
     assert decide_reward(metrics(length_correlation=0.9), cfg).passed  # warned about, not refused

@@ -153,6 +153,60 @@ class RewardConfig:
 
 
 @dataclass
+class PPOConfig:
+    """PPO on the LoRA policy against the current reward model (`--algo ppo`)."""
+
+    ppo_iterations: int = setting(24, "PPO iterations (rollouts then updates); the first limit reached ends the loop.")
+    ppo_max_minutes: float = setting(20.0, "Wall-clock budget of the PPO loop, in minutes.")
+    ppo_kl_ceiling: float = setting(
+        0.3, "Stop once the rollouts' mean KL to the reference exceeds this, in nats per token."
+    )
+    ppo_prompts_per_iteration: int = setting(16, "Prompts users sent (the completion log) rolled out per iteration.")
+    ppo_samples_per_prompt: int = setting(2, "Completions sampled per prompt and iteration.")
+    ppo_max_new_tokens: int = setting(48, "New tokens per rollout (a reply cut here counts as not ended).")
+    ppo_temperature: float = setting(1.0, "Rollout temperature (plain sampling: no top-k or top-p, which bias the KL).")
+    ppo_epochs: int = setting(2, "PPO epochs over each iteration's rollouts.")
+    ppo_minibatch_size: int = setting(8, "Rollouts per PPO minibatch.")
+    ppo_learning_rate: float = setting(2e-4, "AdamW learning rate of the policy's LoRA.")
+    ppo_value_learning_rate: float = setting(2e-4, "AdamW learning rate of the critic (value head and its LoRA).")
+    ppo_clip: float = setting(0.2, "Policy ratio clip epsilon.")
+    ppo_value_clip: float = setting(0.2, "Value clip epsilon.")
+    ppo_gamma: float = setting(1.0, "Discount.")
+    ppo_lam: float = setting(0.95, "GAE lambda.")
+    ppo_kl_coef: float = setting(0.05, "KL penalty coefficient beta (the start value when ppo_target_kl is set).")
+    ppo_target_kl: float = setting(0.0, "Adapt beta so each rollout's KL (nats per reply) tracks this; 0: fixed beta.")
+    ppo_score_clip: float = setting(5.0, "The normalised reward-model score is clipped to +-this.")
+    ppo_missing_eos_penalty: float = setting(1.0, "Subtracted from the score of a reply cut at ppo_max_new_tokens.")
+    ppo_reference: str = setting(
+        "base", "'base' (adapter disabled) or 'served' (a frozen copy of the served adapter; rounds chain)."
+    )
+    ppo_max_prompt_tokens: int = setting(256, "Prompts are cut to their last this-many tokens.")
+    ppo_seed: int = setting(0, "Seed for LoRA init, prompt choice and sampling.")
+
+    def __post_init__(self) -> None:
+        _check(self.ppo_iterations >= 1, f"ppo_iterations must be >= 1, got {self.ppo_iterations}")
+        _check(self.ppo_max_minutes > 0, "ppo_max_minutes must be > 0")
+        _check(self.ppo_kl_ceiling > 0, "ppo_kl_ceiling must be > 0")
+        _check(
+            self.ppo_prompts_per_iteration >= 1 and self.ppo_samples_per_prompt >= 1, "rollout counts must be >= 1"
+        )
+        _check(self.ppo_max_new_tokens >= 2, "ppo_max_new_tokens must be >= 2")
+        _check(self.ppo_temperature > 0, "ppo_temperature must be > 0")
+        _check(self.ppo_epochs >= 1 and self.ppo_minibatch_size >= 1, "ppo_epochs and ppo_minibatch_size must be >= 1")
+        _check(self.ppo_learning_rate > 0 and self.ppo_value_learning_rate > 0, "learning rates must be > 0")
+        _check(self.ppo_clip > 0 and self.ppo_value_clip > 0, "clip epsilons must be > 0")
+        _check(0.0 <= self.ppo_gamma <= 1.0 and 0.0 <= self.ppo_lam <= 1.0, "ppo_gamma and ppo_lam must be in [0, 1]")
+        _check(self.ppo_kl_coef >= 0 and self.ppo_target_kl >= 0, "ppo_kl_coef and ppo_target_kl must be >= 0")
+        _check(self.ppo_score_clip > 0, "ppo_score_clip must be > 0")
+        _check(self.ppo_missing_eos_penalty >= 0, "ppo_missing_eos_penalty must be >= 0")
+        _check(self.ppo_reference in REFERENCES, f"ppo_reference must be one of {REFERENCES}")
+        _check(self.ppo_max_prompt_tokens >= 1, "ppo_max_prompt_tokens must be >= 1")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
 class ComputeConfig:
     """Where and how every algorithm runs the model (not part of what a round means: a version
     trained on a GPU in bf16 is the same round as one trained on a CPU in fp32)."""
@@ -184,7 +238,9 @@ class GateConfig:
     # only rejects candidates that rank held-out pairs worse than a coin flip; KL and diversity
     # bound how far they may go.
     min_accuracy: float = setting(
-        0.5, "Held-out preference accuracy (implicit reward margin > 0) must reach this; raise it for clean labels."
+        0.5,
+        "Held-out preference accuracy (implicit reward margin > 0) must not be below this with 95% confidence "
+        "(the Wilson upper bound over the held-out pairs); raise it for clean labels.",
     )
     beat_served: bool = setting(
         True, "Also require beating the adapter now served on the same held-out pairs (accuracy, then margin)."
@@ -262,7 +318,7 @@ class SidecarConfig:
         _check(0 <= self.metrics_port <= 65535, f"metrics_port must be a TCP port, got {self.metrics_port}")
 
 
-ALGOS = ("dpo", "reward")
+ALGOS = ("dpo", "reward", "ppo")
 PUBLISH_MODES = ("canary", "current")
 
 
@@ -272,7 +328,9 @@ class TrainerConfig:
 
     adapter: str = setting("default", "Adapter name in the registry that this trainer publishes.")
     algo: str = setting(
-        "dpo", "Training algorithm: 'dpo' (a policy adapter from preference pairs) or 'reward' (a reward model alone)."
+        "dpo",
+        "Training algorithm: 'dpo' (a policy from preference pairs), 'reward' (a reward model alone) or "
+        "'ppo' (a reward model, then PPO against it).",
     )
     model_dir: str = setting("", "Base model: a local Hugging Face directory (default: the built-in SmolLM2).")
     registry_dir: str = setting("", "Adapter registry directory (default $TUNELOOP_HOME/adapters).")
@@ -290,6 +348,7 @@ class TrainerConfig:
     data: DatasetConfig = field(default_factory=DatasetConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     sidecar: SidecarConfig = field(default_factory=SidecarConfig)
@@ -325,7 +384,7 @@ class TrainerConfig:
         return f"sqlite:///{(tuneloop_home() / 'tuneloop.db').resolve()}"
 
 
-SECTIONS = ("data", "dpo", "reward", "compute", "gate", "sidecar")
+SECTIONS = ("data", "dpo", "reward", "ppo", "compute", "gate", "sidecar")
 
 
 def leaf_fields(cls: type) -> list[Any]:

@@ -143,9 +143,13 @@ def sanity(completions: Sequence[Sequence[int]], texts: Sequence[str], eos_id: i
 
 @dataclass
 class GateMetrics:
+    """The gate's figures. The held-out pair figures (accuracy, margin) belong to algorithms that
+    train on pairs (DPO); `reward_gain` to those that optimise a reward model (PPO); the rest,
+    from samples on held-out prompts, to every algorithm."""
+
     heldout_pairs: int
-    accuracy: float
-    margin: float
+    accuracy: float | None
+    margin: float | None
     served_accuracy: float | None
     served_margin: float | None
     kl: float
@@ -166,6 +170,8 @@ class GateMetrics:
     reference_empty: float = 0.0
     cutoff: float = 0.0
     reference_cutoff: float = 0.0
+    # The reward model's mean score of the candidate's samples minus the reference's samples'.
+    reward_gain: float | None = None
 
     @property
     def nll_increase_per_token(self) -> float:
@@ -192,19 +198,41 @@ GATE_CHECKS = (
 )  # fmt: skip
 
 
+def wilson_upper(share: float, n: int, z: float = 1.645) -> float:
+    """One-sided upper confidence bound (95% for z = 1.645) of a binomial share seen in n trials
+    (Wilson 1927); 1 with no trials."""
+    if n <= 0:
+        return 1.0
+    centre = share + z * z / (2 * n)
+    spread = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return min(1.0, (centre + spread) / (1 + z * z / n))
+
+
 def decide(m: GateMetrics, cfg: GateConfig) -> GateResult:
     """Every check is run so the manifest says all the reasons a candidate failed, not just the first."""
     failed: list[tuple[str, str]] = []
-    if m.accuracy < cfg.min_accuracy:
-        failed.append(("accuracy", f"held-out accuracy {m.accuracy:.3f} < min_accuracy {cfg.min_accuracy:.3f}"))
-    if cfg.beat_served and m.served_accuracy is not None:
+    # User choices are noisy labels: on 69 held-out pairs a candidate that raised the preference
+    # by +0.57 scored 0.493. Only accuracy that is below the bound beyond sampling noise fails.
+    if m.accuracy is not None and not wilson_upper(m.accuracy, m.heldout_pairs) >= cfg.min_accuracy:
+        failed.append((
+            "accuracy",
+            f"held-out accuracy {m.accuracy:.3f} over {m.heldout_pairs} pairs (95% upper bound "
+            f"{wilson_upper(m.accuracy, m.heldout_pairs):.3f}) < min_accuracy {cfg.min_accuracy:.3f}",
+        ))
+    if cfg.beat_served and m.served_accuracy is not None and m.accuracy is not None:
         served_margin = m.served_margin if m.served_margin is not None else -math.inf
-        if (m.accuracy, m.margin) <= (m.served_accuracy, served_margin):
+        if (m.accuracy, m.margin or 0.0) <= (m.served_accuracy, served_margin):
             failed.append((
                 "beat_served",
-                f"does not beat the served adapter: accuracy {m.accuracy:.3f} (margin {m.margin:.3f}) vs "
+                f"does not beat the served adapter: accuracy {m.accuracy:.3f} (margin {m.margin or 0.0:.3f}) vs "
                 f"{m.served_accuracy:.3f} (margin {served_margin:.3f})",
             ))
+    if m.reward_gain is not None and not m.reward_gain > 0:
+        failed.append((
+            "reward_gain",
+            f"the reward model scores the candidate's held-out samples {m.reward_gain:+.3f} against the "
+            "reference's (must be > 0)",
+        ))
     if not m.kl_per_token <= cfg.max_kl_per_token:  # also fails on NaN
         failed.append((
             "kl",
@@ -312,35 +340,30 @@ def score_sequences(
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def evaluate_candidate(
+@dataclass(frozen=True)
+class HeldoutSamples:
+    """The samples the shared checks were computed on, for an algorithm's own scorer."""
+
+    candidate: list[tuple[tuple[int, ...], tuple[int, ...]]]
+    reference: list[tuple[tuple[int, ...], tuple[int, ...]]]
+
+
+def evaluate_samples(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
-    heldout: Sequence[TokenizedPair],
+    prompts: Sequence[Sequence[int]],
     cfg: GateConfig,
     *,
-    beta: float,
     reference: str,
     seed: int,
     device: torch.device,
     dtype: torch.dtype,
-) -> GateMetrics:
-    """Score the trained adapter (and the served one, if loaded) on held-out data.
-
-    `reference` is the adapter mode the candidate was trained against ("base" or SERVED): the KL
-    and the diversity baseline are taken against it.
-    """
-    pad = tokenizer.pad_token_id
-    kw: dict[str, Any] = {"pad_id": pad, "device": device, "dtype": dtype}
-    base_c, base_r = score_pairs(model, heldout, mode="base", **kw)
-    cand_c, cand_r = score_pairs(model, heldout, mode=TRAINED, **kw)
-    margins = implicit_margins(cand_c, cand_r, base_c, base_r, beta)
-    served_acc = served_margin = None
-    if SERVED in model.peft_config:
-        srv_c, srv_r = score_pairs(model, heldout, mode=SERVED, **kw)
-        served = implicit_margins(srv_c, srv_r, base_c, base_r, beta)
-        served_acc, served_margin = preference_accuracy(served), float(served.mean())
-
-    unique_prompts = list(dict.fromkeys(it.prompt_ids for it in heldout))[: cfg.eval_prompts]
+) -> tuple[dict[str, Any], HeldoutSamples]:
+    """The shared checks' figures (KL, diversity, fluency and sanity), from samples of the trained
+    adapter and of `reference` ("base" or SERVED) on the first `cfg.eval_prompts` prompts: every
+    algorithm's candidate is gated on these. Returns GateMetrics fields and the samples."""
+    kw: dict[str, Any] = {"pad_id": tokenizer.pad_token_id, "device": device, "dtype": dtype}
+    unique_prompts = list(dict.fromkeys(tuple(p) for p in prompts))[: cfg.eval_prompts]
     sample_kw: dict[str, Any] = dict(
         n=cfg.samples_per_prompt,
         max_new_tokens=cfg.sample_max_tokens,
@@ -359,12 +382,7 @@ def evaluate_candidate(
     eos = tokenizer.eos_token_id
     cand_sanity = sanity(cand_tokens, decode_replies(tokenizer, cand_tokens), eos)
     ref_sanity = sanity(ref_tokens, decode_replies(tokenizer, ref_tokens), eos)
-    return GateMetrics(
-        heldout_pairs=len(heldout),
-        accuracy=preference_accuracy(margins),
-        margin=float(margins.mean()) if margins.numel() else 0.0,
-        served_accuracy=served_acc,
-        served_margin=served_margin,
+    fields = dict(
         kl=kl_estimate(policy_lp, ref_lp),
         kl_per_token=kl_per_token(policy_lp, ref_lp, [len(c) for c in cand_tokens]),
         distinct_1=distinct_n(cand_tokens, 1),
@@ -382,4 +400,46 @@ def evaluate_candidate(
         reference_empty=ref_sanity.empty,
         cutoff=cand_sanity.cutoff,
         reference_cutoff=ref_sanity.cutoff,
+    )
+    return fields, HeldoutSamples(cand_samples, ref_samples)
+
+
+def evaluate_candidate(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    heldout: Sequence[TokenizedPair],
+    cfg: GateConfig,
+    *,
+    beta: float,
+    reference: str,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> GateMetrics:
+    """DPO's gate figures: the implicit-reward accuracy on held-out pairs (and the served
+    adapter's, if loaded), plus the shared sample checks.
+
+    `reference` is the adapter mode the candidate was trained against ("base" or SERVED): the KL
+    and the diversity baseline are taken against it.
+    """
+    kw: dict[str, Any] = {"pad_id": tokenizer.pad_token_id, "device": device, "dtype": dtype}
+    base_c, base_r = score_pairs(model, heldout, mode="base", **kw)
+    cand_c, cand_r = score_pairs(model, heldout, mode=TRAINED, **kw)
+    margins = implicit_margins(cand_c, cand_r, base_c, base_r, beta)
+    served_acc = served_margin = None
+    if SERVED in model.peft_config:
+        srv_c, srv_r = score_pairs(model, heldout, mode=SERVED, **kw)
+        served = implicit_margins(srv_c, srv_r, base_c, base_r, beta)
+        served_acc, served_margin = preference_accuracy(served), float(served.mean())
+    fields, _ = evaluate_samples(
+        model, tokenizer, [it.prompt_ids for it in heldout], cfg, reference=reference, seed=seed, device=device,
+        dtype=dtype,
+    )  # fmt: skip
+    return GateMetrics(
+        heldout_pairs=len(heldout),
+        accuracy=preference_accuracy(margins),
+        margin=float(margins.mean()) if margins.numel() else 0.0,
+        served_accuracy=served_acc,
+        served_margin=served_margin,
+        **fields,
     )
