@@ -38,6 +38,8 @@ from .errors import FailedPrecondition, InvalidArgument, NotFound
 log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Copied with a version when the trainer wrote them (a round's report, e.g. PPO's).
+REPORT_FILES = ("report.md", "report.png")
 MANIFEST = "manifest.json"
 DEFAULT_CHANNEL = "current"
 # A version on trial: it takes a share of default traffic until live feedback promotes it to
@@ -498,7 +500,7 @@ class AdapterRegistry:
     def _stage(vdir: Path, src: Path, manifest: dict[str, Any]) -> Path:
         staging = vdir / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
         staging.mkdir()
-        for f in ADAPTER_FILES:
+        for f in (*ADAPTER_FILES, *(r for r in REPORT_FILES if (src / r).is_file())):
             shutil.copyfile(src / f, staging / f)
             _fsync_file(staging / f)
         with (staging / MANIFEST).open("w", encoding="utf-8") as f:

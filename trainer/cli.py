@@ -242,7 +242,9 @@ def _show(registry: AdapterRegistry, name: str, version: str, full: bool) -> int
     metrics = manifest.get("metrics")
     if isinstance(metrics, dict) and not full:
         manifest["metrics"] = {k: val for k, val in metrics.items() if k != "loss_curve"}
-    print(json.dumps({"path": str(v.path), "rank": v.rank, **manifest}, indent=2, sort_keys=True, default=str))
+    extra = {"report": str(v.path / "report.md")} if (v.path / "report.md").is_file() else {}
+    out = {"path": str(v.path), "rank": v.rank, "kind": v.kind, **manifest, **extra}
+    print(json.dumps(out, indent=2, sort_keys=True, default=str))
     return 0
 
 

@@ -8,6 +8,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 # A round is minutes on a CPU, seconds on a GPU.
 _DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+PPO_FIGURES = (
+    "score", "kl", "kl_per_token", "entropy", "non_score_reward", "kl_coef", "approx_kl", "clip_fraction",
+    "value_clip_fraction", "policy_loss", "value_loss", "ratio",
+)  # fmt: skip
 OUTCOMES = ("published", "rejected", "skipped", "refused", "duplicate", "failed")
 
 
@@ -45,11 +49,24 @@ class TrainerMetrics:
             "tuneloop_trainer_gate_failures", "Gate checks failed by candidates, by check.", ("check",), registry=r
         )
         self.examples = Gauge("tuneloop_trainer_examples", "Training pairs used by the last round.", registry=r)
+        # One gauge per standard PPO figure, set every iteration (a labelled family: one name to graph).
+        self.ppo = Gauge(
+            "tuneloop_trainer_ppo",
+            "The last PPO iteration's figures, by name: " + ", ".join(PPO_FIGURES) + ".",
+            ("figure",),
+            registry=r,
+        )
+        self.ppo_iterations = Counter("tuneloop_trainer_ppo_iterations", "PPO iterations run.", registry=r)
         self.last_success = Gauge(
             "tuneloop_trainer_last_success_timestamp_seconds",
             "Unix time of the last round that published an accepted adapter.",
             registry=r,
         )
+
+    def ppo_iteration(self, stats: object) -> None:
+        for name in PPO_FIGURES:
+            self.ppo.labels(name).set(float(getattr(stats, name)))
+        self.ppo_iterations.inc()
 
     def gate_checked(self, nll_increase: float, failed_checks: list[str]) -> None:
         self.nll_increase.set(nll_increase)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from .base import Algorithm, Candidate, RoundInputs
 from .dpo import DPO
+from .ppo import PPO
 from .reward import Reward
 
-ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (DPO(), Reward())}
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (DPO(), Reward(), PPO())}
 
 __all__ = ["ALGORITHMS", "Algorithm", "Candidate", "RoundInputs"]
