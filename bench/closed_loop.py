@@ -244,6 +244,7 @@ def evaluate(version: str, comps: list[pb.Completion], prompts: list[str], sampl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preference", choices=sorted(PREFERENCES), default="sentiment", help="what the users prefer")
+    ap.add_argument("--algo", choices=("dpo", "ppo"), default="dpo", help="DPO, or a reward model then PPO")
     ap.add_argument("--choices", type=int, default=512, help="pairwise choices the users make (at most 512)")
     ap.add_argument(
         "--round-pairs",
@@ -260,7 +261,9 @@ def main() -> None:
     global score
     score = PREFERENCES[args.preference]
     if args.out is None:
-        suffix = "" if args.preference == "sentiment" else f"-{args.preference}"
+        suffix = ("" if args.preference == "sentiment" else f"-{args.preference}") + (
+            "" if args.algo == "dpo" else f"-{args.algo}"
+        )
         args.out = HERE / "out" / f"closed_loop{suffix}"
     t_start = time.time()
 
@@ -296,7 +299,7 @@ def main() -> None:
                        "--min-new-pairs-periodic", str(min_pairs), "--poll-seconds", "5", "--metrics-port", "0",
                        "--no-progress", "--interval-minutes", "1000", "--epochs", str(args.epochs),
                        "--batch-size", str(args.batch_size), "--max-completion-tokens", str(NEW_TOKENS),
-                       "--publish", "current", *args.trainer_arg]  # fmt: skip
+                       "--publish", "current", "--algo", args.algo, *args.trainer_arg]  # fmt: skip
         if not one_round:
             trainer = start(trainer_cmd, trainer_log, env)
 
@@ -348,6 +351,9 @@ def main() -> None:
         registry = AdapterRegistry(home / "adapters")
         failed = {v.version: registry.get(ADAPTER, v.version).manifest["gate"]["failed_checks"] for v in versions}
         report(args, choices, versions, evals, failed, time.time() - t_start)
+        if args.algo == "ppo":
+            rm = registry.resolve(f"{ADAPTER}-reward").manifest["metrics"]
+            print(f"reward model: held-out accuracy {rm['accuracy']:.3f}, trained in {rm['train_seconds']:.0f} s")
     finally:
         if trainer is not None:
             stop(trainer)
@@ -435,6 +441,13 @@ def report(
     fig.tight_layout()
     fig.savefig(args.out / "reward.png", dpi=120)
     print("publish_path: current (trainer --publish current)")
+    if args.algo == "ppo" and accepted:
+        m = by_version[accepted[-1].version].metrics
+        print(
+            "time split: "
+            + ", ".join(f"{k.removeprefix('ppo_').removesuffix('_seconds')} {m[k]:.0f} s" for k in sorted(m)
+                        if k.startswith("ppo_") and k.endswith("_seconds"))
+        )  # fmt: skip
     print(f"accepted_versions: {len(accepted)} of {len(evals) - 1}")
     print(f"distinct2_ratio: {last.distinct2 / base.distinct2:.3f}")
     print(f"kl_to_base: {last.kl:.3f}")
