@@ -350,10 +350,10 @@ def main() -> None:
             )
         registry = AdapterRegistry(home / "adapters")
         failed = {v.version: registry.get(ADAPTER, v.version).manifest["gate"]["failed_checks"] for v in versions}
-        report(args, choices, versions, evals, failed, time.time() - t_start)
         if args.algo == "ppo":
             rm = registry.resolve(f"{ADAPTER}-reward").manifest["metrics"]
             print(f"reward model: held-out accuracy {rm['accuracy']:.3f}, trained in {rm['train_seconds']:.0f} s")
+        report(args, choices, versions, evals, failed, time.time() - t_start)
     finally:
         if trainer is not None:
             stop(trainer)
