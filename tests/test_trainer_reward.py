@@ -3,6 +3,7 @@ held-out pairs of a synthetic preference, and is published as a `reward` entry."
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,15 +23,22 @@ def model_dir() -> Path:
     return ensure_default_model()
 
 
+# Longer than GOOD: with it on half the prompts, length alone cannot tell the replies apart.
+BAD_LONG = "No. Figure it out yourself, I am not going to spend any of my time on this question."
+
+
 def mixed_feedback() -> ListSource:
     """Pairs on every prompt, plus a thumb and a rating on each reply."""
     completions, feedback = toy_rows(QUESTIONS)
+    completions = [
+        replace(c, text=BAD_LONG) if c.text == BAD and i % 4 == 1 else c for i, c in enumerate(completions)
+    ]
     for i, c in enumerate(completions):
-        good = c.completion_text == GOOD
+        good = c.text == GOOD
         thumb, rating = (1.0, 5.0) if good else (-1.0, 1.0)
         feedback.append(FeedbackRow(f"t{i}", THUMBS, f"u{i % 5}", c.completion_id, value=thumb, created_at=50.0 + i))
         feedback.append(FeedbackRow(f"s{i}", RATING, f"v{i % 5}", c.completion_id, value=rating, created_at=99.0 + i))
-    assert {c.completion_text for c in completions} == {GOOD, BAD}
+    assert {c.text for c in completions} == {GOOD, BAD, BAD_LONG}
     return ListSource(completions, feedback)
 
 
