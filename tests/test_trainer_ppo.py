@@ -56,7 +56,8 @@ async def test_a_ppo_round_publishes_a_policy_the_server_serves(make_server, mod
     assert v.manifest["reward_model"] == {"name": "toy-reward", "version": "v1"}
     assert reg.get("toy-reward", "v1").kind == "reward"  # lineage: feedback -> reward model -> policy
     its = v.manifest["ppo"]["iterations"]
-    assert len(its) == 3 and all(s["kl_per_token"] >= -1e-3 for s in its)
+    # k1 KL estimates of one small batch can dip below 0; they must be finite and small here.
+    assert len(its) == 3 and all(abs(s["kl_per_token"]) < 5.0 for s in its)
     assert {"score", "approx_kl", "clip_fraction", "entropy", "value_loss"} <= its[0].keys()
     assert (v.path / "report.md").is_file() and (v.path / "report.png").stat().st_size > 1000
     assert metrics.registry.get_sample_value("tuneloop_trainer_ppo_iterations_total") == 3.0
