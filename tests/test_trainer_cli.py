@@ -37,7 +37,7 @@ def test_once_on_an_empty_store_skips_with_a_reason(tmp_path: Path, capsys: pyte
 def test_bad_settings_exit_2_with_the_setting_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["once", "--beta", "-1", "--store-url", f"sqlite:///{tmp_path}/s.db"]) == 2
     assert "beta must be > 0" in capsys.readouterr().err
-    assert main(["once", "--algo", "ppo"]) == 2
+    assert main(["once", "--algo", "a2c"]) == 2
     assert "algo must be one of" in capsys.readouterr().err
 
 
