@@ -30,10 +30,7 @@ import argparse
 import json
 import os
 import random
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from procs import start, stop, wait_port, wait_serving
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from tuneloop.server.registry import AdapterRegistry
@@ -90,42 +87,6 @@ score = compound  # set from --preference in main()
 
 def chat(prompt: str) -> pb.ChatInput:
     return pb.ChatInput(messages=[pb.ChatMessage(role="user", content=prompt)])
-
-
-# --------------------------------------------------------------------------- processes
-def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def wait_port(log: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        m = re.search(r"gRPC on [^:]+:(\d+)", log.read_text())
-        if m:
-            return int(m.group(1))
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited; see {log}")
-        time.sleep(0.5)
-    raise RuntimeError("server did not bind in time")
-
-
-def wait_serving(channel: grpc.Channel, timeout: float = 300) -> None:
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
-            return
-        time.sleep(1)
-    raise RuntimeError("engine did not become ready")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 # --------------------------------------------------------------------------- users

@@ -24,7 +24,7 @@ from tuneloop.server.model_cache import ensure_default_model
 from tuneloop.trainer.config import ComputeConfig, DPOConfig, PPOConfig, RewardConfig
 from tuneloop.trainer.model import build_policy, load_base_model, load_tokenizer, prepare_compute
 from tuneloop.trainer.ppo import RewardScorer, train_ppo
-from tuneloop.trainer.reward_model import build_reward_model, score_sequences
+from tuneloop.trainer.reward_model import build_reward_model, reward_scores
 
 PROMPTS = Path(__file__).resolve().parent / "data" / "closed_loop_prompts.txt"
 
@@ -52,7 +52,7 @@ def main() -> None:
     reward_model = build_reward_model(model_dir, rc, compute, device, dtype, tok.pad_token_id).eval()
     critic = build_reward_model(model_dir, rc, compute, device, dtype, tok.pad_token_id)
     scorer = RewardScorer(
-        lambda seqs: score_sequences(reward_model, seqs, pad_id=tok.pad_token_id, device=device, dtype=dtype), 0.0, 1.0
+        lambda seqs: reward_scores(reward_model, seqs, pad_id=tok.pad_token_id, device=device, dtype=dtype), 0.0, 1.0
     )
     cfg = PPOConfig(
         ppo_iterations=args.iterations + 1, ppo_prompts_per_iteration=args.prompts,

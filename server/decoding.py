@@ -3,8 +3,11 @@
 gRPC Python runs the request deserializer before any servicer code; when it raises, the caller
 sees `UNKNOWN` with a Python class name in the text. This interceptor gives every method a
 deserializer that never raises: undecodable bytes become an `Undecodable` marker, and the method
-answers it with a plain message before the servicer is called (for a request stream: when the bad
-message is read, ending the stream). It wraps every service (health and reflection too).
+answers it with a plain message before the servicer is called. In a request stream the bad message
+is found where the stream is read, which may be a task of the servicer's own: there it raises
+`UndecodableMessage` (an InvalidArgument), which the servicer's error table answers, or, for a
+servicer without one, this guard does; the status is set once, by the RPC's own handler. It wraps
+every service (health and reflection too).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from .errors import InvalidArgument
 from .metrics import Metrics
 
 
@@ -25,6 +29,10 @@ class Undecodable:
 
     def __init__(self, message: str) -> None:
         self.message = message
+
+
+class UndecodableMessage(InvalidArgument):
+    """A message of a request stream did not decode."""
 
 
 def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -64,7 +72,7 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
         async def checked() -> AsyncIterator[Any]:
             async for request in requests:
                 if isinstance(request, Undecodable):
-                    await self._reject(method, request, context)
+                    raise UndecodableMessage(request.message)
                 yield request
 
         return checked()
@@ -74,14 +82,20 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
 
             async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 checked = await self._checked(method, request, request_streaming, context)
-                async for response in behavior(checked, context):
-                    yield response
+                try:
+                    async for response in behavior(checked, context):
+                        yield response
+                except UndecodableMessage as exc:  # a servicer that does not map errors itself
+                    await self._reject(method, Undecodable(str(exc)), context)
 
             return gen
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            result = behavior(await self._checked(method, request, request_streaming, context), context)
-            return await result if inspect.isawaitable(result) else result
+            try:
+                result = behavior(await self._checked(method, request, request_streaming, context), context)
+                return await result if inspect.isawaitable(result) else result
+            except UndecodableMessage as exc:
+                await self._reject(method, Undecodable(str(exc)), context)
 
         return call
 

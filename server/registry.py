@@ -26,12 +26,12 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -56,6 +56,7 @@ _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _VERSION_RE = re.compile(r"v([1-9][0-9]*)")
 _STAGING_PREFIX = ".staging-"
 _SETTLED_NS = 3_000_000_000  # see AdapterRegistry._channel_cache
+_T = TypeVar("_T")
 
 
 def default_registry_dir() -> Path:
@@ -210,7 +211,7 @@ class AdapterRegistry:
         # Only files last changed over _SETTLED_NS ago are cached: a filesystem may reuse a freed
         # inode at once and stamp times at a coarse tick, so two quick moves could otherwise look
         # like none (git's "racy stat" rule). A later move always gets a newer mtime than that.
-        self._channel_cache: dict[Path, tuple[tuple[int, int, int], tuple[str, float] | None]] = {}
+        self._channel_cache: dict[Path, tuple[tuple[int, int, int], Any]] = {}
 
     # -- reading -------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -265,6 +266,37 @@ class AdapterRegistry:
     def channel_info(self, name: str, channel: str = DEFAULT_CHANNEL) -> tuple[str, float] | None:
         """The channel's version and when it was last moved (unix seconds), or None if unset."""
         path = self.root / validate_name(name) / "channels" / f"{validate_name(channel, 'channel')}.json"
+
+        def parse(data: dict[str, Any]) -> tuple[str, float] | None:
+            version, updated_at = data.get("version"), data.get("updated_at")
+            if isinstance(version, str) and _VERSION_RE.fullmatch(version):
+                return version, float(updated_at) if isinstance(updated_at, (int, float)) else 0.0
+            return None
+
+        return self._read_channel_file(path, parse)
+
+    def canary(self, name: str) -> CanaryEntry | None:
+        """The running canary of `name`, or None."""
+        path = self.root / validate_name(name) / "channels" / f"{CANARY_CHANNEL}.json"
+
+        def parse(data: dict[str, Any]) -> CanaryEntry | None:
+            try:
+                entry = CanaryEntry(
+                    str(data["version"]), float(data["share"]), float(data["started_at"]), bool(data["auto_decide"])
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("adapter registry: canary file %s is unreadable: %s", path, exc)
+                return None
+            if not _VERSION_RE.fullmatch(entry.version) or not 0.0 < entry.share <= 1.0:
+                log.warning("adapter registry: canary file %s names no valid version and share: %s", path, data)
+                return None
+            return entry
+
+        return self._read_channel_file(path, parse)
+
+    def _read_channel_file(self, path: Path, parse: Callable[[dict[str, Any]], _T | None]) -> _T | None:
+        """Parse a channel's JSON file, or return what it parsed to while its (inode, mtime, size)
+        is unchanged: every replica polls these files several times a second."""
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -276,9 +308,9 @@ class AdapterRegistry:
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._channel_cache.get(path)
         if cached is not None and cached[0] == stamp:
-            return cached[1]
+            return cached[1]  # type: ignore[no-any-return]
         self._channel_cache.pop(path, None)
-        info = None
+        value = None
         try:
             data = _read_json(path)
         except FileNotFoundError:
@@ -289,30 +321,10 @@ class AdapterRegistry:
         except ValueError as exc:  # cached below, so this is logged once per bad write, not per poll
             log.warning("adapter registry: channel file %s is unreadable: %s", path, exc)
         else:
-            version, updated_at = data.get("version"), data.get("updated_at")
-            if isinstance(version, str) and _VERSION_RE.fullmatch(version):
-                info = version, float(updated_at) if isinstance(updated_at, (int, float)) else 0.0
+            value = parse(data)
         if time.time_ns() - st.st_mtime_ns > _SETTLED_NS:
-            self._channel_cache[path] = (stamp, info)
-        return info
-
-    def canary(self, name: str) -> CanaryEntry | None:
-        """The running canary of `name`, or None."""
-        path = self.root / validate_name(name) / "channels" / f"{CANARY_CHANNEL}.json"
-        try:
-            data = _read_json(path)
-            entry = CanaryEntry(
-                str(data["version"]), float(data["share"]), float(data["started_at"]), bool(data["auto_decide"])
-            )
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("adapter registry: canary file %s is unreadable: %s", path, exc)
-            return None
-        if not _VERSION_RE.fullmatch(entry.version) or not 0.0 < entry.share <= 1.0:
-            log.warning("adapter registry: canary file %s names no valid version and share: %s", path, data)
-            return None
-        return entry
+            self._channel_cache[path] = (stamp, value)
+        return value
 
     def canary_log(self, name: str) -> list[dict[str, Any]]:
         """Every canary start and verdict of `name`, oldest first."""

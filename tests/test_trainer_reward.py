@@ -67,3 +67,22 @@ def test_a_reward_model_learns_the_preference_and_is_published_as_a_reward_entry
     assert any("score" in k for k in weights), sorted(weights)[:5]  # the head travels with the adapter
     lora_b = [t for k, t in weights.items() if "lora_B" in k]
     assert lora_b and any(float(t.abs().max()) > 0 for t in lora_b)  # B starts at zero: it trained
+
+
+def test_new_thumbs_alone_make_a_new_reward_run_but_not_a_new_dpo_run() -> None:
+    from tuneloop.trainer.config import DatasetConfig
+    from tuneloop.trainer.dataset import build_dataset, build_pointwise
+    from tuneloop.trainer.runner import data_digest
+
+    source = mixed_feedback()
+    completions, feedback = source.load()
+    more = [*feedback, FeedbackRow("t-new", THUMBS, "u-new", completions[0].completion_id, value=1.0, created_at=500.0)]
+    cfg = DatasetConfig()
+    pairs, pairs_after = build_dataset(completions, feedback, cfg), build_dataset(completions, more, cfg)
+    assert pairs.snapshot()["digest"] == pairs_after.snapshot()["digest"]  # a thumb is not a pair
+    digest = pairs.snapshot()["digest"]
+    assert data_digest(digest, None) == digest
+    before = data_digest(digest, build_pointwise(completions, feedback, cfg))
+    assert before != digest
+    assert data_digest(digest, build_pointwise(completions, more, cfg)) != before
+    assert data_digest(digest, build_pointwise(completions, list(reversed(feedback)), cfg)) == before

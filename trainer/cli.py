@@ -296,7 +296,7 @@ def _score(args: argparse.Namespace) -> int:
     from .config import ComputeConfig  # noqa: PLC0415
     from .dpo import encode_completion  # noqa: PLC0415
     from .model import load_tokenizer, prepare_compute  # noqa: PLC0415
-    from .reward_model import load_reward_model, score_sequences  # noqa: PLC0415
+    from .reward_model import load_reward_model, reward_scores  # noqa: PLC0415
 
     if not args.prompt.strip() or not all(c.strip() for c in args.completion):
         raise InvalidArgument("--prompt and every --completion must be non-empty")
@@ -322,7 +322,7 @@ def _score(args: argparse.Namespace) -> int:
     prompt = tuple(tok(prompt_text, add_special_tokens=False)["input_ids"][-max_p:])
     max_c = int(hp.get("reward_max_completion_tokens", 256))
     seqs = [(prompt, encode_completion(tok, c, max_c)) for c in args.completion]
-    rewards = score_sequences(model, seqs, pad_id=tok.pad_token_id, device=device, dtype=dtype).tolist()
+    rewards = reward_scores(model, seqs, pad_id=tok.pad_token_id, device=device, dtype=dtype).tolist()
     scale = version.manifest.get("reward_scale", {})
     mean, std = float(scale.get("mean", 0.0)), float(scale.get("std", 1.0)) or 1.0
     anchor = float(scale.get("thumbs_anchor", 0.0))

@@ -7,6 +7,7 @@ flat flag (`--beta`, `--min-accuracy`, ...).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,10 @@ class PPOConfig:
     ppo_reference: str = setting(
         "base", "'base' (adapter disabled) or 'served' (a frozen copy of the served adapter; rounds chain)."
     )
+    # The policy's own LoRA shape (a chained round takes the served adapter's shape instead).
+    ppo_lora_r: int = setting(8, "Policy LoRA rank.")
+    ppo_lora_alpha: int = setting(16, "Policy LoRA alpha (scale = alpha / r).")
+    ppo_lora_targets: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj"], "Policy LoRA modules.")
     ppo_max_prompt_tokens: int = setting(256, "Prompts are cut to their last this-many tokens.")
     ppo_seed: int = setting(0, "Seed for LoRA init, prompt choice and sampling.")
 
@@ -201,6 +206,8 @@ class PPOConfig:
         _check(self.ppo_missing_eos_penalty >= 0, "ppo_missing_eos_penalty must be >= 0")
         _check(self.ppo_reference in REFERENCES, f"ppo_reference must be one of {REFERENCES}")
         _check(self.ppo_max_prompt_tokens >= 1, "ppo_max_prompt_tokens must be >= 1")
+        _check(self.ppo_lora_r >= 1 and self.ppo_lora_alpha >= 1, "ppo_lora_r and ppo_lora_alpha must be >= 1")
+        _check(bool(self.ppo_lora_targets), "ppo_lora_targets must name at least one module")
 
     def hyperparameters(self) -> dict[str, Any]:
         return asdict(self)
@@ -257,6 +264,13 @@ class GateConfig:
         "move from its reference (0.5: each sampled token e^0.5 = 1.6x likelier than under the reference, on "
         "average).",
     )
+    # A reward model's score is on its own scale (the reward_scale in its manifest), so the
+    # default asks only that the candidate's held-out samples score above the reference's.
+    min_reward_gain: float = setting(
+        0.0,
+        "Reward-model algorithms (PPO): the reward model's mean score of the candidate's held-out samples minus "
+        "the reference's must exceed this.",
+    )
     min_diversity_ratio: float = setting(
         0.8, "Candidate distinct-1 and distinct-2 must stay above this fraction of the reference's."
     )
@@ -289,6 +303,7 @@ class GateConfig:
     def __post_init__(self) -> None:
         _check(0.0 <= self.min_accuracy <= 1.0, f"min_accuracy must be in [0, 1], got {self.min_accuracy}")
         _check(self.max_kl_per_token > 0, f"max_kl_per_token must be > 0, got {self.max_kl_per_token}")
+        _check(math.isfinite(self.min_reward_gain), f"min_reward_gain must be finite, got {self.min_reward_gain}")
         _check(0.0 <= self.min_diversity_ratio <= 1.0, "min_diversity_ratio must be in [0, 1]")
         _check(self.max_nll_increase_per_token > 0, "max_nll_increase_per_token must be > 0")
         for name in ("repetition", "non_language", "empty", "cutoff"):

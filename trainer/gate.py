@@ -194,7 +194,8 @@ class GateResult:
 
 
 GATE_CHECKS = (
-    "accuracy", "beat_served", "kl", "distinct_1", "distinct_2", "nll", "repetition", "non_language", "empty", "cutoff",
+    "accuracy", "beat_served", "reward_gain", "kl", "distinct_1", "distinct_2", "nll", "repetition", "non_language",
+    "empty", "cutoff",
 )  # fmt: skip
 
 
@@ -227,11 +228,11 @@ def decide(m: GateMetrics, cfg: GateConfig) -> GateResult:
                 f"does not beat the served adapter: accuracy {m.accuracy:.3f} (margin {m.margin or 0.0:.3f}) vs "
                 f"{m.served_accuracy:.3f} (margin {served_margin:.3f})",
             ))
-    if m.reward_gain is not None and not m.reward_gain > 0:
+    if m.reward_gain is not None and not m.reward_gain > cfg.min_reward_gain:
         failed.append((
             "reward_gain",
             f"the reward model scores the candidate's held-out samples {m.reward_gain:+.3f} against the "
-            "reference's (must be > 0)",
+            f"reference's (must be > min_reward_gain {cfg.min_reward_gain:+.3f})",
         ))
     if not m.kl_per_token <= cfg.max_kl_per_token:  # also fails on NaN
         failed.append((

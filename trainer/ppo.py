@@ -44,6 +44,7 @@ from .ppo_losses import (
     masked_whiten,
     shape_rewards,
 )
+from .reward_model import head_scores
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +98,8 @@ def critic_values(
     critic: PeftModel, ids: torch.Tensor, attn: torch.Tensor, comp: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """(N, L) V(s_t): the critic's score head on the state that predicts each completion token."""
-    inner = critic.get_base_model()
     rows, cols, slots, mask = completion_grid(comp)
-    with autocast(ids.device, dtype):
-        hidden = inner.model(input_ids=ids, attention_mask=attn).last_hidden_state
-        values = inner.score(hidden[rows, cols]).squeeze(-1).float()
-    return _to_grid(values, rows, slots, (ids.shape[0], mask.shape[1]))
+    return _to_grid(head_scores(critic, ids, attn, rows, cols, dtype), rows, slots, (ids.shape[0], mask.shape[1]))
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -286,14 +283,14 @@ def _iteration(
             vout.loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable_parameters(critic), 1.0)
             vopt.step()
-            logs["approx_kl"].append(float(out.approx_kl))
-            logs["clip"].append(float(out.clip_fraction))
-            logs["vclip"].append(float(vout.clip_fraction))
-            logs["ploss"].append(float(out.loss))
-            logs["vloss"].append(float(vout.loss))
-            logs["ratio"].append(float(out.ratio))
+            logs["approx_kl"].append(out.approx_kl.item())
+            logs["clip"].append(out.clip_fraction.item())
+            logs["vclip"].append(vout.clip_fraction.item())
+            logs["ploss"].append(out.loss.item())
+            logs["vloss"].append(vout.loss.item())
+            logs["ratio"].append(out.ratio.item())
             assert ent is not None
-            logs["ent"].append(float(masked_mean(ent, m)))
+            logs["ent"].append(masked_mean(ent, m).item())
     t4 = time.perf_counter()
     kl_seq = shaped.kl.sum(1)
     tokens = mask.sum(1).float()

@@ -69,22 +69,30 @@ def load_reward_model(
     return model.eval()
 
 
+def head_scores(
+    model: PeftModel, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """(K,) float32 outputs of the scalar head at positions (rows[k], cols[k]) of right-padded (N, T)
+    sequences: the backbone runs once over the batch, the head only where it is read (the last
+    real token for a reward, every completion-predicting state for a critic's values)."""
+    inner = model.get_base_model()
+    with autocast(ids.device, dtype):
+        hidden = inner.model(input_ids=ids, attention_mask=attn).last_hidden_state
+        return inner.score(hidden[rows, cols]).squeeze(-1).float()
+
+
 def sequence_rewards(model: PeftModel, ids: torch.Tensor, attn: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(N,) float32 rewards of right-padded sequences, read at each row's last real token.
 
     Pooling here rather than in the transformers head: that one finds the end by the pad id,
     which is the EOS for many chat models, so it would skip the EOS of every finished reply.
     """
-    inner = model.get_base_model()
-    with autocast(ids.device, dtype):
-        hidden = inner.model(input_ids=ids, attention_mask=attn).last_hidden_state
-        last = attn.sum(dim=1) - 1
-        pooled = hidden[torch.arange(ids.shape[0], device=ids.device), last]
-        return inner.score(pooled).squeeze(-1).float()
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    return head_scores(model, ids, attn, rows, attn.sum(dim=1) - 1, dtype)
 
 
 @torch.no_grad()
-def score_sequences(
+def reward_scores(
     model: PeftModel,
     seqs: Sequence[Sequence_],
     *,
@@ -273,7 +281,7 @@ def train_reward_model(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params + heads.parameters(), 1.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if on_step:
                 on_step(losses[-1])
             bar.set_postfix(loss=f"{losses[-1]:.4f}")

@@ -23,7 +23,7 @@ from tuneloop.server.registry import DEFAULT_CHANNEL, POLICY, AdapterRegistry, A
 from .algos import ALGORITHMS, RoundInputs
 from .algos.base import FeedbackSource
 from .config import TrainerConfig
-from .dataset import PreferenceDataset, build_dataset
+from .dataset import PointwiseDataset, PreferenceDataset, build_dataset, build_pointwise
 from .metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,15 @@ def run_key(base_model: str, parent: str | None, cfg: TrainerConfig, data_digest
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
+def data_digest(pairs_digest: str, pointwise: PointwiseDataset | None) -> str:
+    """What a run trained on, for its key: the pairs, and the thumbs and ratings when it uses them."""
+    if pointwise is None:
+        return pairs_digest  # unchanged for pair-only algorithms: their run keys stay what they were
+    split = {"train": sorted(e.event_id for e in pointwise.train),
+             "heldout": sorted(e.event_id for e in pointwise.heldout)}  # fmt: skip
+    return hashlib.sha256(json.dumps({"pairs": pairs_digest, "pointwise": split}, sort_keys=True).encode()).hexdigest()
+
+
 def seen_event_ids(registry: AdapterRegistry, name: str) -> set[str]:
     """Feedback events any earlier round (accepted or rejected) trained on."""
     seen: set[str] = set()
@@ -146,6 +155,7 @@ def run_round(
     *,
     metrics: TrainerMetrics | None = None,
     dataset: PreferenceDataset | None = None,
+    pointwise: PointwiseDataset | None = None,
 ) -> RoundResult:
     """Build, train, gate and publish once. Never raises for a round that cannot or should not
     train (too little data, another base model): those come back as outcomes with a reason."""
@@ -153,7 +163,7 @@ def run_round(
     metrics = metrics or TrainerMetrics()
     counts: dict[str, int] = {}
     try:
-        result = _run(cfg, source, registry, dataset, metrics, counts)
+        result = _run(cfg, source, registry, dataset, pointwise, metrics, counts)
     except BaseModelMismatch as exc:
         result = RoundResult("refused", reason=str(exc))
     except Exception as exc:  # a round must not take the sidecar down; the reason is logged
@@ -173,12 +183,17 @@ def _run(
     source: FeedbackSource,
     registry: AdapterRegistry,
     dataset: PreferenceDataset | None,
+    pointwise: PointwiseDataset | None,
     metrics: TrainerMetrics,
     counts: dict[str, int],
 ) -> RoundResult:
-    if dataset is None:
+    algorithm = ALGORITHMS[cfg.algo]
+    if dataset is None or (algorithm.uses_pointwise and pointwise is None):
         completions, feedback = source.load()
-        dataset = build_dataset(completions, feedback, cfg.data)
+        if dataset is None:
+            dataset = build_dataset(completions, feedback, cfg.data)
+        if algorithm.uses_pointwise and pointwise is None:
+            pointwise = build_pointwise(completions, feedback, cfg.data)
     n_train, n_held = len(dataset.train), len(dataset.heldout)
     counts["train"], counts["heldout"] = n_train, n_held
     if n_train < cfg.min_train_pairs or n_held < cfg.min_heldout_pairs:
@@ -192,19 +207,18 @@ def _run(
         )
     model_dir = cfg.resolved_model_dir()
     base_id = base_model_fingerprint(model_dir)
-    algorithm = ALGORITHMS[cfg.algo]
     name = algorithm.target_name(cfg)
     served = served_version(registry, name)
     check_base_model(served, base_id)
     parent = served.version if served else None
     snapshot = dataset.snapshot()
-    key = run_key(base_id, parent, cfg, snapshot["digest"])
+    key = run_key(base_id, parent, cfg, data_digest(snapshot["digest"], pointwise))
     done = _finish_interrupted(registry, cfg, name, key, parent)
     if done is not None:
         done.train_pairs, done.heldout_pairs = n_train, n_held
         return done
 
-    candidate = algorithm.train(RoundInputs(cfg, dataset, source, model_dir, served, registry, metrics))
+    candidate = algorithm.train(RoundInputs(cfg, dataset, source, model_dir, served, registry, metrics, pointwise))
     verdict = candidate.verdict
     metrics.examples.set(n_train)
     manifest = {

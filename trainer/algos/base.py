@@ -9,7 +9,8 @@ the shared checks in `trainer/gate.py`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 from tuneloop.server.registry import POLICY, AdapterRegistry, AdapterVersion
 
 from ..config import TrainerConfig
-from ..dataset import PreferenceDataset
+from ..dataset import PointwiseDataset, PreferenceDataset
 from ..gate import GateResult
 from ..metrics import TrainerMetrics
 from ..rows import CompletionRow, FeedbackRow
@@ -35,11 +36,13 @@ class RoundInputs:
 
     cfg: TrainerConfig
     dataset: PreferenceDataset  # the round's preference pairs (its snapshot is the run key's data)
-    source: FeedbackSource  # for what else an algorithm reads (pointwise judgements, prompts)
+    source: FeedbackSource  # for what else an algorithm reads (prompts)
     model_dir: Path
     served: AdapterVersion | None  # the version serving now (the parent), if any
     registry: AdapterRegistry
     metrics: TrainerMetrics
+    # The round's thumbs and ratings, for algorithms with `uses_pointwise` (then in the run key too).
+    pointwise: PointwiseDataset | None = None
 
 
 @dataclass
@@ -57,6 +60,9 @@ class Algorithm(Protocol):
     """One family of training algorithms, selected by `--algo`."""
 
     name: str
+    # Whether it learns from thumbs and ratings as well as pairs: then the round builds them and a
+    # change in them alone makes a new run, not a duplicate.
+    uses_pointwise: bool
 
     def target_name(self, cfg: TrainerConfig) -> str:
         """The registry name the algorithm publishes under."""
@@ -67,3 +73,14 @@ class Algorithm(Protocol):
         ...
 
     def train(self, inputs: RoundInputs) -> Candidate: ...
+
+
+def training_figures(steps: int, seconds: float, losses: Sequence[float]) -> dict[str, Any]:
+    """The manifest's figures of an optimisation run, alike for every algorithm that has a loss."""
+    return {
+        "first_loss": losses[0] if losses else math.nan,
+        "last_loss": losses[-1] if losses else math.nan,
+        "steps": steps,
+        "train_seconds": seconds,
+        "loss_curve": [round(x, 6) for x in losses],
+    }

@@ -10,11 +10,12 @@ from ..config import TrainerConfig
 from ..dpo import score_pairs, tokenize_pair, train_dpo
 from ..gate import decide, evaluate_candidate
 from ..model import SERVED, TRAINED, build_policy, load_base_model, load_tokenizer, prepare_compute
-from .base import Candidate, RoundInputs
+from .base import Candidate, RoundInputs, training_figures
 
 
 class DPO:
     name = "dpo"
+    uses_pointwise = False
 
     def target_name(self, cfg: TrainerConfig) -> str:
         return cfg.adapter
@@ -75,11 +76,7 @@ class DPO:
             verdict=verdict,
             metrics={
                 **gate_metrics.to_dict(),
-                "first_loss": trained.first_loss,
-                "last_loss": trained.last_loss,
-                "steps": trained.steps,
-                "train_seconds": trained.seconds,
-                "loss_curve": [round(s.loss, 6) for s in trained.log],
+                **training_figures(trained.steps, trained.seconds, [s.loss for s in trained.log]),
             },
             save=save,
             manifest={

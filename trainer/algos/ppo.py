@@ -16,13 +16,13 @@ from tuneloop.server.domain import prompt_sha256
 from tuneloop.server.errors import FailedPrecondition, NotFound
 from tuneloop.server.registry import REWARD, AdapterVersion
 
-from ..config import TrainerConfig
+from ..config import DPOConfig, TrainerConfig
 from ..dataset import heldout_score
 from ..gate import GateMetrics, decide, evaluate_samples
 from ..model import SERVED, TRAINED, build_policy, load_base_model, load_tokenizer, prepare_compute
 from ..ppo import PPOResult, RewardScorer, train_ppo
 from ..report import write_ppo_report
-from ..reward_model import load_reward_backbone, load_reward_model, score_sequences
+from ..reward_model import load_reward_backbone, load_reward_model, reward_scores
 from .base import Candidate, RoundInputs
 from .reward import reward_name
 
@@ -31,12 +31,13 @@ log = logging.getLogger(__name__)
 
 class PPO:
     name = "ppo"
+    uses_pointwise = True  # through its reward model
 
     def target_name(self, cfg: TrainerConfig) -> str:
         return cfg.adapter
 
     def settings(self, cfg: TrainerConfig) -> dict[str, Any]:
-        return {"ppo": cfg.ppo.hyperparameters(), "reward": cfg.reward.hyperparameters(), "lora": _lora(cfg)}
+        return {"ppo": cfg.ppo.hyperparameters(), "reward": cfg.reward.hyperparameters()}
 
     def train(self, inputs: RoundInputs) -> Candidate:
         cfg, pc = inputs.cfg, inputs.cfg.ppo
@@ -61,7 +62,7 @@ class PPO:
         chain = pc.ppo_reference == "served" and served is not None
         policy = build_policy(
             load_base_model(inputs.model_dir, device, dtype, cfg.compute.attn_implementation),
-            dataclasses.replace(cfg.dpo, lora_dropout=0.0, seed=pc.ppo_seed),  # dropout would bias the ratio
+            _policy_lora(cfg),
             served_adapter=served.path if served else None,
             init_from_served=chain,
         )
@@ -73,7 +74,7 @@ class PPO:
         ).to(device)
         scale = rm.manifest.get("reward_scale", {})
         scorer = RewardScorer(
-            score=lambda seqs: score_sequences(reward_model, seqs, pad_id=pad, device=device, dtype=dtype),
+            score=lambda seqs: reward_scores(reward_model, seqs, pad_id=pad, device=device, dtype=dtype),
             mean=float(scale.get("mean", 0.0)),
             std=float(scale.get("std", 1.0)) or 1.0,
         )
@@ -129,7 +130,7 @@ class PPO:
         cfg = inputs.cfg
         rm_round = run_round(
             dataclasses.replace(cfg, algo="reward"), inputs.source, inputs.registry, metrics=inputs.metrics,
-            dataset=inputs.dataset,
+            dataset=inputs.dataset, pointwise=inputs.pointwise,
         )  # fmt: skip
         if rm_round.outcome not in ("published", "duplicate", "rejected"):
             raise FailedPrecondition(f"the reward model round did not run: {rm_round.outcome}: {rm_round.reason}")
@@ -146,9 +147,14 @@ class PPO:
         return rm
 
 
-def _lora(cfg: TrainerConfig) -> dict[str, Any]:
-    d = cfg.dpo
-    return {"r": d.lora_r, "alpha": d.lora_alpha, "targets": list(d.lora_targets)}
+def _policy_lora(cfg: TrainerConfig) -> DPOConfig:
+    """The policy's LoRA shape in the form `build_policy` reads; no dropout, which would make the
+    rollout and update log-probs differ and so bias the PPO ratio."""
+    pc = cfg.ppo
+    return dataclasses.replace(
+        cfg.dpo, lora_r=pc.ppo_lora_r, lora_alpha=pc.ppo_lora_alpha, lora_targets=list(pc.ppo_lora_targets),
+        lora_dropout=0.0, seed=pc.ppo_seed,
+    )  # fmt: skip
 
 
 def _summary(result: PPOResult) -> dict[str, Any]:

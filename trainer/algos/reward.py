@@ -28,10 +28,10 @@ from ..reward_model import (
     RewardHeads,
     build_reward_model,
     rating_margins,
-    score_sequences,
+    reward_scores,
     train_reward_model,
 )
-from .base import Candidate, RoundInputs
+from .base import Candidate, RoundInputs, training_figures
 
 # Enough completions for a steady mean and spread, few enough to score in seconds.
 _STATS_SAMPLE = 512
@@ -44,6 +44,7 @@ def reward_name(adapter: str) -> str:
 
 class Reward:
     name = "reward"
+    uses_pointwise = True
 
     def target_name(self, cfg: TrainerConfig) -> str:
         return reward_name(cfg.adapter)
@@ -56,7 +57,9 @@ class Reward:
         device, dtype = prepare_compute(cfg.compute)
         tok = load_tokenizer(inputs.model_dir)
         pad = tok.pad_token_id
-        pointwise = build_pointwise(*inputs.source.load(), cfg.data)
+        pointwise = inputs.pointwise
+        if pointwise is None:
+            pointwise = build_pointwise(*inputs.source.load(), cfg.data)
         enc = Encoder(tok, rc)
         pairs = inputs.dataset
         margins = rating_margins(pairs.train, pointwise.examples, rc.reward_rating_margin)
@@ -71,7 +74,7 @@ class Reward:
         )  # fmt: skip
 
         def score(seqs: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> list[float]:
-            return score_sequences(model, seqs, pad_id=pad, device=device, dtype=dtype).tolist()
+            return reward_scores(model, seqs, pad_id=pad, device=device, dtype=dtype).tolist()
 
         held = [enc.pair(p) for p in pairs.heldout]
         chosen = score([(it.prompt, it.chosen) for it in held])
@@ -111,13 +114,9 @@ class Reward:
             verdict=verdict,
             metrics={
                 **{k: v for k, v in m.to_dict().items() if v is not None},
-                "first_loss": trained.first_loss,
-                "last_loss": trained.last_loss,
-                "steps": trained.steps,
-                "train_seconds": trained.seconds,
+                **training_figures(trained.steps, trained.seconds, trained.losses),
                 "pointwise_train": len(pointwise.train),
                 "pointwise_heldout": len(pointwise.heldout),
-                "loss_curve": [round(x, 6) for x in trained.losses],
             },
             save=save,
             manifest={

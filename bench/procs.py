@@ -1,0 +1,48 @@
+"""Run tuneloop's own processes (`tuneloop serve`, the trainer sidecar) for a bench, as a user would:
+separate processes, logs to files, the port read from the start-up line."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_port(log: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = re.search(r"gRPC on [^:]+:(\d+)", log.read_text())
+        if m:
+            return int(m.group(1))
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited; see {log}")
+        time.sleep(0.5)
+    raise RuntimeError("server did not bind in time")
+
+
+def wait_serving(channel: grpc.Channel, timeout: float = 300) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+            return
+        time.sleep(1)
+    raise RuntimeError("engine did not become ready")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
