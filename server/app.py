@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -23,6 +24,7 @@ from .admin import AdminService, monitor_canaries
 from .auth import ApiKeyInterceptor
 from .config import ServerConfig, read_api_keys
 from .decoding import DecodeGuardInterceptor
+from .domain import CompletionRecord
 from .engine import Engine, start_engine
 from .errors import EngineUnavailable
 from .feedback import FeedbackService
@@ -240,7 +242,7 @@ class TuneloopServer:
         await self._server.wait_for_termination()
 
 
-def _discard(records: list[object]) -> None:
+def _discard(records: Sequence[CompletionRecord]) -> None:
     """Completion sink when the log is turned off."""
 
 

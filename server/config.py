@@ -23,6 +23,8 @@ from .settings import add_flags, field_type, parse_value, setting
 ROLES = ("generate", "feedback", "admin")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# vLLM sizes its LoRA buffers for one of these ranks (its max_lora_rank choices).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 ENV_PREFIX = "TUNELOOP_"
 
 
@@ -140,7 +142,12 @@ class ServerConfig:
             f"default_max_tokens ({self.default_max_tokens}) must be between 1 and max_tokens_limit "
             f"({self.max_tokens_limit}): set --default-max-tokens",
         )
-        need(self.max_loras >= 1 and self.max_lora_rank >= 1, "max_loras and max_lora_rank must be >= 1")
+        need(self.max_loras >= 1, "max_loras must be >= 1")
+        need(
+            self.max_lora_rank in VLLM_LORA_RANKS,
+            f"max_lora_rank must be one of the ranks vLLM allocates for, {', '.join(map(str, VLLM_LORA_RANKS))}; "
+            f"got {self.max_lora_rank} (adapters of any rank up to it are served)",
+        )
         need(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         need(self.kv_cache_gib > 0, "kv_cache_gib must be > 0")
         need(self.max_message_bytes >= 1024, "max_message_bytes must be >= 1024")

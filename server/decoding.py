@@ -112,7 +112,7 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
             "stream" if handler.response_streaming else "unary"
         )
         behavior = getattr(handler, kind)
-        return handler._replace(  # type: ignore[attr-defined] # grpc's handlers are namedtuples
+        return handler._replace(  # grpc's handlers are namedtuples
             request_deserializer=_safe(handler.request_deserializer),
             **{kind: self._wrap(method, behavior, handler.request_streaming)},
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,7 +60,7 @@ class Engine(Protocol):
 
     def tokenize(self, text: str) -> list[int]: ...
 
-    def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]: ...
+    def generate(self, request: EngineRequest) -> AsyncGenerator[EngineDelta, None]: ...
 
     async def abort(self, request_id: str) -> None: ...
 
@@ -105,12 +105,12 @@ class VllmEngine:
         dtype = fastest_dtype(config.dtype, "cpu" if cpu else "cuda")
         args = AsyncEngineArgs(
             model=model_dir,
-            dtype=dtype,
+            dtype=dtype,  # type: ignore[arg-type] # one of vLLM's names: fastest_dtype returns DTYPE_NAMES
             max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs,
             enable_lora=True,
             max_loras=config.max_loras,
-            max_lora_rank=config.max_lora_rank,
+            max_lora_rank=config.max_lora_rank,  # type: ignore[arg-type] # ServerConfig checks it is in VLLM_LORA_RANKS
             max_cpu_loras=max(config.max_loras * 2, 4),
             enable_chunked_prefill=chunked,
             gpu_memory_utilization=config.gpu_memory_utilization,
@@ -140,7 +140,7 @@ class VllmEngine:
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
     # -- generation ------------------------------------------------------------------------
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineDelta, None]:
         from vllm.exceptions import VLLMClientError  # noqa: PLC0415
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError  # noqa: PLC0415
 
@@ -155,7 +155,7 @@ class VllmEngine:
             ):
                 queue_s = None
                 stats = out.metrics
-                if stats is not None and getattr(stats, "scheduled_ts", 0) and getattr(stats, "queued_ts", 0):
+                if stats is not None and getattr(stats, "scheduled_ts", None) and getattr(stats, "queued_ts", None):
                     queue_s = max(0.0, stats.scheduled_ts - stats.queued_ts)
                 for o in out.outputs:
                     logprobs = None

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from .adapters import AdapterManager
@@ -67,7 +67,7 @@ class GenerationService:
     def __init__(
         self,
         *,
-        record: Callable[[list[CompletionRecord]], None],
+        record: Callable[[Sequence[CompletionRecord]], None],
         metrics: Metrics,
         default_max_tokens: int = 128,
         max_tokens_limit: int = 2048,
@@ -135,7 +135,7 @@ class GenerationService:
         loaded: LoadedAdapter | None,
         prompt_text: str,
         prompt_ids: list[int],
-    ) -> AsyncIterator[Delta | Candidate]:
+    ) -> AsyncGenerator[Delta | Candidate, None]:
         call = gen.call
         labels = (adapter_ref.name, adapter_ref.version)
         m = self._metrics

@@ -308,7 +308,7 @@ class AdapterRegistry:
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._channel_cache.get(path)
         if cached is not None and cached[0] == stamp:
-            return cached[1]  # type: ignore[no-any-return]
+            return cached[1]
         self._channel_cache.pop(path, None)
         value = None
         try:
@@ -512,9 +512,9 @@ class AdapterRegistry:
     def _stage(vdir: Path, src: Path, manifest: dict[str, Any]) -> Path:
         staging = vdir / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
         staging.mkdir()
-        for f in (*ADAPTER_FILES, *(r for r in REPORT_FILES if (src / r).is_file())):
-            shutil.copyfile(src / f, staging / f)
-            _fsync_file(staging / f)
+        for name in (*ADAPTER_FILES, *(r for r in REPORT_FILES if (src / r).is_file())):
+            shutil.copyfile(src / name, staging / name)
+            _fsync_file(staging / name)
         with (staging / MANIFEST).open("w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True, default=str)
             f.flush()

@@ -43,6 +43,7 @@ def test_bool_flags_and_env(tmp_path: Path) -> None:
         ({"max_tokens_limit": 4096, "max_model_len": 2048}, "max_tokens_limit"),
         ({"model": "/definitely/not/a/model"}, "config.json"),
         ({"dtype": "int3"}, "dtype"),
+        ({"max_lora_rank": 12}, "max_lora_rank must be one of the ranks vLLM"),
     ],
 )
 def test_invalid_settings_name_the_setting(kwargs: dict, words: str) -> None:

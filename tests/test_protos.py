@@ -1,4 +1,5 @@
-"""The committed gRPC stubs are what protos/generate.sh makes from the committed .proto files."""
+"""The house in order: the committed gRPC stubs are what protos/generate.sh makes from the
+committed .proto files, and the packages pass ruff and mypy (settings in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,17 @@ def test_the_packages_pass_ruff() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "ruff", "check", "--output-format", "concise", "server", "trainer", "clients", "tests",
          "bench"],
+        cwd=root, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+def test_the_packages_pass_mypy() -> None:
+    # Settings in pyproject.toml ([tool.mypy]); the cache stays out of the tree.
+    root = PROTOS.parent
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--cache-dir", str(Path.home() / ".cache" / "tuneloop-mypy"),
+         "server", "trainer", "clients"],
         cwd=root, capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

@@ -318,7 +318,7 @@ def sample_completions(
 
 def decode_replies(tokenizer: PreTrainedTokenizerBase, completions: Sequence[Sequence[int]]) -> list[str]:
     """The text of each completion, special tokens (EOS) left out: the character-level checks read it."""
-    return [tokenizer.decode(list(c), skip_special_tokens=True) for c in completions]
+    return [str(tokenizer.decode(list(c), skip_special_tokens=True)) for c in completions]  # one text per id list
 
 
 @torch.no_grad()

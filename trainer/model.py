@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -78,7 +79,7 @@ def load_base_model(
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=dtype, local_files_only=True, attn_implementation=attn_implementation
     )
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type] # transformers' decorated .to loses its signature
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
@@ -119,7 +120,7 @@ def build_policy(
     # LoRA matmuls in the compute dtype, so those casts are pure copies (a quarter of a bf16 step).
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False
+            module.cast_input_dtype_enabled = False  # type: ignore[assignment] # nn.Module's typed __setattr__
     return model
 
 
@@ -171,7 +172,8 @@ def completion_logps(
     Returns:
         (N,) float32 sums of log p(completion token | everything before it).
     """
-    lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    # Any: a transformers causal LM (get_decoder, get_output_embeddings), which torch types as Module.
+    lm: Any = model.get_base_model() if isinstance(model, PeftModel) else model
     device = input_ids.device
     rows, cols = completion_positions(completion_mask)
     with autocast(device, dtype):

@@ -83,7 +83,7 @@ def policy_token_logps(
     """(N, L) log-probs of each completion token under the model's active adapter (and, if asked,
     the (N, L) entropy of the distribution it was drawn from). The LM head runs on completion
     positions only."""
-    lm = model.get_base_model()
+    lm: Any = model.get_base_model()  # a transformers causal LM, which torch types as Module
     rows, cols, slots, mask = completion_grid(comp)
     with autocast(ids.device, dtype):
         hidden = lm.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state

@@ -75,7 +75,7 @@ def head_scores(
     """(K,) float32 outputs of the scalar head at positions (rows[k], cols[k]) of right-padded (N, T)
     sequences: the backbone runs once over the batch, the head only where it is read (the last
     real token for a reward, every completion-predicting state for a critic's values)."""
-    inner = model.get_base_model()
+    inner: Any = model.get_base_model()  # a *ForSequenceClassification: .model the backbone, .score the head
     with autocast(ids.device, dtype):
         hidden = inner.model(input_ids=ids, attention_mask=attn).last_hidden_state
         return inner.score(hidden[rows, cols]).squeeze(-1).float()

@@ -65,12 +65,13 @@ class DPO:
             dtype=dtype,
         )
         verdict = decide(gate_metrics, cfg.gate)
-        metrics.heldout_accuracy.set(gate_metrics.accuracy)
+        if gate_metrics.accuracy is not None:
+            metrics.heldout_accuracy.set(gate_metrics.accuracy)
         metrics.kl.set(gate_metrics.kl_per_token)
         metrics.gate_checked(gate_metrics.nll_increase_per_token, verdict.failed_checks)
 
         def save(out: Path) -> None:
-            model.save_pretrained(out, selected_adapters=[TRAINED])
+            model.save_pretrained(str(out), selected_adapters=[TRAINED])
 
         return Candidate(
             verdict=verdict,

@@ -48,7 +48,8 @@ class PPO:
         completions, _ = inputs.source.load()
         held_hashes = {p.prompt_hash for p in inputs.dataset.heldout}
         salt, frac = cfg.data.split_salt, cfg.data.heldout_fraction
-        train_prompts, held_prompts = [], []
+        train_prompts: list[tuple[int, ...]] = []
+        held_prompts: list[tuple[int, ...]] = []
         for text in dict.fromkeys(c.prompt_text for c in completions):
             h = prompt_sha256(text)
             ids = tuple(tok(text, add_special_tokens=False)["input_ids"][-pc.ppo_max_prompt_tokens :])
@@ -99,7 +100,7 @@ class PPO:
         metrics.gate_checked(gate_metrics.nll_increase_per_token, verdict.failed_checks)
 
         def save(out: Path) -> None:
-            policy.save_pretrained(out, selected_adapters=[TRAINED])
+            policy.save_pretrained(str(out), selected_adapters=[TRAINED])
             write_ppo_report(out, result, gate_metrics, reward=f"{rm.name}@{rm.version}")
 
         return Candidate(

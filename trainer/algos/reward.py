@@ -24,6 +24,7 @@ from ..reward_gate import (
 )
 from ..reward_model import (
     Encoder,
+    Item,
     PairItem,
     RewardHeads,
     build_reward_model,
@@ -63,7 +64,7 @@ class Reward:
         enc = Encoder(tok, rc)
         pairs = inputs.dataset
         margins = rating_margins(pairs.train, pointwise.examples, rc.reward_rating_margin)
-        train_items = [enc.pair(p, m) for p, m in zip(pairs.train, margins, strict=True)]
+        train_items: list[Item] = [enc.pair(p, m) for p, m in zip(pairs.train, margins, strict=True)]
         train_items += [enc.point(e) for e in pointwise.train]
         model = build_reward_model(inputs.model_dir, rc, cfg.compute, device, dtype, pad)
         heads = RewardHeads()
@@ -108,7 +109,7 @@ class Reward:
         metrics.heldout_accuracy.set(m.accuracy)
 
         def save(out: Path) -> None:
-            model.save_pretrained(out)
+            model.save_pretrained(str(out))
 
         return Candidate(
             verdict=verdict,
