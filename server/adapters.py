@@ -378,7 +378,32 @@ class AdapterManager:
             return
         if f"{name}@{version}" in self._refused:
             return  # refused once; a later publish or an admin promote tries again
-        await self.switch(name, version, published_at=updated_at)
+        try:
+            await self.switch(name, version, published_at=updated_at)
+        except TuneloopError:
+            # Nothing of this name is served yet (a start, or its first publish): rather than the
+            # bare base model, serve the newest version the channel pointed to that this server can.
+            if (route is None or route.stable is None) and await self._fall_back(name, version):
+                return
+            raise
+        self._metrics.adapter_fallback.labels(name).set(0)
+
+    async def _fall_back(self, name: str, refused: str) -> bool:
+        for older in reversed(await asyncio.to_thread(self._registry.history, name)):
+            if older == refused or f"{name}@{older}" in self._refused:
+                continue
+            try:
+                await self.switch(name, older)
+            except TuneloopError:
+                continue  # refused too (logged and counted by prepare): try the one before
+            log.warning(
+                "current of %s points at %s, which this server refuses (%s); serving %s, the newest version of "
+                "the channel it can serve, until current moves", name, refused, self._refused.get(f"{name}@{refused}"),
+                older,
+            )  # fmt: skip
+            self._metrics.adapter_fallback.labels(name).set(1)
+            return True
+        return False
 
     async def _follow_canary(self, name: str) -> None:
         entry = await asyncio.to_thread(self._registry.canary, name)

@@ -114,6 +114,13 @@ class Metrics:
             _ADAPTER,
             registry=r,
         )
+        self.adapter_fallback = Gauge(
+            "tuneloop_adapter_serving_fallback",
+            "1 while an adapter serves an older version of its current channel because this server refuses the "
+            "version current points at (see tuneloop_adapter_refused).",
+            ("adapter",),
+            registry=r,
+        )
         self.serving_version = Info(
             "tuneloop_serving_version",
             "The version serving default traffic for each adapter name, and its canary.",

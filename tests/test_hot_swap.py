@@ -120,7 +120,9 @@ async def test_canary_split_is_sticky_and_proportional(swap_env, lora_dirs) -> N
     assert {await _version_of_next(stub, u) for u in users[:20]} == {"v1"}
 
 
-async def test_broken_adapters_are_refused_and_serving_goes_on(swap_env, lora_dirs, tmp_path: Path) -> None:
+async def test_broken_adapters_are_refused_and_serving_goes_on(
+    swap_env, lora_dirs, tmp_path: Path, make_server
+) -> None:  # type: ignore[no-untyped-def]
     server, reg, manifest, stub, admin = swap_env
     reg.publish(NAME, lora_dirs["r8a"], manifest)
     await _wait_version(stub, "v1")
@@ -158,6 +160,14 @@ async def test_broken_adapters_are_refused_and_serving_goes_on(swap_env, lora_di
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await admin.ListAdapters(apb.ListAdaptersRequest(name="../etc"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    # A replica that starts while current points at a version it refuses serves the newest version
+    # the channel pointed to that it can (v5 here, not v2-v4, not the base model), and says so.
+    assert reg.publish(NAME, lora_dirs["r32"], manifest).version == "v6" and reg.channel(NAME) == "v6"
+    restarted = await make_server(default_adapter=NAME)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{restarted.port}") as ch:
+        await _wait_version(pb_grpc.GenerationServiceStub(ch), "v5")
+    assert restarted.metrics.registry.get_sample_value("tuneloop_adapter_serving_fallback", {"adapter": NAME}) == 1.0
 
 
 def _refused_total(server) -> float:  # type: ignore[no-untyped-def]
