@@ -46,18 +46,32 @@ async def test_adapter_versions_are_served_and_named(make_server, lora_dirs, mod
         # Random LoRA weights change greedy text; the two versions differ from each other too.
         assert len({base.text, current.text, pinned.text}) == 3, (base.text, current.text, pinned.text)
 
-        # Concurrent first requests for a version load it once and all succeed.
-        many = await asyncio.gather(
-            *[
-                stub.Generate(
-                    pb.GenerateRequest(
-                        prompt=PROMPT, sampling=GREEDY, adapter=pb.AdapterSelector(name="support", version="v1")
+        # Concurrent first requests for a version not loaded yet load it once and all succeed. v3
+        # has v1's weights, so it must also write v1's text.
+        assert reg.publish("support", lora_dirs["r8a"], manifest, channel=None).version == "v3"
+        loads: list[str] = []
+        engine_add = server.engine.add_adapter
+
+        async def counted_add(adapter) -> None:  # type: ignore[no-untyped-def] # the real load, counted
+            loads.append(adapter.key)
+            await engine_add(adapter)
+
+        server.engine.add_adapter = counted_add
+        try:
+            many = await asyncio.gather(
+                *[
+                    stub.Generate(
+                        pb.GenerateRequest(
+                            prompt=PROMPT, sampling=GREEDY, adapter=pb.AdapterSelector(name="support", version="v3")
+                        )
                     )
-                )
-                for _ in range(4)
-            ]
-        )
-        assert {r.completions[0].text for r in many} == {pinned.text}
+                    for _ in range(4)
+                ]
+            )
+        finally:
+            del server.engine.add_adapter
+        assert loads == ["support@v3"]
+        assert {(r.completions[0].adapter.version, r.completions[0].text) for r in many} == {("v3", pinned.text)}
 
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Generate(

@@ -102,20 +102,46 @@ async def _engine_idle(server, timeout: float = 10.0) -> bool:
     return False
 
 
+async def _until(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        await asyncio.sleep(0.05)
+    return cond()
+
+
+def _cancelled(server) -> float:  # type: ignore[no-untyped-def]
+    """Generate requests that ended cancelled rather than finished (the abort path ran)."""
+    return sum(
+        s.value
+        for m in server.metrics.generate_requests.collect()
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels["outcome"] == "cancelled"
+    )
+
+
 async def test_client_cancel_aborts_the_engine_request(server, channel) -> None:
     stub = pb_grpc.GenerationServiceStub(channel)
-    call = stub.GenerateStream(
-        pb.GenerateRequest(
-            prompt="Write a long story about a dragon.", sampling=pb.SamplingParams(max_tokens=400, temperature=1.0)
-        )
-    )
+    story = "Write a long story about a dragon."
+    # The same seed gives the same text: this sample runs past 64 tokens, so a stream of it
+    # cancelled after 3 messages cannot have ended on its own.
+    long = pb.SamplingParams(max_tokens=64, temperature=1.0, seed=7)
+    probe = await stub.Generate(pb.GenerateRequest(prompt=story, sampling=long))
+    assert probe.completions[0].finish_reason == pb.FINISH_REASON_LENGTH, probe.completions[0].text
+    before = _cancelled(server)
+    long.max_tokens = 400
+    call = stub.GenerateStream(pb.GenerateRequest(prompt=story, sampling=long))
     got = 0
-    async for _ in call:
+    async for msg in call:
+        assert not msg.HasField("completion"), "the stream finished before it was cancelled"
         got += 1
         if got == 3:
             break
     call.cancel()
     assert await _engine_idle(server), "engine still holds the cancelled request"
+    # Idle because it was aborted: the request ended cancelled, not finished.
+    assert await _until(lambda: _cancelled(server) == before + 1), _cancelled(server) - before
     # Deadline exceeded frees the slot the same way. Four seeded candidates of a long story: a
     # single unseeded sample can end on its own before the deadline.
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -128,6 +154,7 @@ async def test_client_cancel_aborts_the_engine_request(server, channel) -> None:
         )
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert await _engine_idle(server), "engine still holds the timed-out request"
+    assert await _until(lambda: _cancelled(server) == before + 2), _cancelled(server) - before
 
 
 BAD_REQUESTS = {

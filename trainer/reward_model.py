@@ -21,6 +21,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from .config import ComputeConfig, RewardConfig
 from .dataset import PointwiseExample
@@ -36,10 +37,17 @@ RATING_LEVELS = 5
 
 
 def load_reward_backbone(model_dir: Path, compute: ComputeConfig, dtype: torch.dtype, pad_id: int) -> Any:
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(model_dir), num_labels=1, dtype=dtype, local_files_only=True,
-        attn_implementation=compute.attn_implementation,
-    )  # fmt: skip
+    # A causal LM's checkpoint has no score head by design (it is new, or comes with the adapter):
+    # transformers' "newly initialized ... consider training" report would only be noise here.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), num_labels=1, dtype=dtype, local_files_only=True,
+            attn_implementation=compute.attn_implementation,
+        )  # fmt: skip
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = pad_id
     return model
 
