@@ -1,8 +1,11 @@
 """The sequential test that decides a canary's fate from live feedback.
 
 Question: is the canary *worse* than the version serving now? Each arm yields Bernoulli outcomes
-(thumbs up = 1, down = 0). Pair the i-th canary outcome with the i-th stable outcome (both arms
-are i.i.d. streams, so any pairing that ignores the values is valid). Only discordant pairs carry
+(thumbs up = 1, down = 0). Pair each canary outcome with a stable outcome served at nearly the
+same time (within `pair_window_s`): users' thumbs-up rate drifts (time of day, a news event), and
+with a small canary share the i-th outcomes of the two arms lie far apart in time, so pairing them
+in arrival order would compare the canary with the stable version's *earlier* users. Any pairing
+that looks only at times, not values, is valid under the null. Only discordant pairs carry
 information about which arm is better: given a pair is discordant, the canary is the one with the
 1 with probability q = OR / (1 + OR), where OR is the odds ratio of canary to stable
 (Wald, *Sequential Analysis*, 1947, ch. 6: comparing two proportions). A pairwise choice between a
@@ -35,6 +38,7 @@ class CanaryPolicy:
     worse_odds_ratio: float = 0.5  # the effect the test is powered to catch
     min_observations: int = 20  # never promote on less evidence than this
     max_observations: int = 2000  # stop there: promote (the evidence is not of a worse canary)
+    pair_window_s: float = 900.0  # a canary outcome is paired with a stable one served this close in time
 
     def __post_init__(self) -> None:
         if not (0 < self.alpha < 0.5 and 0 < self.beta < 0.5):
@@ -43,6 +47,8 @@ class CanaryPolicy:
             raise ValueError("worse_odds_ratio must be in (0, 1): the canary's odds relative to the stable's")
         if self.min_observations < 1 or self.max_observations < self.min_observations:
             raise ValueError("need 1 <= min_observations <= max_observations")
+        if not self.pair_window_s > 0:
+            raise ValueError("pair_window_s must be > 0")
 
     @property
     def upper(self) -> float:
@@ -65,10 +71,39 @@ class Verdict:
         return self.wins + self.losses
 
 
-def discordant_pairs(canary: Sequence[bool], stable: Sequence[bool]) -> tuple[int, int]:
-    """(canary wins, canary losses) over the first min(len) outcomes of each arm, paired in order."""
+# (served at, unix seconds; thumbs up), each arm's list in order of time.
+Outcome = tuple[float, bool]
+
+
+def time_matched_pairs(
+    canary: Sequence[Outcome], stable: Sequence[Outcome], window_s: float
+) -> list[tuple[bool, bool]]:
+    """(canary up, stable up) pairs: each canary outcome with the unused stable outcome nearest in
+    time within `window_s`, or none. Both lists sorted by time; O(len(canary) + len(stable)).
+
+    Stable outcomes passed over are dropped, never reused: the pairing depends on the times alone.
+    """
+    pairs: list[tuple[bool, bool]] = []
+    j = 0
+    for t, up in canary:
+        while j < len(stable) and stable[j][0] < t - window_s:
+            j += 1  # too old for this canary outcome and for every later one
+        best = None
+        while j < len(stable) and stable[j][0] <= t + window_s:
+            if best is not None and abs(stable[j][0] - t) >= abs(stable[best][0] - t):
+                break  # the times only move away from t from here on
+            best = j
+            j += 1
+        if best is not None:
+            pairs.append((up, stable[best][1]))
+            j = best + 1
+    return pairs
+
+
+def discordant_pairs(canary: Sequence[Outcome], stable: Sequence[Outcome], window_s: float) -> tuple[int, int]:
+    """(canary wins, canary losses) over the time-matched pairs; concordant pairs carry nothing."""
     wins = losses = 0
-    for c, s in zip(canary, stable, strict=False):  # the longer arm's extra outcomes wait for a partner
+    for c, s in time_matched_pairs(canary, stable, window_s):
         if c and not s:
             wins += 1
         elif s and not c:
@@ -91,14 +126,15 @@ def sprt(wins: int, losses: int, policy: CanaryPolicy) -> Verdict:
 
 
 def judge(
-    canary_thumbs: Sequence[bool],
-    stable_thumbs: Sequence[bool],
+    canary_thumbs: Sequence[Outcome],
+    stable_thumbs: Sequence[Outcome],
     head_to_head: Sequence[bool],
     policy: CanaryPolicy,
 ) -> Verdict:
-    """Combine thumbs (paired across arms) and direct pairwise choices (True = the canary's
-    completion was chosen over the stable one's) into one SPRT verdict."""
-    wins, losses = discordant_pairs(canary_thumbs, stable_thumbs)
+    """Combine thumbs (paired across arms by time) and direct pairwise choices (True = the
+    canary's completion was chosen over the stable one's; both served together, so no drift
+    between them) into one SPRT verdict."""
+    wins, losses = discordant_pairs(canary_thumbs, stable_thumbs, policy.pair_window_s)
     wins += sum(1 for x in head_to_head if x)
     losses += sum(1 for x in head_to_head if not x)
     return sprt(wins, losses, policy)

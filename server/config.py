@@ -93,6 +93,12 @@ class ServerConfig:
     )
     canary_min_observations: int = setting(20, "Canary test: informative observations needed before a promotion.")
     canary_max_observations: int = setting(2000, "Canary test: promote after this many without a verdict of worse.")
+    # Users' thumbs-up rate drifts; outcomes compared across arms must be from about the same time.
+    canary_pair_window_s: float = setting(
+        900.0,
+        "Canary test: a thumb on a canary completion is paired with one on a current completion served within "
+        "this many seconds of it (closer pairs resist drift; wider ones find partners at low traffic).",
+    )
     completion_log: bool = setting(
         True,
         "Record every served completion in the store. Feedback and training need it; turn it off only "
@@ -175,6 +181,7 @@ class ServerConfig:
             worse_odds_ratio=self.canary_worse_odds_ratio,
             min_observations=self.canary_min_observations,
             max_observations=self.canary_max_observations,
+            pair_window_s=self.canary_pair_window_s,
         )
 
     @property

@@ -48,9 +48,12 @@ async def test_version_feedback_and_canary_evidence(tmp_path: Path) -> None:
         "v2": VersionFeedback(thumbs_up=1, thumbs_down=1, ratings=2, rating_sum=9, pairwise_wins=1, pairwise_losses=2),
     }
     assert store.version_feedback("other") == {}
+    # Thumbs come with the time their completion was served, for the test to pair arms by time.
+    served = SINCE + 1
     assert store.canary_evidence("kind", "v2", "v1", SINCE) == CanaryEvidence(
-        canary_thumbs=[True, False], stable_thumbs=[True], head_to_head=[True, False]
+        canary_thumbs=[(served, True), (served, False)], stable_thumbs=[(served, True)], head_to_head=[True, False]
     )
     # No stable version: the base model serves the rest of the traffic and is the comparison.
-    assert store.canary_evidence("kind", "v2", "", SINCE) == CanaryEvidence([True, False], [], [False])
+    canary_only = CanaryEvidence([(served, True), (served, False)], [], [False])
+    assert store.canary_evidence("kind", "v2", "", SINCE) == canary_only
     store.close()

@@ -53,11 +53,12 @@ class VersionFeedback:
 
 @dataclass(frozen=True)
 class CanaryEvidence:
-    """What a canary's sequential test reads: feedback on completions served since it started,
-    each list in the order the feedback arrived."""
+    """What a canary's sequential test reads: feedback on completions served since it started.
+    Thumbs come as (completion served at, thumbs up) in order of serving time, so the test can
+    pair the arms' outcomes by time; pairwise choices in the order they arrived."""
 
-    canary_thumbs: list[bool]  # True: thumbs up on a canary completion
-    stable_thumbs: list[bool]
+    canary_thumbs: list[tuple[float, bool]]  # (served at, True: thumbs up) on canary completions
+    stable_thumbs: list[tuple[float, bool]]
     head_to_head: list[bool]  # pairwise choices between a canary and a stable completion; True: canary chosen
 
 

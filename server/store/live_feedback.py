@@ -51,14 +51,14 @@ def canary_evidence(
     canary: Arm = (adapter_name, canary_version)
     stable: Arm = (adapter_name, stable_version) if stable_version else (BASE, BASE)
 
-    def thumbs(arm: Arm) -> list[bool]:
+    def thumbs(arm: Arm) -> list[tuple[float, bool]]:
         query = (
-            select(f.thumb_up)
+            select(c.created_at, f.thumb_up)
             .join_from(feedback, completions, f.completion_id == c.completion_id)
             .where(f.kind == "thumbs", f.superseded_by.is_(None), _served_by(completions, arm), c.created_at >= since)
-            .order_by(f.seq)
+            .order_by(c.created_at, f.seq)
         )
-        return [bool(up) for up in conn.execute(query).scalars()]
+        return [(float(at), bool(up)) for at, up in conn.execute(query)]
 
     between = and_(
         _first.c.created_at >= since,
