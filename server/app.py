@@ -22,12 +22,13 @@ from tuneloop.v1 import admin_pb2, admin_pb2_grpc, feedback_pb2, feedback_pb2_gr
 from .adapters import AdapterManager, follow_registry
 from .admin import AdminService, monitor_canaries
 from .auth import ApiKeyInterceptor
+from .completion_log import CompletionLog
 from .config import ServerConfig, read_api_keys
 from .decoding import DecodeGuardInterceptor
 from .domain import CompletionRecord
 from .engine import Engine, start_engine
 from .errors import EngineUnavailable
-from .feedback import FeedbackService
+from .feedback.service import FeedbackService
 from .generation import GenerationService
 from .metrics import Metrics
 from .model_cache import ensure_default_model
@@ -36,7 +37,6 @@ from .servicers import admin as admin_servicer
 from .servicers import feedback as feedback_servicer
 from .servicers import generation as generation_servicer
 from .store import open_store
-from .store.completion_log import CompletionLog
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 
 import grpc
 
-from tuneloop.server.feedback import FeedbackService
+from tuneloop.server.feedback.service import FeedbackService
 from tuneloop.server.metrics import Metrics
 from tuneloop.server.servicers.feedback import FeedbackServicer
 from tuneloop.server.store import Store, open_store

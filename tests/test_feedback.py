@@ -11,12 +11,13 @@ import pytest
 from completion_factory import make_completion, make_group
 from feedback_server import feedback_server
 
+from tuneloop.server.completion_log import CompletionLog
 from tuneloop.server.domain import CompletionRecord
-from tuneloop.server.feedback import MAX_COMMENT_BYTES, FeedbackEvent, FeedbackService, FeedbackServiceConfig
+from tuneloop.server.feedback import MAX_COMMENT_BYTES, FeedbackEvent
+from tuneloop.server.feedback.service import FeedbackService, FeedbackServiceConfig
 from tuneloop.server.metrics import Metrics
 from tuneloop.server.servicers.feedback import REQUIRED_ROLES
 from tuneloop.server.store import Store, open_store, prompt_sha256
-from tuneloop.server.store.completion_log import CompletionLog
 from tuneloop.server.store.sql import SqlStore
 from tuneloop.v1 import feedback_pb2 as fpb
 from tuneloop.v1 import feedback_pb2_grpc as fpb_grpc

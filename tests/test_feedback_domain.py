@@ -7,13 +7,13 @@ from dataclasses import replace
 import pytest
 
 from tuneloop.server.feedback import (
-    BatchPlan,
     EventIdConflict,
     FeedbackAck,
     FeedbackEvent,
     InvalidFeedback,
     UnknownCompletion,
 )
+from tuneloop.server.feedback.planning import BatchPlan
 from tuneloop.server.store import CompletionRef, StoredEventKey
 from tuneloop.v1 import feedback_pb2 as fpb
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from completion_factory import make_completion, make_group
 
-from tuneloop.server.feedback import FeedbackEvent, FeedbackService
+from tuneloop.server.feedback import FeedbackEvent
+from tuneloop.server.feedback.service import FeedbackService
 from tuneloop.server.metrics import Metrics
 from tuneloop.server.store import open_store
 from tuneloop.trainer.config import DatasetConfig

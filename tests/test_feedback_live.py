@@ -8,7 +8,8 @@ from pathlib import Path
 from completion_factory import make_completion
 
 from tuneloop.server.domain import CompletionRecord
-from tuneloop.server.feedback import Choice, FeedbackEvent, FeedbackService
+from tuneloop.server.feedback import Choice, FeedbackEvent
+from tuneloop.server.feedback.service import FeedbackService
 from tuneloop.server.metrics import Metrics
 from tuneloop.server.store import CanaryEvidence, VersionFeedback, open_store
 

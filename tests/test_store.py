@@ -10,9 +10,9 @@ import pytest
 from completion_factory import make_completion, make_group
 from sqlalchemy import create_engine, inspect
 
+from tuneloop.server.completion_log import CompletionLog
 from tuneloop.server.metrics import Metrics
 from tuneloop.server.store import SchemaTooNew, open_store, prompt_sha256
-from tuneloop.server.store.completion_log import CompletionLog
 from tuneloop.server.store.migrations import LATEST_VERSION, MIGRATIONS
 from tuneloop.server.store.schema import metadata
 from tuneloop.server.store.sql import SqlStore

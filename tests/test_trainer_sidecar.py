@@ -67,7 +67,8 @@ def test_a_served_adapter_on_another_base_model_is_refused(tmp_path: Path, model
 async def test_sidecar_publishes_once_for_one_batch_of_feedback(tmp_path: Path, model_dir: Path) -> None:
     from completion_factory import make_completion
 
-    from tuneloop.server.feedback import FeedbackEvent, FeedbackService
+    from tuneloop.server.feedback import FeedbackEvent
+    from tuneloop.server.feedback.service import FeedbackService
     from tuneloop.server.metrics import Metrics
     from tuneloop.server.store import open_store
     from tuneloop.trainer.source import StoreSource

@@ -7,7 +7,8 @@ from pathlib import Path
 from completion_factory import make_completion
 from prometheus_client import CollectorRegistry
 
-from tuneloop.server.feedback import FeedbackEvent, FeedbackService
+from tuneloop.server.feedback import FeedbackEvent
+from tuneloop.server.feedback.service import FeedbackService
 from tuneloop.server.metrics import Metrics
 from tuneloop.server.store import open_store
 from tuneloop.trainer.source import StoreSource

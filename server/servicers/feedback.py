@@ -12,7 +12,8 @@ from tuneloop.v1 import feedback_pb2 as fpb
 from tuneloop.v1 import feedback_pb2_grpc as fpb_grpc
 
 from ..errors import TuneloopError, status_for
-from ..feedback import FeedbackAck, FeedbackEvent, FeedbackService
+from ..feedback import FeedbackAck, FeedbackEvent
+from ..feedback.service import FeedbackService
 from ..metrics import Metrics
 from .rpc import streaming, unary
 

@@ -17,7 +17,7 @@ def open_store(url: str) -> Store:
     its tables are created and migrated). Raises ValueError for any other scheme, SchemaTooNew for
     a database written by a newer tuneloop.
     """
-    from .sql import POSTGRES_PREFIX, SQLITE_PREFIX, SqlStore  # deferred: sql imports the feedback domain types
+    from .sql import POSTGRES_PREFIX, SQLITE_PREFIX, SqlStore  # noqa: PLC0415 - SQLAlchemy loads only when a store opens
 
     if url.startswith(SQLITE_PREFIX):
         return SqlStore.open(url)

@@ -9,12 +9,10 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from ..domain import CompletionRecord
-
-if TYPE_CHECKING:
-    from ..feedback import FeedbackRecord
+from ..feedback.events import FeedbackRecord
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Engine, Insert, Row, Table, bindparam, create
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..domain import CompletionRecord
-from ..feedback import FeedbackEvent, FeedbackRecord
+from ..feedback.events import FeedbackEvent, FeedbackRecord
 from . import live_feedback
 from .base import CanaryEvidence, CompletionRef, StoredEventKey, VersionFeedback
 from .migrations import migrate

@@ -14,10 +14,10 @@ import time
 from collections import Counter
 from collections.abc import Collection, Sequence
 
-from ..domain import CompletionRecord
-from ..metrics import Metrics
-from .base import Store
 from .batching import BatchThread, backoff_delays
+from .domain import CompletionRecord
+from .metrics import Metrics
+from .store.base import Store
 
 log = logging.getLogger(__name__)
 
