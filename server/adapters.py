@@ -26,7 +26,7 @@ from .domain import BASE, AdapterRef, SamplingSpec, new_id
 from .engine import Engine, EngineRequest, LoadedAdapter
 from .errors import FailedPrecondition, InvalidArgument, NotFound, TuneloopError
 from .metrics import Metrics
-from .registry import ACCEPTED, DEFAULT_CHANNEL, POLICY, AdapterRegistry, AdapterVersion, CanaryEntry
+from .registry import ACCEPTED, DEFAULT_CHANNEL, POLICY, AdapterVersion, CanaryEntry, Registry
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class AdapterManager:
     def __init__(
         self,
         engine: Engine,
-        registry: AdapterRegistry,
+        registry: Registry,
         metrics: Metrics,
         *,
         default_adapter: str = "",

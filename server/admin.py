@@ -18,7 +18,7 @@ from .adapters import AdapterManager
 from .canary import CONTINUE, PROMOTE, ROLL_BACK, CanaryPolicy, Verdict, judge
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .metrics import Metrics
-from .registry import ACCEPTED, DEFAULT_CHANNEL, AdapterRegistry, validate_name, version_number
+from .registry import ACCEPTED, DEFAULT_CHANNEL, Registry, validate_name, version_number
 from .store.base import Store, VersionFeedback
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class _CanaryWatch:
 @dataclass
 class AdminService:
     adapters: AdapterManager
-    registry: AdapterRegistry
+    registry: Registry
     store: Store
     metrics: Metrics
     policy: CanaryPolicy = field(default_factory=CanaryPolicy)

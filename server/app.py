@@ -32,7 +32,7 @@ from .feedback.service import FeedbackService
 from .generation import GenerationService
 from .metrics import Metrics
 from .model_cache import ensure_default_model
-from .registry import AdapterRegistry, base_model_fingerprint
+from .registry import AdapterRegistry, Registry, base_model_fingerprint
 from .servicers import admin as admin_servicer
 from .servicers import feedback as feedback_servicer
 from .servicers import generation as generation_servicer
@@ -58,7 +58,7 @@ class TuneloopServer:
         self._http: object | None = None
         self.store = open_store(config.store_url)
         self.completion_log = CompletionLog(self.store, self.metrics)
-        self.registry = AdapterRegistry(config.adapter_dir)
+        self.registry: Registry = AdapterRegistry(config.adapter_dir)
         self.feedback = FeedbackService(self.store, self.metrics, completion_log=self.completion_log)
         self.adapters: AdapterManager | None = None
         self.admin: AdminService | None = None

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -200,9 +200,59 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     _fsync_dir(path.parent)
 
 
+class RegistryReader(Protocol):
+    """What a serving replica reads: channels, versions, and each version's files as a local
+    directory vLLM can load (`AdapterVersion.path`). Version names are immutable and never
+    reused for other weights: vLLM caches adapters by name."""
+
+    def names(self) -> list[str]: ...
+
+    def versions(self, name: str) -> list[AdapterVersion]: ...
+
+    def corrupt_versions(self, name: str) -> list[tuple[str, str]]: ...
+
+    def get(self, name: str, version: str) -> AdapterVersion: ...
+
+    def resolve(self, name: str, version: str = "") -> AdapterVersion: ...
+
+    def channel(self, name: str, channel: str = DEFAULT_CHANNEL) -> str | None: ...
+
+    def channel_info(self, name: str, channel: str = DEFAULT_CHANNEL) -> tuple[str, float] | None: ...
+
+    def history(self, name: str, channel: str = DEFAULT_CHANNEL) -> list[str]: ...
+
+    def canary(self, name: str) -> CanaryEntry | None: ...
+
+    def canary_log(self, name: str) -> list[dict[str, Any]]: ...
+
+
+class RegistryWriter(Protocol):
+    """What the trainer and the admin API write: new versions, channel moves, canary starts and ends."""
+
+    def publish(
+        self,
+        name: str,
+        adapter_dir: Path,
+        manifest: dict[str, Any],
+        *,
+        accepted: bool = True,
+        channel: str | None = DEFAULT_CHANNEL,
+    ) -> AdapterVersion: ...
+
+    def set_channel(self, name: str, channel: str, version: str) -> None: ...
+
+    def start_canary(self, name: str, version: str, share: float, *, auto_decide: bool = True) -> CanaryEntry: ...
+
+    def end_canary(self, name: str, outcome: str, *, expected: str = "", detail: str = "") -> CanaryEntry | None: ...
+
+
+class Registry(RegistryReader, RegistryWriter, Protocol):
+    """Both sides: what the server (which also ends canaries) and the trainer hold."""
+
+
 class AdapterRegistry:
-    """Directory-backed registry; safe for one writer per name at a time across processes (fcntl),
-    and for any number of lock-free readers."""
+    """The local-directory `Registry`; safe for one writer per name at a time across processes
+    (fcntl), and for any number of lock-free readers."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root) if str(root) else default_registry_dir()

@@ -21,7 +21,7 @@ from typing import Any
 
 from tuneloop.server.config import is_loopback_host
 from tuneloop.server.errors import FailedPrecondition, InvalidArgument, TuneloopError
-from tuneloop.server.registry import DEFAULT_CHANNEL, REWARD, AdapterRegistry, base_model_fingerprint
+from tuneloop.server.registry import DEFAULT_CHANNEL, REWARD, AdapterRegistry, Registry, base_model_fingerprint
 from tuneloop.server.settings import add_flags
 
 from .config import SECTIONS, TrainerConfig, leaf_fields
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         source.close()
 
 
-def _run_sidecar(cfg: TrainerConfig, source: Any, registry: AdapterRegistry, metrics: Any) -> int:
+def _run_sidecar(cfg: TrainerConfig, source: Any, registry: Registry, metrics: Any) -> int:
     from .sidecar import Sidecar  # noqa: PLC0415
 
     if cfg.sidecar.metrics_port:
@@ -182,7 +182,7 @@ def adapters_main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _list(registry: AdapterRegistry, only: str, as_json: bool) -> int:
+def _list(registry: Registry, only: str, as_json: bool) -> int:
     names = [only] if only else registry.names()
     rows = []
     for name in names:
@@ -229,7 +229,7 @@ def _list(registry: AdapterRegistry, only: str, as_json: bool) -> int:
     return 0
 
 
-def _show(registry: AdapterRegistry, name: str, version: str, full: bool) -> int:
+def _show(registry: Registry, name: str, version: str, full: bool) -> int:
     v = registry.resolve(name, version)
     manifest = dict(v.manifest)
     snap = manifest.get("data_snapshot")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.server.errors import FailedPrecondition, NotFound
-from tuneloop.server.registry import DEFAULT_CHANNEL, POLICY, AdapterRegistry, AdapterVersion, base_model_fingerprint
+from tuneloop.server.registry import DEFAULT_CHANNEL, POLICY, AdapterVersion, Registry, base_model_fingerprint
 
 from .algos import ALGORITHMS, RoundInputs
 from .algos.base import FeedbackSource
@@ -67,7 +67,7 @@ class RoundResult:
         return "trainer round: " + " ".join(parts)
 
 
-def served_version(registry: AdapterRegistry, name: str) -> AdapterVersion | None:
+def served_version(registry: Registry, name: str) -> AdapterVersion | None:
     try:
         return registry.resolve(name)
     except NotFound:
@@ -95,7 +95,7 @@ def data_digest(pairs_digest: str, pointwise: PointwiseDataset | None) -> str:
     return hashlib.sha256(json.dumps({"pairs": pairs_digest, "pointwise": split}, sort_keys=True).encode()).hexdigest()
 
 
-def seen_event_ids(registry: AdapterRegistry, name: str) -> set[str]:
+def seen_event_ids(registry: Registry, name: str) -> set[str]:
     """Feedback events any earlier round (accepted or rejected) trained on."""
     seen: set[str] = set()
     for v in registry.versions(name):
@@ -112,7 +112,7 @@ def check_base_model(served: AdapterVersion | None, base_id: str) -> None:
 
 
 def _finish_interrupted(
-    registry: AdapterRegistry, cfg: TrainerConfig, name: str, key: str, parent: str | None
+    registry: Registry, cfg: TrainerConfig, name: str, key: str, parent: str | None
 ) -> RoundResult | None:
     """A version with this run key exists: the round already ran. If it was accepted but the crash
     came before it was routed (its canary started, or `current` moved), do that now; never publish
@@ -139,7 +139,7 @@ def publish_mode(cfg: TrainerConfig, kind: str) -> str:
     return cfg.publish if kind == POLICY else "current"
 
 
-def route_published(registry: AdapterRegistry, cfg: TrainerConfig, name: str, version: str, kind: str) -> str:
+def route_published(registry: Registry, cfg: TrainerConfig, name: str, version: str, kind: str) -> str:
     """Send an accepted version its first traffic, the way `cfg.publish` says; returns how."""
     if publish_mode(cfg, kind) == "current":
         registry.set_channel(name, DEFAULT_CHANNEL, version)
@@ -151,7 +151,7 @@ def route_published(registry: AdapterRegistry, cfg: TrainerConfig, name: str, ve
 def run_round(
     cfg: TrainerConfig,
     source: FeedbackSource,
-    registry: AdapterRegistry,
+    registry: Registry,
     *,
     metrics: TrainerMetrics | None = None,
     dataset: PreferenceDataset | None = None,
@@ -181,7 +181,7 @@ def run_round(
 def _run(
     cfg: TrainerConfig,
     source: FeedbackSource,
-    registry: AdapterRegistry,
+    registry: Registry,
     dataset: PreferenceDataset | None,
     pointwise: PointwiseDataset | None,
     metrics: TrainerMetrics,

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tuneloop.server.registry import AdapterRegistry
+from tuneloop.server.registry import Registry
 
 from .config import SidecarConfig, TrainerConfig
 from .dataset import build_dataset, count_new_pairs
@@ -43,7 +43,7 @@ def should_run(new_pairs: int, seconds_since_last: float, cfg: SidecarConfig) ->
 class Sidecar:
     cfg: TrainerConfig
     source: FeedbackSource
-    registry: AdapterRegistry
+    registry: Registry
     metrics: TrainerMetrics
     clock: Callable[[], float] = time.time
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from tuneloop.server.registry import POLICY, AdapterRegistry, AdapterVersion
+from tuneloop.server.registry import POLICY, AdapterVersion, Registry
 
 from ..config import TrainerConfig
 from ..dataset import PointwiseDataset, PreferenceDataset
@@ -39,7 +39,7 @@ class RoundInputs:
     source: FeedbackSource  # for what else an algorithm reads (prompts)
     model_dir: Path
     served: AdapterVersion | None  # the version serving now (the parent), if any
-    registry: AdapterRegistry
+    registry: Registry
     metrics: TrainerMetrics
     # The round's thumbs and ratings, for algorithms with `uses_pointwise` (then in the run key too).
     pointwise: PointwiseDataset | None = None
