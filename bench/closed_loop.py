@@ -282,7 +282,8 @@ def main() -> None:
             trainer = start(trainer_cmd, trainer_log, env)
         # Wait for the trainer to finish the rounds those choices started and the server to serve them.
         expected_rounds = max(1, args.choices // args.round_pairs)
-        deadline = time.time() + 20 * 60
+        # A PPO round trains a reward model first, then runs PPO for up to --ppo-max-minutes (20).
+        deadline = time.time() + (20 if args.algo == "dpo" else 60) * 60
         while time.time() < deadline:
             state = admin.ListAdapters(apb.ListAdaptersRequest()).adapters
             versions = state[0].versions if state else []

@@ -96,6 +96,9 @@ class CompletionLog:
                 continue
             self._metrics.log_batch_seconds.observe(time.perf_counter() - t0)
             self._metrics.log_written.inc(len(batch))
+            committed = time.time()
+            for r in batch:  # served -> committed: how long a crash could lose it
+                self._metrics.log_lag.observe(max(0.0, committed - r.created_at))
             break
         self._metrics.log_queue_depth.dec(len(batch))
         with self._cond:

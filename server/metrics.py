@@ -66,6 +66,13 @@ class Metrics:
         self.log_write_errors = Counter(
             "tuneloop_completion_log_write_errors", "Failed batch writes to the completion log.", registry=r
         )
+        self.log_lag = Histogram(
+            "tuneloop_completion_log_lag_seconds",
+            "From a completion being served to its record being committed: the window in which a crash of the "
+            "server loses the record of a completion its caller holds.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.log_batch_seconds = Histogram(
             "tuneloop_completion_log_batch_seconds",
             "Time to commit one batch of completion records.",

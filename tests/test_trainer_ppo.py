@@ -1,5 +1,6 @@
-"""PPO on the real model: the per-token layout it trains on, and a PPO round against a reward
-model trained in the same round, published as a policy the server then serves."""
+"""PPO on the real model: the per-token layout it trains on; PPO iterations raising a reward with
+bounded KL; and a sidecar round (`--algo ppo`) against a reward model trained in the same round,
+published as a policy the server then serves and names on its responses."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from test_trainer_reward import mixed_feedback
 from trainer_fixtures import tiny_config
 
 from tuneloop.server.registry import AdapterRegistry
-from tuneloop.trainer.config import PPOConfig, RewardConfig
+from tuneloop.trainer.config import PPOConfig, RewardConfig, SidecarConfig
 from tuneloop.trainer.metrics import TrainerMetrics
 from tuneloop.trainer.ppo import completion_grid
-from tuneloop.trainer.runner import run_round
+from tuneloop.trainer.sidecar import Sidecar
 from tuneloop.v1 import generation_pb2 as pb
 from tuneloop.v1 import generation_pb2_grpc as pb_grpc
 
@@ -51,9 +52,11 @@ async def test_a_ppo_round_publishes_a_policy_the_server_serves(make_server, mod
     # plumbing (lineage, report, publish, serve). That PPO raises the reward is tested below.
     cfg.gate.max_kl_per_token = 50.0
     cfg.gate.min_reward_gain = -1e9
+    cfg.sidecar = SidecarConfig(min_new_pairs=4, min_new_pairs_periodic=4, metrics_port=0)
     metrics = TrainerMetrics(CollectorRegistry())
-    result = await asyncio.to_thread(run_round, cfg, mixed_feedback(), reg, metrics=metrics)
-    assert result.outcome in ("published", "rejected"), result.reason
+    # Through the sidecar, as `tuneloop trainer run --algo ppo` runs it.
+    result = await asyncio.to_thread(Sidecar(cfg, mixed_feedback(), reg, metrics).tick)
+    assert result is not None and result.outcome in ("published", "rejected"), result
     v = reg.get("toy", "v1")
     assert v.kind == "policy" and v.manifest["algorithm"] == "ppo"
     assert v.manifest["reward_model"] == {"name": "toy-reward", "version": "v1"}

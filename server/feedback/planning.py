@@ -49,7 +49,11 @@ def resolve_targets(
 def _known(refs: Mapping[str, CompletionRef], completion_id: str, field_name: str) -> CompletionRef:
     ref = refs.get(completion_id)
     if ref is None:
-        raise UnknownCompletion(f"{field_name} {completion_id!r} is not a known completion")
+        raise UnknownCompletion(
+            f"{field_name} {completion_id!r} is not a known completion: it was not served by this deployment, or "
+            "its server stopped in the moment between answering and logging it (docs/deploy.md, 'Durability "
+            "window'); feedback on it cannot be stored"
+        )
     return ref
 
 
