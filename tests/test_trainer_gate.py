@@ -10,6 +10,7 @@ import pytest
 import torch
 from trainer_fixtures import tiny_dpo, toy_pairs
 
+from tuneloop.server.hardware import fastest_dtype
 from tuneloop.trainer.config import GateConfig
 from tuneloop.trainer.dpo import score_pairs, tokenize_pair, train_dpo
 from tuneloop.trainer.gate import (
@@ -33,7 +34,8 @@ from tuneloop.trainer.gate import (
 from tuneloop.trainer.model import build_policy, load_base_model, load_tokenizer
 
 CPU = torch.device("cpu")
-CPU_DT = torch.bfloat16
+# What `dtype auto` picks on this host: bf16 only where its math is native (3x slower emulated).
+CPU_DT = getattr(torch, fastest_dtype("auto", "cpu"))
 
 
 def test_pure_metrics() -> None:
@@ -94,8 +96,8 @@ def setup():  # type: ignore[no-untyped-def]
 
 def candidate(model_dir: Path, tok, *, flip: bool):  # type: ignore[no-untyped-def]
     cfg = tiny_dpo(epochs=2, batch_size=4)
-    model = build_policy(load_base_model(model_dir, CPU, torch.bfloat16), cfg)
-    kw = dict(pad_id=tok.pad_token_id, device=CPU, dtype=torch.bfloat16)
+    model = build_policy(load_base_model(model_dir, CPU, CPU_DT), cfg)
+    kw = dict(pad_id=tok.pad_token_id, device=CPU, dtype=CPU_DT)
     items = [tokenize_pair(tok, p, 48, 24) for p in toy_pairs(8, flip=flip)]
     train_dpo(model, items, *score_pairs(model, items, mode="base", **kw), cfg, progress=False, **kw)
     return model
@@ -115,7 +117,7 @@ GATE = GateConfig(
 def test_gate_accepts_a_good_candidate_and_rejects_a_bad_one(setup) -> None:  # type: ignore[no-untyped-def]
     model_dir, tok = setup
     heldout = [tokenize_pair(tok, p, 48, 24) for p in toy_pairs(4, offset=8)]  # prompts never trained on
-    kw = dict(beta=0.1, reference="base", seed=0, device=CPU, dtype=torch.bfloat16)
+    kw = dict(beta=0.1, reference="base", seed=0, device=CPU, dtype=CPU_DT)
     good = evaluate_candidate(candidate(model_dir, tok, flip=False), tok, heldout, GATE, **kw)
     bad = evaluate_candidate(candidate(model_dir, tok, flip=True), tok, heldout, GATE, **kw)
     assert good.accuracy == 1.0 and good.margin > 0 and good.samples == 4
@@ -130,9 +132,9 @@ def test_gate_accepts_a_good_candidate_and_rejects_a_bad_one(setup) -> None:  # 
 
 def test_samples_are_seeded_and_cut_at_eos(setup) -> None:  # type: ignore[no-untyped-def]
     model_dir, tok = setup
-    model = build_policy(load_base_model(model_dir, CPU, torch.bfloat16), tiny_dpo())
+    model = build_policy(load_base_model(model_dir, CPU, CPU_DT), tiny_dpo())
     prompt = tuple(tokenize_pair(tok, toy_pairs(1)[0], 48, 24).prompt_ids)
-    kw = dict(mode="base", n=2, max_new_tokens=6, temperature=1.0, device=CPU, dtype=torch.bfloat16)
+    kw = dict(mode="base", n=2, max_new_tokens=6, temperature=1.0, device=CPU, dtype=CPU_DT)
     a = sample_completions(model, tok, [prompt], seed=1, **kw)
     b = sample_completions(model, tok, [prompt], seed=1, **kw)
     assert a == b and len(a) == 2
@@ -177,8 +179,8 @@ def test_a_degenerate_adapter_is_rejected_by_the_default_gate_with_its_reasons_n
     it was trained for, so the fluency check (and the KL bound) stand between it and users."""
     model_dir, tok = setup
     cfg = tiny_dpo(epochs=8, batch_size=4, learning_rate=1e-2)
-    model = build_policy(load_base_model(model_dir, CPU, torch.bfloat16), cfg)
-    kw = dict(pad_id=tok.pad_token_id, device=CPU, dtype=torch.bfloat16)
+    model = build_policy(load_base_model(model_dir, CPU, CPU_DT), cfg)
+    kw = dict(pad_id=tok.pad_token_id, device=CPU, dtype=CPU_DT)
     degenerate = [replace(p, chosen_text="!" * 24, rejected_text=p.chosen_text) for p in toy_pairs(12)]
     train, heldout = degenerate[:8], degenerate[8:]
     items = [tokenize_pair(tok, p, 48, 24) for p in train]
