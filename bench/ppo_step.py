@@ -43,10 +43,13 @@ def main() -> None:
     device, dtype = prepare_compute(compute)
     tok = load_tokenizer(model_dir)
     texts = [t for t in PROMPTS.read_text().splitlines() if t and not t.startswith("#")]
-    prompts = [
-        tuple(tok.apply_chat_template([{"role": "user", "content": t}], tokenize=True, add_generation_prompt=True))
+    # Rendered as the server renders chat input, then tokenized (apply_chat_template's own
+    # tokenize=True returns an encoding mapping in current transformers, not a list of ids).
+    rendered = [
+        tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
         for t in texts
     ]
+    prompts = [tuple(tok(r, add_special_tokens=False)["input_ids"]) for r in rendered]
     policy = build_policy(load_base_model(model_dir, device, dtype), DPOConfig())
     rc = RewardConfig()
     reward_model = build_reward_model(model_dir, rc, compute, device, dtype, tok.pad_token_id).eval()
