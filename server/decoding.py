@@ -56,16 +56,16 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
-    async def _reject(self, method: str, bad: Undecodable, context: grpc.aio.ServicerContext) -> None:
+    async def _reject(self, method: str, message: str, context: grpc.aio.ServicerContext) -> None:
         self._metrics.rpc_done(method, grpc.StatusCode.INVALID_ARGUMENT.name)
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
     async def _checked(self, method: str, request: Any, request_streaming: bool, context: Any) -> Any:
         """The request to hand the servicer: a unary one checked now, a stream checked as it is read."""
         if request_streaming:
             return self._checked_stream(method, request, context)
         if isinstance(request, Undecodable):
-            await self._reject(method, request, context)
+            await self._reject(method, request.message, context)
         return request
 
     def _checked_stream(self, method: str, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
@@ -86,7 +86,7 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
                     async for response in behavior(checked, context):
                         yield response
                 except UndecodableMessage as exc:  # a servicer that does not map errors itself
-                    await self._reject(method, Undecodable(str(exc)), context)
+                    await self._reject(method, str(exc), context)
 
             return gen
 
@@ -95,7 +95,7 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
                 result = behavior(await self._checked(method, request, request_streaming, context), context)
                 return await result if inspect.isawaitable(result) else result
             except UndecodableMessage as exc:
-                await self._reject(method, Undecodable(str(exc)), context)
+                await self._reject(method, str(exc), context)
 
         return call
 

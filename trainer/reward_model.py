@@ -205,10 +205,16 @@ class RewardHeads:
 @dataclass
 class RewardTrainResult:
     steps: int
-    first_loss: float
-    last_loss: float
     seconds: float
     losses: list[float]
+
+    @property
+    def first_loss(self) -> float:
+        return self.losses[0] if self.losses else math.nan
+
+    @property
+    def last_loss(self) -> float:
+        return self.losses[-1] if self.losses else math.nan
 
 
 def batch_loss(
@@ -296,4 +302,4 @@ def train_reward_model(
             bar.update()
     bar.close()
     model.eval()
-    return RewardTrainResult(len(losses), losses[0], losses[-1], time.perf_counter() - t0, losses)
+    return RewardTrainResult(len(losses), time.perf_counter() - t0, losses)

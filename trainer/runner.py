@@ -13,6 +13,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .algos.base import FeedbackSource
 from .config import TrainerConfig
 from .dataset import PointwiseDataset, PreferenceDataset, build_dataset, build_pointwise
 from .metrics import TrainerMetrics
+from .rows import CompletionRow, FeedbackRow
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,13 @@ def run_key(base_model: str, parent: str | None, cfg: TrainerConfig, data_digest
         "data": data_digest,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def round_pointwise(
+    cfg: TrainerConfig, completions: Sequence[CompletionRow], feedback: Sequence[FeedbackRow]
+) -> PointwiseDataset | None:
+    """The round's thumbs and ratings, when its algorithm learns from them (`uses_pointwise`)."""
+    return build_pointwise(completions, feedback, cfg.data) if ALGORITHMS[cfg.algo].uses_pointwise else None
 
 
 def data_digest(pairs_digest: str, pointwise: PointwiseDataset | None) -> str:
@@ -192,8 +201,8 @@ def _run(
         completions, feedback = source.load()
         if dataset is None:
             dataset = build_dataset(completions, feedback, cfg.data)
-        if algorithm.uses_pointwise and pointwise is None:
-            pointwise = build_pointwise(completions, feedback, cfg.data)
+        if pointwise is None:
+            pointwise = round_pointwise(cfg, completions, feedback)
     n_train, n_held = len(dataset.train), len(dataset.heldout)
     counts["train"], counts["heldout"] = n_train, n_held
     if n_train < cfg.min_train_pairs or n_held < cfg.min_heldout_pairs:

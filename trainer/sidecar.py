@@ -22,7 +22,7 @@ from tuneloop.server.registry import Registry
 from .config import SidecarConfig, TrainerConfig
 from .dataset import build_dataset, count_new_pairs
 from .metrics import TrainerMetrics
-from .runner import FeedbackSource, RoundResult, run_round, seen_event_ids
+from .runner import FeedbackSource, RoundResult, round_pointwise, run_round, seen_event_ids
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,11 @@ class Sidecar:
             return None
         log.info("sidecar: starting a round: %s", why)
         self._last_attempt = self.clock()
-        result = run_round(self.cfg, self.source, self.registry, metrics=self.metrics, dataset=dataset)
+        # The rows are loaded already: hand the round its data rather than have it read the store again.
+        pointwise = round_pointwise(self.cfg, completions, feedback)
+        result = run_round(
+            self.cfg, self.source, self.registry, metrics=self.metrics, dataset=dataset, pointwise=pointwise
+        )
         self._skipped_digest = digest if result.outcome in ("skipped", "refused") else None
         return result
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,8 +15,6 @@ from typing import Literal, cast
 from tuneloop.v1 import feedback_pb2 as fpb
 
 from ..errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-
-log = logging.getLogger(__name__)
 
 Kind = Literal["thumbs", "rating", "comment", "correction", "pairwise"]
 KINDS: tuple[Kind, ...] = ("thumbs", "rating", "comment", "correction", "pairwise")

@@ -5,7 +5,7 @@ An event is accepted exactly once per event id and acknowledged only after it is
 commits goes into the next one, so the cost of a durable commit is shared by all concurrent
 callers (a unary call from each of 32 clients, or a whole bulk stream window).
 
-Rules applied here, against the store:
+Rules applied per batch (in `planning.py`), against the store:
 - the same event id with the same content is a no-op that succeeds (`duplicate=True`); with other
   content it is ALREADY_EXISTS;
 - a later thumbs (or rating) by the same rater on the same completion supersedes the earlier one for

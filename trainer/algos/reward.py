@@ -11,7 +11,6 @@ from typing import Any
 from tuneloop.server.registry import REWARD
 
 from ..config import TrainerConfig
-from ..dataset import build_pointwise
 from ..model import load_tokenizer, prepare_compute
 from ..reward_gate import (
     RewardGateMetrics,
@@ -59,8 +58,8 @@ class Reward:
         tok = load_tokenizer(inputs.model_dir)
         pad = tok.pad_token_id
         pointwise = inputs.pointwise
-        if pointwise is None:
-            pointwise = build_pointwise(*inputs.source.load(), cfg.data)
+        if pointwise is None:  # the runner builds it for every algorithm with uses_pointwise
+            raise ValueError("the reward model round was given no thumbs and ratings (RoundInputs.pointwise)")
         enc = Encoder(tok, rc)
         pairs = inputs.dataset
         margins = rating_margins(pairs.train, pointwise.examples, rc.reward_rating_margin)
