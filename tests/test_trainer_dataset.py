@@ -10,7 +10,9 @@ from tuneloop.server.errors import InvalidArgument
 from tuneloop.trainer.config import DatasetConfig
 from tuneloop.trainer.dataset import (
     build_dataset,
+    build_pointwise,
     cap_per_rater,
+    count_new_examples,
     count_new_pairs,
     dedupe,
     rebuild_dataset,
@@ -191,6 +193,18 @@ def test_new_pairs_are_those_with_unseen_events() -> None:
     assert count_new_pairs(ds, []) == 2
     assert count_new_pairs(ds, [feedback[0].event_id]) == 1
     assert count_new_pairs(ds, ds.event_ids) == 0
+
+
+def test_thumbs_and_ratings_count_as_new_examples_only_for_algorithms_that_learn_from_them() -> None:
+    # Thumbs on replies to different prompts, and a rating: no pair, but three judgements.
+    feedback = [
+        fb("thumbs", "r1", "a", value=1.0), fb("thumbs", "r2", "y", value=-1.0), fb("rating", "r3", "x", value=4.0)
+    ]  # fmt: skip
+    ds, pw = build(feedback), build_pointwise(ALL, feedback, DatasetConfig())
+    assert ds.pairs == [] and len(pw.examples) == 3
+    assert count_new_examples(ds, None, []) == (0, "pairs")  # DPO: nothing to train on
+    assert count_new_examples(ds, pw, []) == (3, "pairs, thumbs and ratings")
+    assert count_new_examples(ds, pw, [feedback[0].event_id]) == (2, "pairs, thumbs and ratings")
 
 
 def test_helpers_are_pure_over_lists() -> None:

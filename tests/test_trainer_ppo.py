@@ -1,22 +1,36 @@
-"""PPO on the real model: the per-token layout it trains on; PPO iterations raising a reward with
-bounded KL; and a sidecar round (`--algo ppo`) against a reward model trained in the same round,
-published as a policy the server then serves and names on its responses."""
+"""PPO on the real model: the per-token layout it trains on; PPO iterations against a trained
+reward model raising its reward with bounded KL; and a sidecar round (`--algo ppo`) against a
+reward model trained in the same round, published as a policy the server then serves and names
+on its responses."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
 from test_trainer_reward import mixed_feedback
-from trainer_fixtures import tiny_config
+from trainer_fixtures import QUESTIONS, chat_prompt, tiny_config
 
 from tuneloop.server.registry import AdapterRegistry
-from tuneloop.trainer.config import PPOConfig, RewardConfig, SidecarConfig
+from tuneloop.trainer.config import ComputeConfig, DPOConfig, GateConfig, PPOConfig, RewardConfig, SidecarConfig
+from tuneloop.trainer.gate import evaluate_samples, sample_completions
 from tuneloop.trainer.metrics import TrainerMetrics
-from tuneloop.trainer.ppo import completion_grid
+from tuneloop.trainer.model import build_policy, load_base_model, load_tokenizer, prepare_compute
+from tuneloop.trainer.ppo import RewardScorer, completion_grid, train_ppo
+from tuneloop.trainer.reward_gate import auc
+from tuneloop.trainer.reward_model import (
+    Encoder,
+    PairItem,
+    RewardHeads,
+    build_reward_model,
+    reward_scores,
+    train_reward_model,
+)
 from tuneloop.trainer.sidecar import Sidecar
 from tuneloop.v1 import generation_pb2 as pb
 from tuneloop.v1 import generation_pb2_grpc as pb_grpc
@@ -80,25 +94,39 @@ async def test_a_ppo_round_publishes_a_policy_the_server_serves(make_server, mod
         assert (r.completions[0].adapter.name, r.completions[0].adapter.version) == ("toy", "v1")
 
 
-def test_ppo_iterations_raise_the_reward_with_bounded_kl(model_dir: Path) -> None:
-    """PPO against a rule reward on the real model: +1 when the reply starts with "The" (the base
-    starts about one reply in six so). The effect is read exactly, from the first-token
-    distribution of policy and base on every prompt, not from a noisy sample."""
-    from dataclasses import replace
-
-    from trainer_fixtures import QUESTIONS, chat_prompt
-
-    from tuneloop.trainer.config import ComputeConfig, DPOConfig
-    from tuneloop.trainer.model import build_policy, load_base_model, load_tokenizer, prepare_compute
-    from tuneloop.trainer.ppo import RewardScorer, train_ppo
-    from tuneloop.trainer.reward_model import build_reward_model
-
+def test_ppo_against_a_trained_reward_model_raises_the_reward_with_bounded_kl(model_dir: Path) -> None:
+    """A reward model trained on a synthetic preference over the base model's own replies (users
+    prefer a reply that opens with "The", which the base does about one reply in five), then PPO
+    against it on the real model. The reward model's mean score rises on seeded held-out samples of
+    policy against base, and the policy's probability of opening with "The" (read exactly from the
+    first-token distribution on every prompt, not from a sample) rises, while KL per token stays
+    small."""
     device, dtype = prepare_compute(ComputeConfig())
     tok = load_tokenizer(model_dir)
-    prompts = [tuple(tok(chat_prompt(q), add_special_tokens=False)["input_ids"]) for q in QUESTIONS]
+    pad = tok.pad_token_id
     the = tok("The", add_special_tokens=False)["input_ids"][0]
+    rc = RewardConfig(reward_epochs=2, reward_batch_size=8, reward_learning_rate=1e-3, reward_max_prompt_tokens=48,
+                      reward_max_completion_tokens=4)  # fmt: skip
+    prompts = [Encoder(tok, rc).prompt(chat_prompt(q)) for q in QUESTIONS]
     policy = build_policy(load_base_model(model_dir, device, dtype), replace(DPOConfig(), lora_dropout=0.0))
-    critic = build_reward_model(model_dir, RewardConfig(), ComputeConfig(), device, dtype, tok.pad_token_id)
+    kw: dict[str, Any] = dict(mode="base", n=16, max_new_tokens=4, temperature=1.0, device=device, dtype=dtype)
+    liked = lambda c: bool(c) and c[0] == the  # noqa: E731
+    train, held = (sample_completions(policy, tok, prompts, seed=s, **kw) for s in (1, 2))
+    items = []
+    for p in prompts:  # each opening with "The" against up to three others, per prompt
+        good = [c for q, c in train if q == p and liked(c)]
+        other = [c for q, c in train if q == p and not liked(c)]
+        items += [PairItem(p, good[j % len(good)], other[j], 0.0) for j in range(min(3 * len(good), len(other)))]
+    assert len(items) >= 16, len(items)
+    rm = build_reward_model(model_dir, rc, ComputeConfig(), device, dtype, pad)
+    train_reward_model(rm, items, RewardHeads(), rc, pad_id=pad, device=device, dtype=dtype, progress=False)
+    score = lambda seqs: reward_scores(rm, seqs, pad_id=pad, device=device, dtype=dtype)  # noqa: E731
+    held_auc = auc(score(held).tolist(), [liked(c) for _, c in held])
+    assert held_auc is not None and held_auc > 0.75, held_auc  # measured 0.92: it learned the opener
+    raw = score([(it.prompt, it.chosen) for it in items] + [(it.prompt, it.rejected) for it in items])
+    scorer = RewardScorer(score, float(raw.mean()), float(raw.std()))
+    # A fresh value head (a round starts the critic from the reward model; either is a critic).
+    critic = build_reward_model(model_dir, rc, ComputeConfig(), device, dtype, pad)
 
     def p_the(adapter: bool) -> float:
         ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(p[::-1]) for p in prompts], batch_first=True).flip(1)
@@ -112,14 +140,18 @@ def test_ppo_iterations_raise_the_reward_with_bounded_kl(model_dir: Path) -> Non
         return float(logits[:, -1].float().softmax(-1)[:, the].mean())
 
     before = p_the(adapter=False)
-    score = lambda seqs: torch.tensor([float(c[0] == the) for _, c in seqs])  # noqa: E731
-    cfg = tiny_ppo(ppo_iterations=4, ppo_prompts_per_iteration=4, ppo_samples_per_prompt=8, ppo_max_new_tokens=3,
+    cfg = tiny_ppo(ppo_iterations=6, ppo_prompts_per_iteration=4, ppo_samples_per_prompt=8, ppo_max_new_tokens=4,
                    ppo_minibatch_size=16, ppo_kl_coef=0.02, ppo_missing_eos_penalty=0.0)  # fmt: skip
-    result = train_ppo(policy, critic, RewardScorer(score, 0.0, 0.5), tok, prompts, cfg, reference="base",
-                       device=device, dtype=dtype, progress=False)  # fmt: skip
+    result = train_ppo(policy, critic, scorer, tok, prompts, cfg, reference="base", device=device, dtype=dtype,
+                       progress=False)  # fmt: skip
     after = p_the(adapter=True)
-    assert len(result.iterations) == 4, result.stop_reason
-    # Measured 0.20 -> 0.41 (AMD EPYC, AVX2, float32); the bound leaves room for other hardware and dtypes.
-    assert after > before + 0.1, (before, after, [s.score for s in result.iterations])
+    assert len(result.iterations) == 6, result.stop_reason
+    assert after > before + 0.05, (before, after, [s.score for s in result.iterations])
+    # The gate's own measure: the reward model's score of policy samples against base samples,
+    # seeded, on every prompt.
+    gate = GateConfig(eval_prompts=len(prompts), samples_per_prompt=8, sample_max_tokens=4)
+    _, samples = evaluate_samples(policy, tok, prompts, gate, reference="base", seed=7, device=device, dtype=dtype)
+    gain = float(scorer.score(samples.candidate).mean() - scorer.score(samples.reference).mean())
+    assert gain > 0, (gain, before, after)
     kls = [s.kl_per_token for s in result.iterations]
     assert all(abs(k) < 2.0 for k in kls), kls  # moved, but still near the base

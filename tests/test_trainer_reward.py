@@ -7,13 +7,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file
-from trainer_fixtures import BAD, GOOD, QUESTIONS, ListSource, tiny_config, toy_rows
+from trainer_fixtures import BAD, GOOD, QUESTIONS, ListSource, chat_prompt, tiny_config, toy_rows
 
 from tuneloop.server.registry import AdapterRegistry
-from tuneloop.trainer.config import RewardConfig
-from tuneloop.trainer.rows import RATING, THUMBS, FeedbackRow
+from tuneloop.trainer.config import RewardConfig, SidecarConfig
+from tuneloop.trainer.metrics import TrainerMetrics
+from tuneloop.trainer.rows import RATING, THUMBS, CompletionRow, FeedbackRow
 from tuneloop.trainer.runner import run_round
+from tuneloop.trainer.sidecar import Sidecar
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,37 @@ def test_a_reward_model_learns_the_preference_and_is_published_as_a_reward_entry
     assert any("score" in k for k in weights), sorted(weights)[:5]  # the head travels with the adapter
     lora_b = [t for k, t in weights.items() if "lora_B" in k]
     assert lora_b and any(float(t.abs().max()) > 0 for t in lora_b)  # B starts at zero: it trained
+
+
+def test_thumbs_alone_start_a_reward_round_and_train_a_model_gated_on_their_auc(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """Users who only leave thumbs, one reply per prompt: no pair exists, and the sidecar still
+    trains a reward model (each thumb counts as an example) that the gate checks by thumbs AUC."""
+    prompts = [chat_prompt(q) for q in QUESTIONS] + [chat_prompt(f"{q} Keep it short.") for q in QUESTIONS]
+    completions = [CompletionRow(f"c{i}", p, GOOD if i % 2 else BAD) for i, p in enumerate(prompts)]
+    feedback = [
+        FeedbackRow(f"t{i}", THUMBS, f"u{i % 5}", c.completion_id, value=1.0 if c.text == GOOD else -1.0,
+                    created_at=float(i))
+        for i, c in enumerate(completions)
+    ]  # fmt: skip
+    reg = AdapterRegistry(tmp_path / "reg")
+    rc = RewardConfig(reward_epochs=3, reward_batch_size=4, reward_learning_rate=1e-3, reward_max_prompt_tokens=48,
+                      reward_max_completion_tokens=24)  # fmt: skip
+    cfg = tiny_config(str(reg.root), str(model_dir), algo="reward", reward=rc)
+    cfg.sidecar = SidecarConfig(min_new_pairs=len(feedback), min_new_pairs_periodic=1, metrics_port=0)
+    sidecar = Sidecar(cfg, ListSource(completions, feedback[:-1]), reg, TrainerMetrics(CollectorRegistry()))
+    assert sidecar.tick() is None  # one thumb short of min_new_pairs
+    sidecar.source = ListSource(completions, feedback)
+    result = sidecar.tick()
+    assert result is not None and result.outcome == "published", result and result.summary()
+    assert (result.train_pairs, result.heldout_pairs) == (0, 0)
+    assert result.train_judgements and result.heldout_judgements
+    assert result.train_judgements + result.heldout_judgements == len(feedback)
+    v = reg.get("toy-reward", "v1")
+    assert v.manifest["metrics"]["thumbs_auc"] >= 0.6 and v.manifest["metrics"]["heldout_pairs"] == 0
+    assert v.manifest["pointwise_snapshot"]["event_ids"] == sorted(f.event_id for f in feedback)
+    assert sidecar.tick() is None  # those thumbs are used: nothing new
 
 
 def test_new_thumbs_alone_make_a_new_reward_run_but_not_a_new_dpo_run() -> None:

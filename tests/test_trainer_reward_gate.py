@@ -54,3 +54,16 @@ def test_decide_reward(caplog: pytest.LogCaptureFixture) -> None:
     assert decide_reward(metrics(length_correlation=0.9), cfg).passed  # warned about, not refused
     assert "correlates with completion length at 0.90" in caplog.text
     assert not decide_reward(metrics(accuracy=float("nan")), cfg).passed
+
+
+def test_the_reward_gate_checks_the_evidence_there_is() -> None:
+    cfg = RewardConfig()
+    # Only thumbs (no prompt with two replies): gated on the thumbs AUC alone.
+    thumbs_only = dict(heldout_pairs=0, accuracy=0.0, length_baseline_accuracy=0.0, rating_spearman=None)
+    assert decide_reward(metrics(**thumbs_only), cfg).passed
+    weak = decide_reward(metrics(**{**thumbs_only, "thumbs_auc": 0.55}), cfg)
+    assert weak.failed_checks == ["thumbs_auc"] and "0.550 < reward_min_thumbs_auc 0.600" in weak.failures[0]
+    unranked = decide_reward(metrics(rating_spearman=0.05), cfg)
+    assert unranked.failed_checks == ["rating_spearman"]
+    none = decide_reward(metrics(**{**thumbs_only, "thumbs_auc": None}), cfg)
+    assert none.failed_checks == ["evidence"] and "no held-out pairs" in none.failures[0]

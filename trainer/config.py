@@ -131,6 +131,10 @@ class RewardConfig:
     reward_ratings_weight: float = setting(1.0, "Weight of the ordinal ratings loss against the pairwise loss.")
     reward_center_coefficient: float = setting(0.01, "Penalty on the squared mean reward (0 turns centering off).")
     reward_min_accuracy: float = setting(0.6, "Gate: held-out pairwise accuracy must reach this.")
+    reward_min_thumbs_auc: float = setting(0.6, "Gate: held-out thumbs AUC (up above down) must reach this.")
+    reward_min_rating_spearman: float = setting(
+        0.1, "Gate: rank correlation of reward with held-out ratings must reach this."
+    )
     reward_max_length_correlation: float = setting(
         0.5, "Gate: warn when |correlation of reward with completion length| exceeds this (a reward hack)."
     )
@@ -147,6 +151,8 @@ class RewardConfig:
         _check(self.reward_thumbs_weight >= 0 and self.reward_ratings_weight >= 0, "reward loss weights must be >= 0")
         _check(self.reward_center_coefficient >= 0, "reward_center_coefficient must be >= 0")
         _check(0.0 <= self.reward_min_accuracy <= 1.0, "reward_min_accuracy must be in [0, 1]")
+        _check(0.0 <= self.reward_min_thumbs_auc <= 1.0, "reward_min_thumbs_auc must be in [0, 1]")
+        _check(-1.0 <= self.reward_min_rating_spearman <= 1.0, "reward_min_rating_spearman must be in [-1, 1]")
         _check(0.0 < self.reward_max_length_correlation <= 1.0, "reward_max_length_correlation must be in (0, 1]")
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -192,9 +198,7 @@ class PPOConfig:
         _check(self.ppo_iterations >= 1, f"ppo_iterations must be >= 1, got {self.ppo_iterations}")
         _check(self.ppo_max_minutes > 0, "ppo_max_minutes must be > 0")
         _check(self.ppo_kl_ceiling > 0, "ppo_kl_ceiling must be > 0")
-        _check(
-            self.ppo_prompts_per_iteration >= 1 and self.ppo_samples_per_prompt >= 1, "rollout counts must be >= 1"
-        )
+        _check(self.ppo_prompts_per_iteration >= 1 and self.ppo_samples_per_prompt >= 1, "rollout counts must be >= 1")
         _check(self.ppo_max_new_tokens >= 2, "ppo_max_new_tokens must be >= 2")
         _check(self.ppo_temperature > 0, "ppo_temperature must be > 0")
         _check(self.ppo_epochs >= 1 and self.ppo_minibatch_size >= 1, "ppo_epochs and ppo_minibatch_size must be >= 1")
@@ -318,7 +322,11 @@ class GateConfig:
 class SidecarConfig:
     """When `tuneloop trainer run` starts a round."""
 
-    min_new_pairs: int = setting(64, "Start a round as soon as this many new usable pairs arrived (N).")
+    min_new_pairs: int = setting(
+        64,
+        "Start a round as soon as this many new usable pairs arrived (N); for --algo reward and ppo, "
+        "each new thumb and rating counts as one too.",
+    )
     interval_minutes: float = setting(60.0, "Or every this many minutes (T)...")
     min_new_pairs_periodic: int = setting(16, "...if at least this many new usable pairs arrived (M).")
     poll_seconds: float = setting(30.0, "How often the feedback store is checked.")
@@ -355,8 +363,13 @@ class TrainerConfig:
     registry_dir: str = setting("", "Adapter registry directory (default $TUNELOOP_HOME/adapters).")
     store_url: str = setting("", "Feedback store URL (default: the server's default store).")
     work_dir: str = setting("", "Scratch directory for candidate adapters (default: a temp dir).")
-    min_train_pairs: int = setting(8, "Fewer usable training pairs than this: the round is skipped.")
-    min_heldout_pairs: int = setting(2, "Fewer held-out pairs than this: the round is skipped.")
+    # For --algo reward and ppo a thumb or a rating counts as one example beside the pairs.
+    min_train_pairs: int = setting(
+        8, "Fewer usable training pairs than this (for reward/ppo: pairs, thumbs and ratings): the round is skipped."
+    )
+    min_heldout_pairs: int = setting(
+        2, "Fewer held-out pairs than this (for reward/ppo: pairs, thumbs and ratings): the round is skipped."
+    )
     progress: bool = setting(True, "Show a progress bar (steps, loss) on the terminal.")
     publish: str = setting(
         "canary",

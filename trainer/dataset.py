@@ -428,3 +428,15 @@ def count_new_pairs(dataset: PreferenceDataset, seen_event_ids: Iterable[str]) -
     """Pairs with at least one feedback event that no earlier run used."""
     seen = set(seen_event_ids)
     return sum(1 for p in dataset.pairs if not seen.issuperset(p.event_ids))
+
+
+def count_new_examples(
+    dataset: PreferenceDataset, pointwise: PointwiseDataset | None, seen_event_ids: Iterable[str]
+) -> tuple[int, str]:
+    """New pairs, plus new thumbs and ratings when the algorithm learns from them (`pointwise` is
+    then given); and what was counted, for the log."""
+    seen = set(seen_event_ids)
+    new = count_new_pairs(dataset, seen)
+    if pointwise is None:
+        return new, "pairs"
+    return new + sum(1 for e in pointwise.examples if e.event_id not in seen), "pairs, thumbs and ratings"

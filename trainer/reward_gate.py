@@ -2,9 +2,9 @@
 
 A reward model is published only if it ranks held-out pairs better than `reward_min_accuracy`
 and better than a length-only baseline (the longer reply wins, or the shorter, whichever fits
-the training pairs): a model that learned only length would hand PPO a reward to hack. Thumbs
-AUC and the rank correlation with ratings are reported; a high correlation of reward with length
-is warned about.
+the training pairs): a model that learned only length would hand PPO a reward to hack. Where
+held-out thumbs and ratings exist, their AUC and rank correlation must reach their thresholds
+too; a high correlation of reward with length is warned about.
 """
 
 from __future__ import annotations
@@ -96,13 +96,25 @@ class RewardGateMetrics:
 
 
 def decide_reward(m: RewardGateMetrics, cfg: RewardConfig) -> GateResult:
+    """Each check runs on the held-out evidence there is: pairs, thumbs of both kinds, ratings. A
+    deployment whose users leave only thumbs is gated on thumbs AUC alone; with no held-out
+    evidence of any kind the model is not published."""
     failed: list[tuple[str, str]] = []
-    if not m.accuracy >= cfg.reward_min_accuracy:
-        failed.append(("accuracy", f"held-out pairwise accuracy {m.accuracy:.3f} < reward_min_accuracy "
-                                   f"{cfg.reward_min_accuracy:.3f}"))  # fmt: skip
-    if not m.accuracy > m.length_baseline_accuracy:
-        failed.append(("length_baseline", f"held-out accuracy {m.accuracy:.3f} does not beat the length-only "
-                                          f"baseline's {m.length_baseline_accuracy:.3f}"))  # fmt: skip
+    if m.heldout_pairs > 0:
+        if not m.accuracy >= cfg.reward_min_accuracy:
+            failed.append(("accuracy", f"held-out pairwise accuracy {m.accuracy:.3f} < reward_min_accuracy "
+                                       f"{cfg.reward_min_accuracy:.3f}"))  # fmt: skip
+        if not m.accuracy > m.length_baseline_accuracy:
+            failed.append(("length_baseline", f"held-out accuracy {m.accuracy:.3f} does not beat the length-only "
+                                              f"baseline's {m.length_baseline_accuracy:.3f}"))  # fmt: skip
+    if m.thumbs_auc is not None and not m.thumbs_auc >= cfg.reward_min_thumbs_auc:
+        failed.append(("thumbs_auc", f"held-out thumbs AUC {m.thumbs_auc:.3f} < reward_min_thumbs_auc "
+                                     f"{cfg.reward_min_thumbs_auc:.3f}"))  # fmt: skip
+    if m.rating_spearman is not None and not m.rating_spearman >= cfg.reward_min_rating_spearman:
+        failed.append(("rating_spearman", f"held-out rating rank correlation {m.rating_spearman:.3f} < "
+                       f"reward_min_rating_spearman {cfg.reward_min_rating_spearman:.3f}"))  # fmt: skip
+    if m.heldout_pairs == 0 and m.thumbs_auc is None and m.rating_spearman is None:
+        failed.append(("evidence", "no held-out pairs, thumbs of both kinds or ratings to check the reward model on"))
     if abs(m.length_correlation) > cfg.reward_max_length_correlation:
         log.warning(
             "reward model: reward correlates with completion length at %.2f (> %.2f): PPO may learn to pad or cut "

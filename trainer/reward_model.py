@@ -199,7 +199,7 @@ class RewardHeads:
         return ordered_thresholds(self.first, self.gaps)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"thumbs_anchor": float(self.anchor), "rating_thresholds": [float(t) for t in self.thresholds()]}
+        return {"thumbs_anchor": self.anchor.item(), "rating_thresholds": self.thresholds().detach().tolist()}
 
 
 @dataclass

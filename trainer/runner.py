@@ -43,6 +43,9 @@ class RoundResult:
     parent_version: str | None = None
     train_pairs: int = 0
     heldout_pairs: int = 0
+    # Thumbs and ratings, for algorithms that learn from them (uses_pointwise); None otherwise.
+    train_judgements: int | None = None
+    heldout_judgements: int | None = None
     seconds: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
     routed: str = ""  # where a published version's traffic comes from ("current", "canary at 10%")
@@ -56,6 +59,8 @@ class RoundResult:
             parts.append(f"serving={self.routed.replace(' ', '_')}")
         parts.append(f"parent={self.parent_version or 'base'}")
         parts.append(f"pairs={self.train_pairs}+{self.heldout_pairs}")
+        if self.train_judgements is not None:
+            parts.append(f"judgements={self.train_judgements}+{self.heldout_judgements}")
         for k in (
             "first_loss", "last_loss", "accuracy", "served_accuracy", "kl", "kl_per_token", "distinct_2",
             "nll_increase_per_token",
@@ -105,10 +110,12 @@ def data_digest(pairs_digest: str, pointwise: PointwiseDataset | None) -> str:
 
 
 def seen_event_ids(registry: Registry, name: str) -> set[str]:
-    """Feedback events any earlier round (accepted or rejected) trained on."""
+    """Feedback events any earlier round (accepted or rejected) trained on: its pairs' events, and
+    the thumbs and ratings of a round that learned from them."""
     seen: set[str] = set()
     for v in registry.versions(name):
         seen.update(v.manifest.get("data_snapshot", {}).get("event_ids", []))
+        seen.update(v.manifest.get("pointwise_snapshot", {}).get("event_ids", []))
     return seen
 
 
@@ -180,6 +187,8 @@ def run_round(
         result = RoundResult("failed", reason=f"{type(exc).__name__}: {exc}")
     result.train_pairs = counts.get("train", result.train_pairs)
     result.heldout_pairs = counts.get("heldout", result.heldout_pairs)
+    if "train_judgements" in counts:
+        result.train_judgements, result.heldout_judgements = counts["train_judgements"], counts["heldout_judgements"]
     result.seconds = time.perf_counter() - start
     trained = result.outcome in ("published", "rejected")
     metrics.run_finished(result.outcome, result.seconds if trained else None)
@@ -205,11 +214,18 @@ def _run(
             pointwise = round_pointwise(cfg, completions, feedback)
     n_train, n_held = len(dataset.train), len(dataset.heldout)
     counts["train"], counts["heldout"] = n_train, n_held
-    if n_train < cfg.min_train_pairs or n_held < cfg.min_heldout_pairs:
+    # A thumb or a rating is an example too for an algorithm that learns from them: a team whose
+    # users leave only thumbs has no pairs, and the reward model still learns from what it has.
+    ex_train, ex_held, unit = n_train, n_held, "pairs"
+    if pointwise is not None:
+        counts["train_judgements"], counts["heldout_judgements"] = len(pointwise.train), len(pointwise.heldout)
+        ex_train, ex_held = n_train + len(pointwise.train), n_held + len(pointwise.heldout)
+        unit = "pairs, thumbs and ratings"
+    if ex_train < cfg.min_train_pairs or ex_held < cfg.min_heldout_pairs:
         dropped = ", ".join(f"{k}={v}" for k, v in sorted(dataset.dropped.items())) or "none"
         return RoundResult(
             "skipped",
-            reason=f"too few usable pairs: {n_train} train (need {cfg.min_train_pairs}), {n_held} held-out "
+            reason=f"too few usable {unit}: {ex_train} train (need {cfg.min_train_pairs}), {ex_held} held-out "
             f"(need {cfg.min_heldout_pairs}); dropped: {dropped}",
             train_pairs=n_train,
             heldout_pairs=n_held,
@@ -238,6 +254,16 @@ def _run(
         "algorithm": cfg.algo,
         "hyperparameters": algorithm.settings(cfg),
         "data_snapshot": {**snapshot, "builder": asdict(cfg.data)},
+        **(
+            {}
+            if pointwise is None
+            else {
+                "pointwise_snapshot": {
+                    "event_ids": sorted(e.event_id for e in pointwise.examples),
+                    "dropped": dict(pointwise.dropped),
+                }
+            }
+        ),
         "metrics": candidate.metrics,
         "gate": {**verdict.to_dict(), "thresholds": asdict(cfg.gate)},
         "run_key": key,

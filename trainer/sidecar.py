@@ -1,9 +1,12 @@
-"""The sidecar: watch the feedback, and run a round when enough new pairs arrived.
+"""The sidecar: watch the feedback, and run a round when enough new examples arrived.
 
-A round starts when at least N new usable pairs arrived since the last round, or every T minutes
-if at least M did. The registry is the only state: "new" means a pair with a feedback event that
-no published version (accepted or rejected) trained on, and "last round" is the newest version's
-`created_at`, so a restarted sidecar picks up exactly where the last one stopped.
+A round starts when at least N new usable examples arrived since the last round, or every T
+minutes if at least M did. An example is a pair; for an algorithm that also learns from thumbs
+and ratings (the reward model, PPO through it), each of those counts too, so a deployment whose
+users only leave thumbs still trains. The registry is the only state: "new" means an example with
+a feedback event that no published version (accepted or rejected) trained on, and "last round" is
+the newest version's `created_at`, so a restarted sidecar picks up exactly where the last one
+stopped.
 
 While a version the sidecar published is on trial as a canary, no round starts: the next round
 trains on top of whatever the live test decides (the canary promoted, or `current` kept).
@@ -19,24 +22,26 @@ from dataclasses import dataclass
 
 from tuneloop.server.registry import Registry
 
+from .algos import ALGORITHMS
 from .config import SidecarConfig, TrainerConfig
-from .dataset import build_dataset, count_new_pairs
+from .dataset import build_dataset, count_new_examples
 from .metrics import TrainerMetrics
-from .runner import FeedbackSource, RoundResult, round_pointwise, run_round, seen_event_ids
+from .runner import FeedbackSource, RoundResult, data_digest, round_pointwise, run_round, seen_event_ids
 
 log = logging.getLogger(__name__)
 
 
-def should_run(new_pairs: int, seconds_since_last: float, cfg: SidecarConfig) -> tuple[bool, str]:
-    """The trigger rule, pure. `seconds_since_last`: since the last round, or since the sidecar
-    started when no round ever ran (so a fresh sidecar waits for N pairs or T minutes, and does not
-    train at once on the first handful of events)."""
-    if new_pairs >= cfg.min_new_pairs:
-        return True, f"{new_pairs} new pairs >= min_new_pairs {cfg.min_new_pairs}"
+def should_run(new: int, seconds_since_last: float, cfg: SidecarConfig, unit: str = "pairs") -> tuple[bool, str]:
+    """The trigger rule, pure. `new`: new examples (`unit` names them in the reason).
+    `seconds_since_last`: since the last round, or since the sidecar started when no round ever ran
+    (so a fresh sidecar waits for N examples or T minutes, and does not train at once on the first
+    handful of events)."""
+    if new >= cfg.min_new_pairs:
+        return True, f"{new} new {unit} >= min_new_pairs {cfg.min_new_pairs}"
     due = seconds_since_last >= cfg.interval_minutes * 60
-    if due and new_pairs >= cfg.min_new_pairs_periodic:
-        return True, f"interval reached with {new_pairs} new pairs >= {cfg.min_new_pairs_periodic}"
-    return False, f"{new_pairs} new pairs; waiting"
+    if due and new >= cfg.min_new_pairs_periodic:
+        return True, f"interval reached with {new} new {unit} >= {cfg.min_new_pairs_periodic}"
+    return False, f"{new} new {unit}; waiting"
 
 
 @dataclass
@@ -53,8 +58,13 @@ class Sidecar:
         self._skipped_digest: str | None = None
         self._waiting_on: tuple[str, float] | None = None
 
+    @property
+    def _target(self) -> str:
+        """The registry name this sidecar's rounds publish to (the reward model's for --algo reward)."""
+        return ALGORITHMS[self.cfg.algo].target_name(self.cfg)
+
     def _last_round_time(self) -> float | None:
-        times = [float(v.manifest.get("created_at", 0.0)) for v in self.registry.versions(self.cfg.adapter)]
+        times = [float(v.manifest.get("created_at", 0.0)) for v in self.registry.versions(self._target)]
         if self._last_attempt is not None:
             times.append(self._last_attempt)
         return max(times) if times else None
@@ -76,19 +86,19 @@ class Sidecar:
         self._waiting_on = None
         completions, feedback = self.source.load()
         dataset = build_dataset(completions, feedback, self.cfg.data)
-        digest = dataset.snapshot()["digest"]
+        pointwise = round_pointwise(self.cfg, completions, feedback)
+        digest = data_digest(dataset.snapshot()["digest"], pointwise)
         if digest == self._skipped_digest:
             return None  # nothing changed since a round found this data unusable
-        new = count_new_pairs(dataset, seen_event_ids(self.registry, self.cfg.adapter))
+        new, unit = count_new_examples(dataset, pointwise, seen_event_ids(self.registry, self._target))
         last = self._last_round_time()
-        go, why = should_run(new, self.clock() - (self._started if last is None else last), self.cfg.sidecar)
+        go, why = should_run(new, self.clock() - (self._started if last is None else last), self.cfg.sidecar, unit)
         if not go:
             log.debug("sidecar: %s", why)
             return None
         log.info("sidecar: starting a round: %s", why)
         self._last_attempt = self.clock()
         # The rows are loaded already: hand the round its data rather than have it read the store again.
-        pointwise = round_pointwise(self.cfg, completions, feedback)
         result = run_round(
             self.cfg, self.source, self.registry, metrics=self.metrics, dataset=dataset, pointwise=pointwise
         )

@@ -121,10 +121,6 @@ class Reward:
             save=save,
             manifest={
                 "reward_scale": {**heads.to_dict(), "mean": m.reward_mean, "std": m.reward_std},
-                "pointwise_snapshot": {
-                    "event_ids": sorted(e.event_id for e in pointwise.examples),
-                    "dropped": dict(pointwise.dropped),
-                },
                 "dtype": str(dtype).removeprefix("torch."),
                 "device": device.type,
             },
