@@ -57,7 +57,8 @@ class TuneloopServer:
         self._ready = asyncio.Event()
         self._http: object | None = None
         self.store = open_store(config.store_url)
-        self.completion_log = CompletionLog(self.store, self.metrics)
+        journal = None if config.journal_dir == "off" else Path(config.journal_dir)
+        self.completion_log = CompletionLog(self.store, self.metrics, journal_dir=journal)
         self.registry: Registry = AdapterRegistry(config.adapter_dir)
         self.feedback = FeedbackService(self.store, self.metrics, completion_log=self.completion_log)
         self.adapters: AdapterManager | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import ipaddress
 import os
 import tomllib
@@ -75,6 +76,12 @@ class ServerConfig:
     # --- data ---
     store_url: str = setting("", "Completion and feedback store. Default sqlite:///$TUNELOOP_HOME/tuneloop.db.")
     adapter_dir: str = setting("", "Adapter registry directory. Default $TUNELOOP_HOME/adapters.")
+    journal_dir: str = setting(
+        "",
+        "Local directory served completions spill to while the store is unreachable, written to the store in "
+        "order when it answers again. Default $TUNELOOP_HOME/journal/<hash of store_url>; 'off' keeps them in "
+        "memory instead.",
+    )
     default_adapter: str = setting(
         "default",
         "Adapter serving requests that name none: its `current` version, or the base model until it has one "
@@ -122,6 +129,11 @@ class ServerConfig:
             self.store_url = f"sqlite:///{(home / 'tuneloop.db').resolve()}"
         if not self.adapter_dir:
             self.adapter_dir = str((home / "adapters").resolve())
+        if not self.journal_dir:
+            # One journal per store: replicas on one host that share a store still each need their
+            # own (the journal is locked); they set --journal-dir.
+            digest = hashlib.sha256(self.store_url.encode()).hexdigest()[:16]
+            self.journal_dir = str((home / "journal" / digest).resolve())
         self.log_level = self.log_level.upper()
         if self.max_tokens_limit == 0:
             self.max_tokens_limit = max(1, self.max_model_len // 2)

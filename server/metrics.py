@@ -60,6 +60,11 @@ class Metrics:
         self.log_queue_depth = Gauge(
             "tuneloop_completion_log_queue_depth", "Completions waiting to be written to the store.", registry=r
         )
+        self.log_journal_records = Gauge(
+            "tuneloop_completion_log_journal_records",
+            "Completions spilled to the local journal while the store was failing, not yet in the store.",
+            registry=r,
+        )
         self.log_written = Counter(
             "tuneloop_completion_log_written", "Completion records committed to the store.", registry=r
         )

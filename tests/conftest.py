@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -40,6 +40,27 @@ def engine_config(**overrides: object):
     )
     base.update(overrides)
     return ServerConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """One PostgreSQL server for the session (`create_database()` gives each test its own
+    database): started here, or the one TUNELOOP_TEST_POSTGRES_URL names."""
+    from postgres_server import ExternalPostgres, PostgresServer, PostgresUnavailable
+
+    external = os.environ.get("TUNELOOP_TEST_POSTGRES_URL")
+    if external:
+        yield ExternalPostgres(external)
+        return
+    try:
+        server = PostgresServer()
+        server.start()
+    except (PostgresUnavailable, OSError) as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must exercise the PostgreSQL store: {e}")
+        pytest.skip(f"no PostgreSQL server for the store tests: {e}")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

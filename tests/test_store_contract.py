@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from completion_factory import make_completion, make_group
-from postgres_server import ExternalPostgres, PostgresServer, PostgresUnavailable
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.exc import IntegrityError
 
@@ -16,23 +14,6 @@ from tuneloop.server.feedback import FeedbackEvent, FeedbackRecord
 from tuneloop.server.store import Store, open_store, prompt_sha256
 from tuneloop.server.store.migrations import LATEST_VERSION
 from tuneloop.server.store.schema import metadata
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer | ExternalPostgres]:
-    external = os.environ.get("TUNELOOP_TEST_POSTGRES_URL")
-    if external:
-        yield ExternalPostgres(external)
-        return
-    try:
-        server = PostgresServer()
-        server.start()
-    except (PostgresUnavailable, OSError) as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must exercise the PostgreSQL store: {e}")
-        pytest.skip(f"no PostgreSQL server for the store contract tests: {e}")
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
