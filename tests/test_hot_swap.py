@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -20,6 +22,7 @@ from tuneloop.v1 import generation_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.engine
 
 NAME = "default"  # the adapter the server routes requests that name none to
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -40,18 +43,35 @@ async def _version_of_next(stub: pb_grpc.GenerationServiceStub, user: str = "") 
     return r.completions[0].adapter.version
 
 
-async def _wait_version(stub: pb_grpc.GenerationServiceStub, version: str, timeout: float = 10.0) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if await _version_of_next(stub) == version:
-            return time.monotonic() - t0
+async def _eventually(probe: Callable[[], Awaitable[T]], what: str, timeout: float = 30.0) -> T:
+    """Waits for a condition the server reaches on its own (a registry poll, an unload), checking
+    it every 50 ms: the timeout only bounds a failure, no step waits a fixed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached in {timeout:.0f} s")
         await asyncio.sleep(0.05)
-    raise AssertionError(f"default traffic did not reach {version} in {timeout} s")
+
+
+async def _wait_version(stub: pb_grpc.GenerationServiceStub, version: str) -> None:
+    async def serves() -> bool:
+        return await _version_of_next(stub) == version
+
+    await _eventually(serves, f"default traffic on {version}")
+
+
+async def _versions(admin) -> dict[str, apb.VersionState]:  # type: ignore[no-untyped-def]
+    return {v.version: v for v in (await admin.ListAdapters(apb.ListAdaptersRequest(name=NAME))).adapters[0].versions}
 
 
 async def test_publish_during_streams_then_rollback(swap_env, lora_dirs) -> None:
     server, reg, manifest, stub, admin = swap_env
     assert await _version_of_next(stub) == "base"  # nothing published yet: the base model serves
+
+    started = [asyncio.Event() for _ in range(8)]
 
     async def stream(i: int) -> tuple[str, str]:
         req = pb.GenerateRequest(
@@ -60,19 +80,19 @@ async def test_publish_during_streams_then_rollback(swap_env, lora_dirs) -> None
         )
         final = None
         async for msg in stub.GenerateStream(req):
+            started[i].set()  # its first tokens came from the version it started on
             if msg.HasField("completion"):
                 final = msg.completion
         assert final is not None
         return final.adapter.name, final.adapter.version
 
     running = [asyncio.create_task(stream(i)) for i in range(8)]
-    await asyncio.sleep(0.5)
+    await asyncio.gather(*(e.wait() for e in started))
     reg.publish(NAME, lora_dirs["r8a"], manifest)
-    took = await _wait_version(stub, "v1")
+    await _wait_version(stub, "v1")
     results = await asyncio.gather(*running)  # none failed
     assert {v for _, v in results} <= {"base", "v1"}
     assert ("base", "base") in results  # those that started before the swap finished on base
-    assert took < 5.0
 
     reg.publish(NAME, lora_dirs["r8b"], manifest)
     await _wait_version(stub, "v2")
@@ -81,8 +101,11 @@ async def test_publish_during_streams_then_rollback(swap_env, lora_dirs) -> None
     assert await _version_of_next(stub) == "v1"
     assert reg.channel(NAME) == "v1"  # the registry moved too, so other replicas follow
     # v2 is unloaded once nothing uses it.
-    await asyncio.sleep(0.2)
-    listed = {v.version: v for v in (await admin.ListAdapters(apb.ListAdaptersRequest(name=NAME))).adapters[0].versions}
+    async def v2_unloaded() -> dict[str, apb.VersionState] | None:
+        listed = await _versions(admin)
+        return None if listed["v2"].loaded else listed
+
+    listed = await _eventually(v2_unloaded, "v2 unloaded")
     assert listed["v1"].role == "stable" and listed["v1"].traffic_share == 1.0 and listed["v1"].loaded
     assert not listed["v2"].loaded and listed["v2"].role == ""
     assert listed["v1"].metrics["heldout_accuracy"] == pytest.approx(0.8)
@@ -138,12 +161,13 @@ async def test_broken_adapters_are_refused_and_serving_goes_on(
     ]
     for version, files, man, words in cases:
         assert reg.publish(NAME, files, man).version == version
-        await asyncio.sleep(1.5)  # a few registry polls
+
+        async def refused(version: str = version) -> str:
+            listed = await _versions(admin)
+            return listed[version].refusal if version in listed else ""
+
+        assert words in await _eventually(refused, f"{version} refused"), version
         assert await _version_of_next(stub) == "v1", version
-        listed = {
-            v.version: v for v in (await admin.ListAdapters(apb.ListAdaptersRequest(name=NAME))).adapters[0].versions
-        }
-        assert words in listed[version].refusal, (version, listed[version].refusal)
     assert _refused_total(server) - refused_before == 3
     # A good version published after the broken ones is still picked up.
     reg.publish(NAME, lora_dirs["r8b"], manifest)
@@ -206,14 +230,12 @@ async def _judge_traffic(stub, feedback, users: list[str], thumbs_for: dict[str,
     await asyncio.gather(*(one(u) for u in users))
 
 
-async def _canary_outcome(admin, timeout: float = 20.0) -> apb.AdapterState:  # type: ignore[no-untyped-def]
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
+async def _canary_outcome(admin) -> apb.AdapterState:  # type: ignore[no-untyped-def]
+    async def decided() -> apb.AdapterState | None:
         state = (await admin.ListAdapters(apb.ListAdaptersRequest(name=NAME))).adapters[0]
-        if not state.canary_version:
-            return state
-        await asyncio.sleep(0.2)
-    raise AssertionError("the canary monitor reached no decision")
+        return None if state.canary_version else state
+
+    return await _eventually(decided, "the canary monitor's decision")
 
 
 @pytest.mark.parametrize(
@@ -270,11 +292,11 @@ async def test_the_sidecar_publishes_a_canary_and_live_feedback_rolls_a_worse_on
         assert result.outcome == "published" and result.version == "v2" and result.routed == "canary at 50%"
         assert reg.channel(NAME) == "v1"
 
-        t0 = time.monotonic()
-        while (await admin.ListAdapters(apb.ListAdaptersRequest(name=NAME))).adapters[0].canary_version != "v2":
-            assert time.monotonic() - t0 < 30, "the server did not pick up the registry's canary"
-            await asyncio.sleep(0.1)
-        state = (await admin.ListAdapters(apb.ListAdaptersRequest(name=NAME))).adapters[0]
+        async def canary_on() -> apb.AdapterState | None:
+            state = (await admin.ListAdapters(apb.ListAdaptersRequest(name=NAME))).adapters[0]
+            return state if state.canary_version == "v2" else None
+
+        state = await _eventually(canary_on, "the registry's canary picked up")
         assert state.current_version == "v1" and state.canary_share == pytest.approx(0.5)
 
         users = [f"user-{i}" for i in range(120)]
