@@ -255,7 +255,7 @@ def main() -> None:
         # count alone, so each sees about --round-pairs choices.
         one_round = args.choices <= args.round_pairs
         min_pairs = 1 if one_round else int(args.round_pairs * 0.9)
-        trainer_cmd = [sys.executable, "-m", "tuneloop.trainer.cli", "run", "--store-url", store_url,
+        trainer_cmd = [sys.executable, "-m", "tuneloop.cli", "trainer", "run", "--store-url", store_url,
                        "--model-dir", str(model_dir), "--min-new-pairs", str(min_pairs),
                        "--min-new-pairs-periodic", str(min_pairs), "--poll-seconds", "5", "--metrics-port", "0",
                        "--no-progress", "--interval-minutes", "1000", "--epochs", str(args.epochs),

@@ -215,22 +215,36 @@ def _coerce(name: str, typ: type, raw: Any) -> Any:
         raise ConfigError(f"{name}: cannot read {raw!r} as {typ.__name__}") from exc
 
 
-def build_arg_parser(prog: str = "tuneloop serve") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Serve the model over gRPC. Settings come from --config (TOML), then TUNELOOP_<NAME> "
-        "environment variables, then these flags; later sources win.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+SERVE_DESCRIPTION = (
+    "Serve the model over gRPC. Settings come from --config (TOML), then TUNELOOP_<NAME> environment variables, "
+    "then these flags; later sources win."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's flags (one per ServerConfig field, absent unless given) and --config."""
     parser.add_argument("--config", help="TOML file with any of the settings below (names with underscores).")
     add_flags(parser, ServerConfig)
+
+
+def build_arg_parser(prog: str = "tuneloop serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=SERVE_DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_arguments(parser)
     return parser
 
 
 def load_config(argv: list[str] | None = None, env: typing.Mapping[str, str] | None = None) -> ServerConfig:
     """Merge defaults < TOML file < environment < flags into a validated ServerConfig."""
+    return config_from_flags(vars(build_arg_parser().parse_args(argv)), env)
+
+
+def config_from_flags(flags: dict[str, Any], env: typing.Mapping[str, str] | None = None) -> ServerConfig:
+    """`flags`: the parsed flags (`add_arguments`), only those given. Merged over the defaults, the
+    TOML file and the environment, in that order."""
     env = os.environ if env is None else env
-    args = vars(build_arg_parser().parse_args(argv))
+    args = dict(flags)
     names = {f.name: f for f in dataclasses.fields(ServerConfig)}
     values: dict[str, Any] = {}
     config_file = args.pop("config", None) or env.get(ENV_PREFIX + "CONFIG")

@@ -6,8 +6,9 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import Any
 
-from .config import ConfigError, ServerConfig, load_config
+from .config import ConfigError, ServerConfig, build_arg_parser, config_from_flags
 
 log = logging.getLogger("tuneloop.server")
 
@@ -47,11 +48,24 @@ async def serve(config: ServerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The server process on its own (`python -m tuneloop.server.main [flags]`); `tuneloop serve`
+    parses the same flags and calls `run_flags`."""
+    return run_flags(vars(build_arg_parser().parse_args(argv)))
+
+
+def run_flags(flags: dict[str, Any]) -> int:
+    """Serve with these parsed flags over the TOML file, the environment and the defaults; exit
+    status 2 with the reason for a bad setting."""
     try:
-        config = load_config(argv)
+        config = config_from_flags(flags)
     except ConfigError as exc:
         print(f"tuneloop serve: {exc}", file=sys.stderr)
         return 2
+    return run(config)
+
+
+def run(config: ServerConfig) -> int:
+    """Serve until SIGTERM or SIGINT, then drain."""
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

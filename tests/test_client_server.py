@@ -44,7 +44,7 @@ async def test_sync_and_async_sdk(server) -> None:
 
 async def test_cli_generate_json_and_errors(server, tmp_path: Path) -> None:
     env = {**os.environ, "TUNELOOP_TARGET": f"127.0.0.1:{server.port}"}
-    cli = [sys.executable, "-m", "tuneloop.client.cli"]
+    cli = [sys.executable, "-m", "tuneloop.cli"]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*cli, *args], capture_output=True, text=True, env=env, timeout=120)

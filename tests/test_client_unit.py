@@ -21,6 +21,10 @@ from typing import Any
 import grpc
 import pytest
 
+from tuneloop.cli import feedback as cli_feedback
+from tuneloop.cli import generate as cli_generate
+from tuneloop.cli import main as cli
+from tuneloop.cli.feedback import ack_line, event_from_args
 from tuneloop.client import (
     AsyncClient,
     Client,
@@ -39,12 +43,8 @@ from tuneloop.client import (
     TuneloopError,
     UnauthenticatedError,
     UnknownError,
-    cli,
-    cli_feedback,
-    cli_generate,
 )
 from tuneloop.client._transport import ChannelConfig
-from tuneloop.client.cli_feedback import ack_line, event_from_args
 from tuneloop.client.errors import ERROR_CLASSES, error_from_rpc
 from tuneloop.client.feedback import EventOptions, stream_ack_from_pb
 from tuneloop.client.generation import (
@@ -565,19 +565,33 @@ def test_feedback_export_writes_jsonl(tmp_path: Path, capsys: pytest.CaptureFixt
     assert capsys.readouterr().err == f"wrote 1 ratings rows to {out}\n"
 
 
-def test_serve_passes_arguments_through_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[list[str]] = []
-    monkeypatch.setattr(cli, "serve", lambda argv: seen.append(argv) or 0)
-    assert cli.main(["serve", "--help"]) == 0
-    assert cli.main(["serve", "--port", "0", "--config=x.toml"]) == 0
-    assert seen == [["--help"], ["--port", "0", "--config=x.toml"]]
+def test_serve_parses_its_settings_and_refuses_bad_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve", "--port", "70000"]) == 2
+    assert "port must be 0-65535, got 70000" in capsys.readouterr().err
+    assert cli.main(["serve", "--config", "/nonexistent.toml"]) == 2
+    assert "config file /nonexistent.toml" in capsys.readouterr().err
 
 
 def test_cli_import_stays_light() -> None:
     code = (
-        "import sys, tuneloop.client.cli; "
+        "import sys, tuneloop.cli.main; "
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'vllm', 'transformers', 'sqlalchemy'}); "
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ""
+
+
+def test_the_sdk_depends_only_on_the_api_stubs() -> None:
+    import ast
+
+    sdk = Path(__file__).resolve().parents[1] / "clients"
+    bad = []
+    for path in sorted(sdk.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            bad += [f"{path.name}: {n}" for n in names if n.startswith("tuneloop.") and not n.startswith(
+                ("tuneloop.v1", "tuneloop.client"))]  # fmt: skip
+    assert bad == []

@@ -34,8 +34,8 @@ def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
 def test_the_packages_pass_ruff() -> None:
     root = PROTOS.parent
     out = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--output-format", "concise", "server", "trainer", "clients", "tests",
-         "bench"],
+        [sys.executable, "-m", "ruff", "check", "--output-format", "concise", "server", "trainer", "clients", "cli",
+         "tests", "bench"],
         cwd=root, capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
@@ -46,7 +46,7 @@ def test_the_packages_pass_mypy() -> None:
     root = PROTOS.parent
     out = subprocess.run(
         [sys.executable, "-m", "mypy", "--cache-dir", str(Path.home() / ".cache" / "tuneloop-mypy"),
-         "server", "trainer", "clients"],
+         "server", "trainer", "clients", "cli"],
         cwd=root, capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

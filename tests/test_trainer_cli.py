@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tuneloop.cli.main import main
+from tuneloop.cli.trainer import build_parser, config_from_args
 from tuneloop.server.registry import AdapterRegistry
-from tuneloop.trainer.cli import adapters_main, build_parser, config_from_args, main
 from tuneloop.trainer.metrics import TrainerMetrics
 
 
@@ -35,9 +36,9 @@ def test_once_on_an_empty_store_skips_with_a_reason(tmp_path: Path, capsys: pyte
 
 
 def test_bad_settings_exit_2_with_the_setting_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["once", "--beta", "-1", "--store-url", f"sqlite:///{tmp_path}/s.db"]) == 2
+    assert main(["trainer", "once", "--beta", "-1", "--store-url", f"sqlite:///{tmp_path}/s.db"]) == 2
     assert "beta must be > 0" in capsys.readouterr().err
-    assert main(["once", "--algo", "a2c"]) == 2
+    assert main(["trainer", "once", "--algo", "a2c"]) == 2
     assert "algo must be one of" in capsys.readouterr().err
 
 
@@ -62,23 +63,23 @@ def test_adapters_list_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[st
     publish(reg, tmp_path, accepted=False, parent_version="v1", metrics={"accuracy": 0.4, "kl": 9.0})
     (tmp_path / "reg/support/versions/v3").mkdir()  # corrupt: nothing in it
     root = ["--registry-dir", str(reg.root)]
-    assert adapters_main(["adapters", *root, "list"]) == 0
+    assert main(["adapters", *root, "list"]) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert lines[0].split() == "NAME VERSION STATUS PARENT ALGO PAIRS ACCURACY KL/TOKEN CREATED".split()
     assert lines[1].split()[:4] == ["support", "v1", "*", "accepted"]
     assert lines[2].split()[:4] == ["support", "v2", "rejected", "v1"]
     assert "v3 is corrupt" in captured.err
-    assert adapters_main([*root, "list", "--json"]) == 0
+    assert main(["adapters", "list", *root, "--json"]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [(r["version"], r["current"], r["accuracy"]) for r in rows] == [("v1", True, 0.75), ("v2", False, 0.4)]
-    assert adapters_main([*root, "show", "support"]) == 0
+    assert main(["adapters", *root, "show", "support"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["version"] == "v1" and shown["rank"] == 8 and shown["data_snapshot"]["event_count"] == 2
     assert "event_ids" not in shown["data_snapshot"]
-    assert adapters_main([*root, "show", "support", "v2", "--full"]) == 0
+    assert main(["adapters", *root, "show", "support", "v2", "--full"]) == 0
     assert json.loads(capsys.readouterr().out)["data_snapshot"]["event_ids"] == ["e1", "e2"]
-    assert adapters_main([*root, "show", "support", "v9"]) == 1
+    assert main(["adapters", *root, "show", "support", "v9"]) == 1
     assert "no version v9" in capsys.readouterr().err
 
 

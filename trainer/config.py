@@ -1,6 +1,6 @@
 """Trainer configuration: dataclasses with help text, checked in `__post_init__`.
 
-Every field carries its help in `metadata["help"]`; `tuneloop.trainer.cli` builds its flags from
+Every field carries its help in `metadata["help"]`; `tuneloop.cli.trainer` builds its flags from
 these, so a setting is described once. Field names are unique across the sections so each has one
 flat flag (`--beta`, `--min-accuracy`, ...).
 """

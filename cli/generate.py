@@ -14,8 +14,9 @@ import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from .cli_common import UsageError, connect, print_json, read_text_arg
-from .generation import Completion, GenerateOptions, StreamChunk
+from tuneloop.client.generation import Completion, GenerateOptions, StreamChunk
+
+from .common import UsageError, connect, print_json, read_text_arg
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:

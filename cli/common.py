@@ -8,8 +8,8 @@ import os
 import sys
 from typing import Any, TextIO
 
-from ._transport import DEFAULT_TARGET
-from .client import Client
+from tuneloop.client._transport import DEFAULT_TARGET
+from tuneloop.client.client import Client
 
 ENV_TARGET = "TUNELOOP_TARGET"
 ENV_API_KEY = "TUNELOOP_API_KEY"

@@ -16,8 +16,18 @@ import os
 import sys
 from typing import Any
 
-from .cli_common import UsageError, connect, print_json, read_text_arg
-from .feedback import Comment, Correction, FeedbackAck, FeedbackEvent, Kind, Preference, Rating, Thumbs
+from tuneloop.client.feedback import (
+    Comment,
+    Correction,
+    FeedbackAck,
+    FeedbackEvent,
+    Kind,
+    Preference,
+    Rating,
+    Thumbs,
+)
+
+from .common import UsageError, connect, print_json, read_text_arg
 
 ENV_RATER = "TUNELOOP_RATER_ID"
 ENV_STORE = "TUNELOOP_STORE_URL"
