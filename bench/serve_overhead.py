@@ -4,6 +4,7 @@ Workload: 16 concurrent streaming chat requests of 64 new tokens (sampled, seede
   1. in-process: the same requests straight into the engine's AsyncLLM (the baseline);
   2. gRPC: through tuneloop's GenerateStream, from a separate client process, completion log on;
   3. gRPC with the completion log off;
+  3b. gRPC with --durable-completions (each answer waits for its record's commit);
   4. vLLM's own OpenAI-compatible HTTP server on the same model, streaming chat completions.
 Modes 1-3 alternate over several rounds on one engine; 4 runs after that engine is shut down.
 
@@ -63,7 +64,7 @@ def _grpc_client(port: int, rounds: int, out: mp.Queue) -> None:
     from tuneloop.v1 import generation_pb2 as pb
     from tuneloop.v1 import generation_pb2_grpc as pb_grpc
 
-    async def one(stub: pb_grpc.GenerationServiceStub, i: int, text: str) -> tuple[int, float]:
+    async def one(stub: pb_grpc.GenerationServiceStub, i: int, text: str) -> tuple[int, float, float]:
         t0 = time.perf_counter()
         ttft = None
         tokens = 0
@@ -76,7 +77,7 @@ def _grpc_client(port: int, rounds: int, out: mp.Queue) -> None:
                 ttft = time.perf_counter() - t0
             if msg.HasField("completion"):
                 tokens = msg.completion.usage.completion_tokens
-        return tokens, ttft or 0.0
+        return tokens, ttft or 0.0, time.perf_counter() - t0
 
     async def main() -> None:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -86,7 +87,8 @@ def _grpc_client(port: int, rounds: int, out: mp.Queue) -> None:
                 t0 = time.perf_counter()
                 res = await asyncio.gather(*(one(stub, i, p) for i, p in enumerate(prompts())))
                 wall = time.perf_counter() - t0
-                out.put({"tokens": sum(r[0] for r in res), "wall": wall, "ttfts": [r[1] for r in res]})
+                out.put({"tokens": sum(r[0] for r in res), "wall": wall, "ttfts": [r[1] for r in res],
+                         "totals": [r[2] for r in res]})  # fmt: skip
 
     asyncio.run(main())
 
@@ -232,6 +234,9 @@ async def main() -> None:
         "grpc_nolog": TuneloopServer(
             ServerConfig(**cfg, store_url=f"sqlite:///{home}/b.db", completion_log=False), engine=engine
         ),
+        "grpc_durable": TuneloopServer(
+            ServerConfig(**cfg, store_url=f"sqlite:///{home}/c.db", durable_completions=True), engine=engine
+        ),
     }
     ctx = mp.get_context("spawn")
     clients = {}
@@ -248,7 +253,7 @@ async def main() -> None:
         q_in.put("go")
         return await asyncio.to_thread(q_out.get)
 
-    results: dict[str, list[dict]] = {"inprocess": [], "grpc": [], "grpc_nolog": []}
+    results: dict[str, list[dict]] = {"inprocess": [], "grpc": [], "grpc_nolog": [], "grpc_durable": []}
     # Warm-up every path once (first requests compile and fill caches).
     await _inprocess(engine)
     for name in clients:
@@ -257,6 +262,7 @@ async def main() -> None:
         results["inprocess"].append(await _inprocess(engine))
         results["grpc"].append(await grpc_round("grpc"))
         results["grpc_nolog"].append(await grpc_round("grpc_nolog"))
+        results["grpc_durable"].append(await grpc_round("grpc_durable"))
         print(
             f"round {r + 1}: "
             + ", ".join(f"{k} {v[-1]['tokens'] / v[-1]['wall']:.1f} tok/s" for k, v in results.items()),
@@ -274,6 +280,9 @@ async def main() -> None:
         print(f"{k}: {tps[k]:.1f} tok/s, ttft p50 {ttft[k] * 1000:.0f} ms")
     print(f"completion_log_on_vs_off_ratio: {tps['grpc'] / tps['grpc_nolog']:.3f}")
     print(f"grpc_added_ttft_p50_ms: {(ttft['grpc'] - ttft['inprocess']) * 1000:.1f}")
+    total = {k: statistics.median(t for r in results[k] for t in r["totals"]) for k in ("grpc", "grpc_durable")}
+    print(f"durable_completions_added_latency_p50_ms: {(total['grpc_durable'] - total['grpc']) * 1000:.1f}")
+    print(f"durable_vs_default_ratio: {tps['grpc_durable'] / tps['grpc']:.3f}")
     if not args.skip_http:
         http = await _measure_http(model_dir, args.rounds)
         print(f"vllm_http: {_tps(http):.1f} tok/s, ttft p50 {_ttft_p50(http) * 1000:.0f} ms")

@@ -68,6 +68,7 @@ class TuneloopServer:
             metrics=self.metrics,
             default_max_tokens=config.default_max_tokens,
             max_tokens_limit=config.max_tokens_limit,
+            durable=self.completion_log.durable if config.completion_log and config.durable_completions else None,
         )
 
     # -- services --------------------------------------------------------------------------

@@ -14,6 +14,7 @@ directory a failed batch is retried in memory instead.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -50,6 +51,8 @@ class CompletionLog:
         self._submitted = 0  # records accepted by submit() (and found in the journal at start)
         self._done = 0  # records committed (or abandoned by close)
         self._pending_keys: Counter[str] = Counter()  # completion and group ids queued in memory
+        # completion id -> (loop, future) of callers waiting for that record to be on disk
+        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[bool]]]] = {}
         self._abandon = threading.Event()
         self._closing = threading.Event()
         self._spill_lock = threading.Lock()  # orders appends, replay commits and leaving spill mode
@@ -101,6 +104,29 @@ class CompletionLog:
         """
         with self._cond:
             return self._spilling or any(k in self._pending_keys for k in keys)
+
+    async def durable(self, completion_id: str, timeout: float) -> bool:
+        """Waits (on the event loop, no thread) until the record of `completion_id`, already
+        submitted, is on disk: committed to the store, or in the journal while the store is down.
+        False if that did not happen within `timeout` seconds or the record was given up."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        with self._cond:
+            if completion_id not in self._pending_keys:
+                return True  # written already
+            self._waiters.setdefault(completion_id, []).append((loop, fut))
+        self._writer.cut_batch()  # a caller waits: do not linger
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            with self._cond:
+                left = [w for w in self._waiters.get(completion_id, []) if w[1] is not fut]
+                if left:
+                    self._waiters[completion_id] = left
+                else:
+                    self._waiters.pop(completion_id, None)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Waits until every record submitted before this call is committed. False on timeout."""
@@ -188,7 +214,7 @@ class CompletionLog:
         self._metrics.log_journal_records.set(self._journal.backlog)
         self._metrics.log_queue_depth.dec(len(batch))
         with self._cond:
-            self._forget_keys(batch)
+            self._forget_keys(batch, durable=True)  # fsynced in the journal: on disk
         self._wake.set()
         return True
 
@@ -253,16 +279,25 @@ class CompletionLog:
         with self._cond:
             self._done += len(batch)
             if in_memory:
-                self._forget_keys(batch)
+                self._forget_keys(batch, durable=written)
             self._cond.notify_all()
 
-    def _forget_keys(self, batch: list[CompletionRecord]) -> None:
+    def _forget_keys(self, batch: list[CompletionRecord], *, durable: bool) -> None:
+        """Called with `_cond` held: the batch left memory (on disk when `durable`, else given up)."""
+        for r in batch:
+            for loop, fut in self._waiters.pop(r.completion_id, ()):
+                loop.call_soon_threadsafe(_resolve, fut, durable)
         for r in batch:
             for key in (r.completion_id, r.group_id):
                 if key:
                     self._pending_keys[key] -= 1
                     if self._pending_keys[key] <= 0:
                         del self._pending_keys[key]
+
+
+def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 def _remaining(deadline: float | None) -> float | None:

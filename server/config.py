@@ -111,6 +111,12 @@ class ServerConfig:
         "Record every served completion in the store. Feedback and training need it; turn it off only "
         "to serve without learning.",
     )
+    durable_completions: bool = setting(
+        False,
+        "Answer a completion only once its record is on disk (committed to the store, or in the journal while "
+        "the store is down), so no crash can lose the record of a completion a caller holds; costs one group "
+        "commit of latency per response. Off: records are committed within milliseconds after the answer.",
+    )
     # --- security ---
     tls_cert: str = setting("", "PEM server certificate; with tls_key turns on TLS.")
     tls_key: str = setting("", "PEM private key of tls_cert.")

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from .adapters import AdapterManager
@@ -24,7 +24,7 @@ from .domain import (
     new_id,
 )
 from .engine import Engine, EngineRequest, LoadedAdapter
-from .errors import EngineUnavailable, InvalidArgument
+from .errors import EngineUnavailable, InvalidArgument, Unavailable
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,14 @@ class GenerationService:
         metrics: Metrics,
         default_max_tokens: int = 128,
         max_tokens_limit: int = 2048,
+        durable: Callable[[str, float], Awaitable[bool]] | None = None,
+        durable_timeout_s: float = 10.0,
     ) -> None:
+        """`durable`: when given, a candidate is answered only once this says its record is on
+        disk (`CompletionLog.durable`); the caller never holds a completion a crash could forget."""
         self._record = record
+        self._durable = durable
+        self._durable_timeout_s = durable_timeout_s
         self._metrics = metrics
         self.default_max_tokens = default_max_tokens
         self.max_tokens_limit = max_tokens_limit
@@ -179,6 +185,14 @@ class GenerationService:
                             timings=timings,
                         )
                         self._finished(gen, cand, prompt_text)
+                        if self._durable is not None and not await self._durable(
+                            cand.completion_id, self._durable_timeout_s
+                        ):
+                            raise Unavailable(
+                                f"the completion could not be recorded within {self._durable_timeout_s:g} s (the "
+                                "store is failing); it was not delivered so that no feedback can refer to a lost "
+                                "record; retry"
+                            )
                         yield cand
             outcome = "ok"
         except BaseException as exc:

@@ -144,3 +144,31 @@ def test_without_a_journal_a_failed_batch_is_retried_in_memory(tmp_path: Path) -
     store.down.clear()
     assert log.flush(10) and store.ids == [rec.completion_id]
     assert log.close(5)
+
+
+async def test_durable_answers_once_the_record_is_on_disk(tmp_path: Path) -> None:
+    store, m = FlakyStore(), Metrics(CollectorRegistry())
+    log = CompletionLog(store, m, flush_interval_s=5.0, journal_dir=tmp_path / "j")  # type: ignore[arg-type]
+    rec = make_completion()
+    log.submit([rec])
+    # A waiting caller cuts the 5 s linger: the answer comes with the commit, not after it.
+    assert await log.durable(rec.completion_id, timeout=2.0) and store.ids == [rec.completion_id]
+    store.down.set()
+    rec2 = make_completion()
+    log.submit([rec2])
+    assert await log.durable(rec2.completion_id, timeout=5.0)  # in the fsynced journal: on disk
+    assert log.spilling and rec2.completion_id not in store.ids
+    store.down.clear()
+    assert log.flush(10) and log.close(5)
+
+
+async def test_durable_says_no_when_nothing_reaches_the_disk_in_time() -> None:
+    store, m = FlakyStore(), Metrics(CollectorRegistry())
+    log = CompletionLog(store, m, flush_interval_s=0.0)  # type: ignore[arg-type]  # no journal
+    store.down.set()
+    rec = make_completion()
+    log.submit([rec])
+    assert not await log.durable(rec.completion_id, timeout=0.3)
+    store.down.clear()
+    assert await log.durable(rec.completion_id, timeout=10.0)
+    assert log.close(5)

@@ -90,3 +90,22 @@ async def test_a_minute_without_the_store_loses_no_completion(make_server, postg
             assert ack.event_id == "after-outage"
     finally:
         proxy.close()
+
+
+@pytest.mark.engine
+async def test_durable_completions_are_in_the_store_before_the_answer(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path}/durable.db"
+    # Without the mode a record waits out the batch window (50 ms) after its answer has gone.
+    server = await make_server(store_url=url, durable_completions=True)
+    store = open_store(url)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            gen = pb_grpc.GenerationServiceStub(ch)
+            for i in range(3):
+                r = await gen.Generate(
+                    pb.GenerateRequest(prompt=f"Count to {i}.", sampling=pb.SamplingParams(max_tokens=2, n=2))
+                )
+                for c in r.completions:  # read by another connection the moment the answer arrives
+                    assert store.get_completion(c.completion_id) is not None, (i, c.completion_id)
+    finally:
+        store.close()
