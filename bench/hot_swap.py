@@ -77,13 +77,14 @@ def _client(port: int, stop_at: float, out: mp.Queue) -> None:
     out.put(records)
 
 
-def _make_loras(model_dir: Path, root: Path) -> list[Path]:
+def make_loras(model_dir: Path, root: Path, seeds: tuple[int, ...] = (1, 2)) -> list[Path]:
+    """Random (non-zero) rank-8 LoRAs on q/k/v/o, one per seed: each visibly changes the output."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     dirs = []
-    for seed in (1, 2):
+    for seed in seeds:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         cfg = LoraConfig(
@@ -120,7 +121,7 @@ async def main() -> None:
 
     model_dir = ensure_default_model()
     home = Path(tempfile.mkdtemp(prefix="tuneloop-hotswap-"))
-    loras = _make_loras(model_dir, home)
+    loras = make_loras(model_dir, home)
     cfg = ServerConfig(
         port=0,
         metrics_port=-1,
