@@ -95,7 +95,7 @@ async def test_every_kind_is_stored_as_sent(env: Env) -> None:
         assert stored is not None and stored.kind == kind and stored.seq == ack.sequence
         assert stored.event == replace(FeedbackEvent.from_pb(msg), event_id=ack.event_id)
         assert stored.prompt_sha256 == prompt_sha256(PROMPT) and stored.is_current
-    assert [r.kind for r in env.store.feedback_since(0)] == list(sent)
+    assert [r.kind for r in env.store.feedback_since()] == list(sent)
     assert env.store.get_feedback(ack.event_id).second_completion_id == env.pair[1].completion_id
 
 
@@ -225,7 +225,7 @@ async def test_stream_acks_every_event_in_order_and_goes_on_after_errors(env: En
     assert env.store.count_feedback() == 2 + 300
     seqs = [a.sequence for a in acks[6:]]
     assert seqs == sorted(seqs) and len(set(seqs)) == 300
-    assert len(env.store.feedback_since(acks[5].sequence, limit=1000)) == 300
+    assert len(env.store.feedback_since((0, acks[5].sequence), limit=1000)) == 300
     assert len(env.store.feedback_for_prompt(prompt_sha256(PROMPT))) == 302
 
 

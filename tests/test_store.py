@@ -189,4 +189,4 @@ def test_store_keeps_at_most_one_current_judgement_per_rater_and_completion(tmp_
         tx.insert_feedback([thumbs("c")])
     with store.feedback_transaction() as tx:
         assert tx.current_judgements([thumbs("x").event.judgement_key]) == {thumbs("x").event.judgement_key: "b"}
-    assert [r.event_id for r in store.feedback_since(1)] == ["b"]
+    assert [r.event_id for r in store.feedback_since((0, 1))] == ["b"]

@@ -77,7 +77,8 @@ def test_feedback_sequence_supersede_and_reads(store: Store) -> None:
         assert tx.current_judgements([key]) == {key: "b"}
         assert set(tx.stored_events(["a", "zz"])) == {"a"}
         assert set(tx.completion_refs([rec.completion_id])) == {rec.completion_id}
-    assert [r.event_id for r in store.feedback_since(1)] == ["b"]
+    a = store.get_feedback("a")
+    assert a is not None and [r.event_id for r in store.feedback_since(a.cursor)] == ["b"]
     assert [r.event_id for r in store.iter_feedback(page_size=1)] == ["a", "b"]
     assert [r.event_id for r in store.feedback_for_prompt(prompt_sha256(rec.prompt_text))] == ["a", "b"]
     got = store.get_feedback("a")
@@ -85,3 +86,43 @@ def test_feedback_sequence_supersede_and_reads(store: Store) -> None:
     assert store.count_feedback() == 2
     totals = store.version_feedback("kind")
     assert totals["v1"].thumbs_up == 1 and totals["v1"].thumbs_down == 0
+
+
+def test_an_incremental_reader_misses_no_row_that_commits_out_of_order(postgres) -> None:  # type: ignore[no-untyped-def]
+    """Two writers: A takes seq 1 and commits last, B takes seq 2 and commits first. A reader that
+    followed "seq greater than the cursor" would read B, move its cursor to 2 and never see A."""
+    import threading
+
+    from tuneloop.trainer.source import StoreSource
+
+    store = open_store(postgres.create_database())
+    rec = make_completion()
+    store.write_completions([rec])
+    source = StoreSource(store)
+    a_inserted, a_commit = threading.Event(), threading.Event()
+
+    def writer_a() -> None:
+        with store.feedback_transaction() as tx:
+            tx.insert_feedback([_thumbs(rec.completion_id, rec.prompt_text, "a")])
+            a_inserted.set()
+            assert a_commit.wait(30)
+
+    t = threading.Thread(target=writer_a)
+    t.start()
+    try:
+        assert a_inserted.wait(30)
+        other = make_completion()
+        store.write_completions([other])
+        with store.feedback_transaction() as tx:
+            tx.insert_feedback([_thumbs(other.completion_id, other.prompt_text, "b")])
+        b = store.get_feedback("b")
+        assert b is not None and b.seq == 2  # committed, with the higher sequence number
+        _, seen = source.load()
+        assert [f.event_id for f in seen] == []  # held back while A, older, may still commit
+    finally:
+        a_commit.set()
+        t.join()
+    _, seen = source.load()
+    assert sorted(f.event_id for f in seen) == ["a", "b"]
+    assert [r.event_id for r in store.iter_feedback()] == ["a", "b"]
+    store.close()

@@ -20,7 +20,7 @@ class CountingStore:
     def __init__(self, store) -> None:  # type: ignore[no-untyped-def]
         self.store, self.rows_read = store, 0
 
-    def feedback_since(self, cursor: int, limit: int = 1000):  # type: ignore[no-untyped-def]
+    def feedback_since(self, cursor: tuple[int, int], limit: int = 1000):  # type: ignore[no-untyped-def]
         rows = self.store.feedback_since(cursor, limit)
         self.rows_read += len(rows)
         return rows

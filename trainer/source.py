@@ -67,7 +67,7 @@ class StoreSource:
     def __init__(self, store: Store, page_size: int = 5000) -> None:
         self.store = store
         self._page = page_size
-        self._cursor = 0
+        self._cursor = (0, 0)
         self._feedback: dict[str, FeedbackRow] = {}
         self._completions_by_id: dict[str, CompletionRow] = {}
 
@@ -86,7 +86,7 @@ class StoreSource:
                 old = self._feedback.get(rec.supersedes) if rec.supersedes else None
                 if old is not None:
                     self._feedback[old.event_id] = replace(old, superseded=True)
-                self._cursor = max(self._cursor, rec.seq)
+                self._cursor = max(self._cursor, rec.cursor)
             missing = sorted(named - {""} - self._completions_by_id.keys())
             for c in self._completions(missing):
                 self._completions_by_id[c.completion_id] = completion_row(c)

@@ -246,6 +246,12 @@ class FeedbackRecord:
     created_at: float
     supersedes: str | None = None
     superseded_by: str | None = None
+    txid: int = 0  # the writing transaction on PostgreSQL (0 on SQLite); see `cursor`
+
+    @property
+    def cursor(self) -> tuple[int, int]:
+        """Where an incremental reader resumes after this row (`Store.feedback_since`)."""
+        return (self.txid, self.seq)
 
     @property
     def kind(self) -> Kind:

@@ -107,9 +107,11 @@ class Store(Protocol):
         """One write transaction for a batch of feedback, committed durably on a clean exit."""
         ...
 
-    def feedback_since(self, cursor: int, limit: int = 1000) -> list[FeedbackRecord]:
-        """Feedback with seq > cursor, oldest first, at most `limit` (superseded rows included:
-        their `superseded_by` says so, and a newer row names the row it supersedes)."""
+    def feedback_since(self, cursor: tuple[int, int] = (0, 0), limit: int = 1000) -> list[FeedbackRecord]:
+        """Feedback after `cursor` (a row's `cursor`; (0, 0) for the start) in commit-safe order, at
+        most `limit` (superseded rows included: their `superseded_by` says so, and a newer row
+        names the row it supersedes). Resuming from the last row's cursor never skips a row, even
+        with several writers whose transactions commit out of sequence order."""
         ...
 
     def iter_feedback(self, page_size: int = 1000) -> Iterator[FeedbackRecord]:

@@ -125,9 +125,22 @@ def _v2_feedback(conn: Connection) -> None:
     md.create_all(conn, tables=[md.tables["feedback"]])
 
 
+def _v3_feedback_txid(conn: Connection) -> None:
+    """The writing transaction's id on every feedback row (PostgreSQL; 0 on SQLite, whose writers
+    are serialised so `seq` order is commit order there). With concurrent writers a row can commit
+    after a row with a higher `seq`; an incremental reader orders by (txid, seq) and reads only rows
+    of transactions older than its snapshot's xmin, so it can never skip one (see `feedback_since`).
+    Rows written before this migration get 0: they are all committed."""
+    conn.execute(text("ALTER TABLE feedback ADD COLUMN txid BIGINT NOT NULL DEFAULT 0"))
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("ALTER TABLE feedback ALTER COLUMN txid SET DEFAULT (pg_current_xact_id()::text::bigint)"))
+    conn.execute(text("CREATE INDEX ix_feedback_txid_seq ON feedback (txid, seq)"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "completion log", _v1_completions),
     Migration(2, "feedback events", _v2_feedback),
+    Migration(3, "feedback commit order for incremental readers", _v3_feedback_txid),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -78,5 +78,8 @@ feedback = Table(
     # Set for thumbs and ratings only: `judgement_key(kind, rater, completion)`; unique among rows
     # not superseded, so the current judgement is one index probe away.
     Column("judgement_key", String(512), nullable=True),
+    # The writing transaction (PostgreSQL's pg_current_xact_id(), set by the database; 0 on
+    # SQLite): with `seq`, the order in which incremental readers see rows (migration 3).
+    Column("txid", BigInteger, nullable=False, server_default="0"),
     sqlite_autoincrement=True,
 )

@@ -19,7 +19,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Insert, Row, Table, bindparam, create_engine, event, func, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Insert,
+    Row,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..domain import CompletionRecord
@@ -128,16 +142,23 @@ class SqlStore:
         with self._write() as conn:
             yield SqlFeedbackTx(conn)
 
-    def feedback_since(self, cursor: int, limit: int = 1000) -> list[FeedbackRecord]:
-        query = select(feedback).where(feedback.c.seq > cursor).order_by(feedback.c.seq).limit(limit)
+    def feedback_since(self, cursor: tuple[int, int] = (0, 0), limit: int = 1000) -> list[FeedbackRecord]:
+        c = feedback.c
+        query = select(feedback).where(tuple_(c.txid, c.seq) > tuple_(*cursor))
+        if self._engine.dialect.name == "postgresql":
+            # Only rows of transactions older than every one still running: those can no longer
+            # change, and no row can commit later with a smaller (txid, seq) than what is read, so
+            # the cursor never passes a row. A row waits at most as long as the oldest open write.
+            query = query.where(c.txid < text("pg_snapshot_xmin(pg_current_snapshot())::text::bigint"))
+        query = query.order_by(c.txid, c.seq).limit(limit)
         with self._read() as conn:
             return [_feedback_record(r) for r in conn.execute(query)]
 
     def iter_feedback(self, page_size: int = 1000) -> Iterator[FeedbackRecord]:
-        cursor = 0
+        cursor = (0, 0)
         while page := self.feedback_since(cursor, page_size):
             yield from page
-            cursor = page[-1].seq
+            cursor = page[-1].cursor
 
     def feedback_for_prompt(self, prompt_sha256: str) -> list[FeedbackRecord]:
         query = select(feedback).where(feedback.c.prompt_sha256 == prompt_sha256).order_by(feedback.c.seq)
@@ -298,4 +319,5 @@ def _feedback_record(row: Row[Any]) -> FeedbackRecord:
         created_at=row.created_at,
         supersedes=row.supersedes,
         superseded_by=row.superseded_by,
+        txid=row.txid,
     )
