@@ -10,6 +10,7 @@ import torch
 from trainer_fixtures import tiny_dpo, toy_pairs
 
 from tuneloop.server.errors import InvalidArgument
+from tuneloop.server.hardware import fastest_dtype
 from tuneloop.trainer.config import DPOConfig
 from tuneloop.trainer.dpo import collate_pairs, dpo_step, score_pairs, tokenize_pair, train_dpo
 from tuneloop.trainer.model import SERVED, build_policy, load_base_model, load_tokenizer
@@ -49,7 +50,10 @@ def train(model_dir: Path, tok, cfg: DPOConfig, n_pairs: int = 4, dtype=torch.fl
 
 def test_short_run_lowers_the_loss_and_changes_the_adapter(model_dir: Path, tok) -> None:  # type: ignore[no-untyped-def]
     cfg = tiny_dpo(epochs=3, batch_size=2)
-    model, result, before, items = train(model_dir, tok, cfg, dtype=torch.bfloat16)
+    # The dtype auto picks here: bf16 where the CPU has it natively (the path users run there),
+    # float32 on AVX2, where bf16 is emulated and single-threaded (minutes for this test).
+    dtype = getattr(torch, fastest_dtype("auto", "cpu"))
+    model, result, before, items = train(model_dir, tok, cfg, dtype=dtype)
     assert result.steps == 6 and result.examples == 4
     # LoRA starts at zero, so policy == reference and the first loss is ln 2, up to bf16 rounding:
     # the reference was scored in batches of another shape, and bf16 GEMMs (AMX, AVX-512) round
@@ -60,8 +64,8 @@ def test_short_run_lowers_the_loss_and_changes_the_adapter(model_dir: Path, tok)
     after = lora_state(model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     # The trained adapter prefers the chosen completions on its own training pairs.
-    ref_c, ref_r = score_pairs(model, items, mode="base", pad_id=tok.pad_token_id, device=CPU, dtype=torch.bfloat16)
-    pol_c, pol_r = score_pairs(model, items, mode="default", pad_id=tok.pad_token_id, device=CPU, dtype=torch.bfloat16)
+    ref_c, ref_r = score_pairs(model, items, mode="base", pad_id=tok.pad_token_id, device=CPU, dtype=dtype)
+    pol_c, pol_r = score_pairs(model, items, mode="default", pad_id=tok.pad_token_id, device=CPU, dtype=dtype)
     assert bool(((pol_c - ref_c) - (pol_r - ref_r) > 0).all())
 
 
