@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +15,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
+def _unwind_on_sigterm() -> None:
+    # Children run in their own session, so a signal to the bench does not reach them; the bench's
+    # `finally: stop(...)` stops them in order. SIGTERM's default would skip that and leave them
+    # running: make it unwind like Ctrl-C does.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    _unwind_on_sigterm()
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
