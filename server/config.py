@@ -23,6 +23,8 @@ from .settings import add_flags, field_type, parse_value, setting
 
 ROLES = ("generate", "feedback", "admin")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+CHUNKED_PREFILL = ("auto", "on", "off")
+SEEDED_SAMPLING = ("auto", "tuneloop", "vllm")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # vLLM sizes its LoRA buffers for one of these ranks (its max_lora_rank choices).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -64,9 +66,16 @@ class ServerConfig:
     gpu_memory_utilization: float = setting(0.9, "Share of GPU memory vLLM may take; ignored on CPU.")
     chunked_prefill: str = setting(
         "auto",
-        "Chunked prefill: auto (off on CPU, where a seeded request in a partly prefilled batch crashes "
-        "vLLM's engine), on, off.",
-        choices=("auto", "on", "off"),
+        "Chunked prefill (first tokens sooner under a burst): auto (on, unless seeded_sampling is vllm "
+        "on a CPU, where vLLM's seeded path crashes the engine with it), on, off.",
+        choices=CHUNKED_PREFILL,
+    )
+    seeded_sampling: str = setting(
+        "auto",
+        "Who samples requests that set a seed: tuneloop (a pure function of seed and position, safe with "
+        "chunked prefill), vllm (vLLM's per-request generator; crashes its CPU engine with chunked "
+        "prefill), auto (tuneloop on CPU, vllm on GPU).",
+        choices=SEEDED_SAMPLING,
     )
     default_max_tokens: int = setting(128, "max_tokens when a request does not set it.")
     # 0 follows max_model_len, so `--max-model-len 1024` alone is a valid configuration.
@@ -154,7 +163,8 @@ class ServerConfig:
         need(-1 <= self.metrics_port <= 65535, f"metrics_port must be -1-65535, got {self.metrics_port}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(self.log_level in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
-        need(self.chunked_prefill in ("auto", "on", "off"), "chunked_prefill must be auto, on or off")
+        need(self.chunked_prefill in CHUNKED_PREFILL, f"chunked_prefill must be one of {CHUNKED_PREFILL}")
+        need(self.seeded_sampling in SEEDED_SAMPLING, f"seeded_sampling must be one of {SEEDED_SAMPLING}")
         need(self.max_model_len >= 16, "max_model_len must be >= 16")
         need(
             self.max_tokens_limit < self.max_model_len,

@@ -7,6 +7,7 @@ stays in this module; the rest of the server sees `Engine`, `EngineRequest` and 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncGenerator
@@ -17,6 +18,7 @@ from .config import ServerConfig
 from .domain import SamplingSpec
 from .errors import EngineUnavailable, FailedPrecondition, InvalidArgument, RequestFailed
 from .hardware import fastest_dtype
+from .seeded_sampling import SEEDED_SAMPLER, seeded_extra_args
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,54 @@ class Engine(Protocol):
     def shutdown(self) -> None: ...
 
 
+def sampling_modes(chunked_prefill: str, seeded_sampling: str, cpu: bool) -> tuple[bool, bool]:
+    """(chunked prefill on, tuneloop samples seeded requests) for the settings on this platform.
+
+    vLLM's own seeded sampling rewinds a CUDA-only generator offset when a chunked prefill
+    discards a sample, which kills its CPU engine; tuneloop's (`seeded_sampling.py`) has no state
+    to rewind. So on CPU tuneloop samples seeded requests and chunked prefill stays on; if vLLM
+    is asked to sample them there, chunked prefill must be off unless explicitly forced.
+    """
+    ours = seeded_sampling == "tuneloop" or (seeded_sampling == "auto" and cpu)
+    if chunked_prefill == "auto":
+        return (ours or not cpu), ours
+    return chunked_prefill == "on", ours
+
+
+async def merge_candidates(streams: list[AsyncGenerator[EngineDelta, None]]) -> AsyncGenerator[EngineDelta, None]:
+    """Interleave single-candidate streams as one n-candidate stream, candidate i from stream i.
+
+    Closing the merged stream cancels every stream still running (vLLM aborts a request whose
+    generator is cancelled); the first error of any stream ends the merged one with that error.
+    """
+    queue: asyncio.Queue[EngineDelta | BaseException | None] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncGenerator[EngineDelta, None]) -> None:
+        try:
+            async for delta in stream:
+                queue.put_nowait(dataclasses.replace(delta, index=index))
+        except Exception as exc:  # handed to the consumer, which raises it
+            queue.put_nowait(exc)
+            return
+        queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _is_cpu_build() -> bool:
     from vllm.platforms import current_platform  # noqa: PLC0415 - vLLM imports are slow; keep them lazy
 
@@ -82,10 +132,12 @@ def _is_cpu_build() -> bool:
 class VllmEngine:
     """`Engine` over vLLM's in-process `AsyncLLM` (continuous batching, LoRA enabled)."""
 
-    def __init__(self, llm: object, max_model_len: int) -> None:
+    def __init__(self, llm: object, max_model_len: int, seeded_here: bool = False) -> None:
         self._llm = llm
         self._tokenizer = llm.get_tokenizer()  # type: ignore[attr-defined]
         self.max_model_len = max_model_len
+        # True: seeded requests are sampled by tuneloop's SeededSampler inside vLLM's worker.
+        self._seeded_here = seeded_here
 
     @classmethod
     def start(cls, config: ServerConfig, model_dir: str) -> VllmEngine:
@@ -96,12 +148,7 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM  # noqa: PLC0415
 
         cpu = _is_cpu_build()
-        if config.chunked_prefill == "auto":
-            # On CPU a seeded request whose prompt is partly prefilled kills the engine core
-            # ("CPU Generator does not use offset"); whole-prompt prefill avoids that path.
-            chunked = not cpu
-        else:
-            chunked = config.chunked_prefill == "on"
+        chunked, seeded_here = sampling_modes(config.chunked_prefill, config.seeded_sampling, cpu)
         dtype = fastest_dtype(config.dtype, "cpu" if cpu else "cuda")
         args = AsyncEngineArgs(
             model=model_dir,
@@ -113,21 +160,23 @@ class VllmEngine:
             max_lora_rank=config.max_lora_rank,  # type: ignore[arg-type] # ServerConfig checks it is in VLLM_LORA_RANKS
             max_cpu_loras=max(config.max_loras * 2, 4),
             enable_chunked_prefill=chunked,
+            logits_processors=[SEEDED_SAMPLER] if seeded_here else None,
             gpu_memory_utilization=config.gpu_memory_utilization,
             # Per-request timings (queue time) need the engine's request stats.
             disable_log_stats=False,
             enable_log_requests=False,
         )
         log.info(
-            "starting vLLM engine on %s (%s, dtype %s from %r, chunked prefill %s)",
+            "starting vLLM engine on %s (%s, dtype %s from %r, chunked prefill %s, seeded requests sampled by %s)",
             model_dir,
             "CPU" if cpu else "GPU",
             dtype,
             config.dtype,
-            chunked,
+            "on" if chunked else "off",
+            "tuneloop" if seeded_here else "vLLM",
         )
         llm = AsyncLLM.from_engine_args(args)
-        return cls(llm, config.max_model_len)
+        return cls(llm, config.max_model_len, seeded_here)
 
     # -- prompt handling -------------------------------------------------------------------
     def render_chat(self, messages: list[dict[str, str]]) -> str:
@@ -140,7 +189,26 @@ class VllmEngine:
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
     # -- generation ------------------------------------------------------------------------
-    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineDelta, None]:
+    def generate(self, request: EngineRequest) -> AsyncGenerator[EngineDelta, None]:
+        s = request.sampling
+        if self._seeded_here and s.seed is not None and s.temperature > 0 and s.n > 1:
+            # Each candidate becomes its own request with seed + index (vLLM's rule for the
+            # candidates of a seeded request), since the sampler keys its noise by seed alone.
+            return merge_candidates(
+                [
+                    self._generate_one(
+                        dataclasses.replace(
+                            request,
+                            request_id=f"{request.request_id}-{i}",
+                            sampling=dataclasses.replace(s, n=1, seed=(s.seed + i) % (1 << 64)),
+                        )
+                    )
+                    for i in range(s.n)
+                ]
+            )
+        return self._generate_one(request)
+
+    async def _generate_one(self, request: EngineRequest) -> AsyncGenerator[EngineDelta, None]:
         from vllm.exceptions import VLLMClientError  # noqa: PLC0415
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError  # noqa: PLC0415
 
@@ -187,17 +255,23 @@ class VllmEngine:
         from vllm import SamplingParams  # noqa: PLC0415
         from vllm.sampling_params import RequestOutputKind  # noqa: PLC0415
 
+        temperature, top_p, top_k, seed, extra = s.temperature, s.top_p, s.top_k, s.seed, None
+        if self._seeded_here and seed is not None and temperature > 0:
+            # vLLM sees an unseeded request whose every step SeededSampler has already decided.
+            extra = seeded_extra_args(seed, temperature, top_p, top_k)
+            temperature, top_p, top_k, seed = 1.0, 1.0, 0, None
         return SamplingParams(
             n=s.n,
             max_tokens=s.max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k if s.top_k > 0 else 0,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k if top_k > 0 else 0,
             stop=list(s.stop) or None,
-            seed=s.seed,
+            seed=seed,
             # 0 = only the sampled token's log-probability.
             logprobs=0 if s.logprobs else None,
             output_kind=RequestOutputKind.DELTA,
+            extra_args=extra,
         )
 
     @staticmethod

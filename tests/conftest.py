@@ -35,8 +35,10 @@ def engine_config(**overrides: object):
         max_loras=2,
         max_lora_rank=16,
         grace_period_s=5.0,
-        # Set to "on" to see the CPU engine crash the seeded-batch test guards against.
+        # TUNELOOP_TEST_SEEDED_SAMPLING=vllm with TUNELOOP_TEST_CHUNKED_PREFILL=on takes the
+        # protection away: the seeded-batch test in test_serving.py then kills the CPU engine.
         chunked_prefill=os.environ.get("TUNELOOP_TEST_CHUNKED_PREFILL", "auto"),
+        seeded_sampling=os.environ.get("TUNELOOP_TEST_SEEDED_SAMPLING", "auto"),
     )
     base.update(overrides)
     return ServerConfig(**base)  # type: ignore[arg-type]
