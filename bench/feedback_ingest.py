@@ -4,12 +4,17 @@ Runs the feedback-only gRPC server (tests/feedback_server.py) in its own process
 SQLite store, then measures from this process:
   1. bulk:  one SubmitFeedbackStream of N events, first send to last ack   (goal >= 5,000/s)
   2. unary: SubmitFeedback from 32 concurrent clients, one channel each     (goal >= 1,000/s)
-  3. baselines on the same rows with sqlite3 directly (WAL, synchronous=FULL):
+  3. echo: the same bulk stream against a server that answers each event at once and stores
+     nothing (`--echo-server`, its own process too): gRPC's per-message cost alone, so the most
+     any server can reach with this protocol (one ack message per event) on the host.
+  4. baselines on the same rows with sqlite3 directly (WAL, synchronous=FULL):
      a commit per row (what per-event durable acks cost without group commit) and one
-     transaction for all rows (the ceiling: no validation, no RPC).
+     transaction for all rows (no validation, no RPC; run right before and after the bulk
+     stream and once more at the end, the median is the figure).
 
     python bench/feedback_ingest.py [--bulk-events 20000] [--clients 32] [--per-client 100]
 
+`feedback_bulk_vs_raw_sqlite` is bulk events/s over the one-transaction rows/s of the same run.
 The last line is `feedback_bulk_events_per_s: X`.
 """
 
@@ -18,11 +23,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -35,6 +43,31 @@ from tuneloop.v1 import feedback_pb2_grpc as fpb_grpc
 
 SERVER_SCRIPT = Path(__file__).resolve().parents[1] / "tests" / "feedback_server.py"
 RATERS = 500
+
+
+class EchoFeedback(fpb_grpc.FeedbackServiceServicer):
+    """Acks each streamed event as it arrives, storing nothing: gRPC's share of a bulk stream."""
+
+    async def SubmitFeedbackStream(
+        self, request_iterator: AsyncIterator[fpb.FeedbackEvent], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[fpb.FeedbackAck]:
+        index = 0
+        async for msg in request_iterator:
+            yield fpb.FeedbackAck(event_id=msg.event_id, sequence=index + 1, stream_index=index)
+            index += 1
+
+
+async def serve_echo() -> None:
+    """Runs EchoFeedback on a free port; prints "PORT <n>" like tests/feedback_server.py, serves until SIGTERM."""
+    server = grpc.aio.server()
+    fpb_grpc.add_FeedbackServiceServicer_to_server(EchoFeedback(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print(f"PORT {port}", flush=True)
+    await stop.wait()
+    await server.stop(grace=1.0)
 
 
 def seed_completions(url: str, n: int = 64) -> list[CompletionRecord]:
@@ -133,6 +166,17 @@ async def main(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tuneloop-bench-"))
     url = f"sqlite:///{tmp}/served.db"
     completions = seed_completions(url)
+    base_url = f"sqlite:///{tmp}/baseline.db"
+    base_completions = seed_completions(base_url)
+    rows = baseline_rows(make_events("base", args.bulk_events, base_completions), base_completions)
+    one_tx_runs: list[float] = []
+
+    def run_one_tx() -> None:
+        # Run right before and after the bulk stream too (the median is the figure), so both sides of
+        # feedback_bulk_vs_raw_sqlite see the same load on a shared host, not two different moments.
+        tagged = [(f"tx{len(one_tx_runs)}-{r[0]}", *r[1:]) for r in rows]
+        one_tx_runs.append(bench_sqlite(tmp / "baseline.db", tagged, commit_each=False))
+
     server = subprocess.Popen([sys.executable, str(SERVER_SCRIPT), url], stdout=subprocess.PIPE, text=True)
     try:
         port = int(server.stdout.readline().split()[1])  # type: ignore[union-attr]
@@ -140,26 +184,40 @@ async def main(args: argparse.Namespace) -> None:
             stub = fpb_grpc.FeedbackServiceStub(channel)
             await bench_bulk(stub, make_events("warm", 500, completions))
             bulk_events = make_events("bulk", args.bulk_events, completions)
+            run_one_tx()
             bulk = await bench_bulk(stub, bulk_events)
+            run_one_tx()
         per_client = [make_events(f"u{c}", args.per_client, completions) for c in range(args.clients)]
         unary = await bench_unary(port, per_client)
     finally:
         server.terminate()
         server.wait(30)
+    echo_server = subprocess.Popen([sys.executable, __file__, "--echo-server"], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(echo_server.stdout.readline().split()[1])  # type: ignore[union-attr]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = fpb_grpc.FeedbackServiceStub(channel)
+            await bench_bulk(stub, bulk_events[:500])
+            echo = await bench_bulk(stub, bulk_events)
+    finally:
+        echo_server.terminate()
+        echo_server.wait(30)
 
-    base_url = f"sqlite:///{tmp}/baseline.db"
-    base_completions = seed_completions(base_url)
-    rows = baseline_rows(make_events("base", args.bulk_events, base_completions), base_completions)
     per_commit = bench_sqlite(tmp / "baseline.db", rows[: args.baseline_commits], commit_each=True)
-    one_tx = bench_sqlite(tmp / "baseline.db", [(f"tx-{r[0]}", *r[1:]) for r in rows], commit_each=False)
+    run_one_tx()
+    one_tx = statistics.median(one_tx_runs)
 
     print(f"bulk stream:   {bulk:9.0f} events/s acked after commit ({args.bulk_events} events, goal >= 5000)")
     print(f"unary x{args.clients}:     {unary:9.0f} events/s acked after commit "
           f"({args.clients}x{args.per_client} events, goal >= 1000)")  # fmt: skip
     print(f"sqlite3, commit per row: {per_commit:9.0f} rows/s ({args.baseline_commits} rows)")
-    print(f"sqlite3, one tx:         {one_tx:9.0f} rows/s ({len(rows)} rows)")
+    print(f"sqlite3, one tx:         {one_tx:9.0f} rows/s ({len(rows)} rows; median of "
+          f"{', '.join(f'{r:.0f}' for r in one_tx_runs)}: before and after the bulk stream, and last)")  # fmt: skip
     print(f"ratios: bulk/commit-per-row {bulk / per_commit:.1f}x, unary/commit-per-row {unary / per_commit:.1f}x, "
           f"bulk/one-tx {bulk / one_tx:.2f}x")  # fmt: skip
+    print(f"grpc stream echo (no store): {echo:9.0f} events/s; "
+          f"echo/one-tx {echo / one_tx:.3f}x, bulk/echo {bulk / echo:.2f}x")  # fmt: skip
+    print(f"feedback_bulk_vs_raw_sqlite: {bulk / one_tx:.3f}")
     print(f"feedback_bulk_events_per_s: {bulk:.0f}")
 
 
@@ -169,4 +227,6 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=32, help="concurrent unary clients")
     parser.add_argument("--per-client", type=int, default=100, help="unary calls per client")
     parser.add_argument("--baseline-commits", type=int, default=2000, help="rows of the commit-per-row baseline")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--echo-server", action="store_true", help="run only the storeless echo server (step 3)")
+    args = parser.parse_args()
+    asyncio.run(serve_echo() if args.echo_server else main(args))

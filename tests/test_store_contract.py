@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ from completion_factory import make_completion, make_group
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.exc import IntegrityError
 
-from tuneloop.server.feedback import FeedbackEvent, FeedbackRecord
+from tuneloop.server.feedback import EventIdConflict, FeedbackEvent, FeedbackRecord, UnknownCompletion
+from tuneloop.server.feedback.service import FeedbackService
+from tuneloop.server.metrics import Metrics
 from tuneloop.server.store import Store, open_store, prompt_sha256
 from tuneloop.server.store.migrations import LATEST_VERSION
 from tuneloop.server.store.schema import metadata
@@ -86,6 +89,42 @@ def test_feedback_sequence_supersede_and_reads(store: Store) -> None:
     assert store.count_feedback() == 2
     totals = store.version_feedback("kind")
     assert totals["v1"].thumbs_up == 1 and totals["v1"].thumbs_down == 0
+
+
+async def test_the_feedback_writer_applies_its_rules_on_each_backend(store: Store) -> None:
+    """The writer's own SQL (driver-level, per dialect) behind the rules: retries, reused ids,
+    unknown completions, supersede links, pairwise by group, and tags (non-ASCII too) as sent."""
+    rec = make_completion(adapter=("kind", "v1"))
+    pair = make_group(rec.prompt_text, ["left", "right"])
+    store.write_completions([rec, *pair])
+
+    def thumbs(event_id: str, up: bool, completion_id: str = rec.completion_id) -> FeedbackEvent:
+        tags = ("zu lang", "naïve") if not up else ()
+        return FeedbackEvent(
+            event_id=event_id, rater_id="r", kind="thumbs", completion_id=completion_id, thumb_up=up, reason_tags=tags
+        )
+
+    service = FeedbackService(store, Metrics())
+    service.start()
+    try:
+        first = await service.submit(thumbs("t1", up=False))
+        assert await service.submit(thumbs("t1", up=False)) == replace(first, duplicate=True)
+        with pytest.raises(EventIdConflict):
+            await service.submit(thumbs("t1", up=True))
+        with pytest.raises(UnknownCompletion):
+            await service.submit(thumbs("t3", up=True, completion_id="cmpl-missing"))
+        newer = await service.submit(thumbs("t2", up=True))
+        assert newer.superseded_event_id == "t1" and newer.sequence > first.sequence
+        choice = FeedbackEvent(event_id="p1", rater_id="r", kind="pairwise", group_id=pair[0].group_id, choice="second")
+        await service.submit(choice)
+    finally:
+        assert await service.close()
+    old, new, p = store.get_feedback("t1"), store.get_feedback("t2"), store.get_feedback("p1")
+    assert old is not None and old.superseded_by == "t2" and old.event == thumbs("t1", up=False)
+    assert new is not None and new.supersedes == "t1" and new.is_current
+    assert p is not None and (p.completion_id, p.second_completion_id) == (pair[0].completion_id, pair[1].completion_id)
+    assert p.event == choice and p.prompt_sha256 == prompt_sha256(rec.prompt_text)
+    assert store.count_feedback() == 3
 
 
 def test_an_incremental_reader_misses_no_row_that_commits_out_of_order(postgres) -> None:  # type: ignore[no-untyped-def]

@@ -28,6 +28,9 @@ MAX_RATER_BYTES = 256
 MAX_REASON_TAGS = 16
 MAX_REASON_TAG_BYTES = 64
 EVENT_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
+# json.dumps(x, ensure_ascii=False) character for character (the stored hashes and judgement keys
+# depend on it), without building an encoder per call: twice per event on the writer's path.
+_JSON = json.JSONEncoder(ensure_ascii=False)
 
 _THUMB_FROM_PB = {fpb.THUMB_UP: True, fpb.THUMB_DOWN: False}
 _CHOICE_FROM_PB: dict[int, Choice] = {
@@ -185,7 +188,7 @@ class FeedbackEvent:
             self.rater_id, self.kind, self.completion_id, self.second_completion_id, self.group_id,
             self.thumb_up, self.rating, self.choice, self.corrected_text, self.comment_text, list(self.reason_tags),
         ]  # fmt: skip
-        return hashlib.sha256(json.dumps(fields, ensure_ascii=False).encode()).hexdigest()
+        return hashlib.sha256(_JSON.encode(fields).encode()).hexdigest()
 
     @cached_property
     def judgement_key(self) -> str | None:
@@ -193,7 +196,7 @@ class FeedbackEvent:
         the rater and the completion (unique among current rows in the store). None otherwise."""
         if self.kind not in SUPERSEDING_KINDS:
             return None
-        return json.dumps([self.kind, self.completion_id, self.rater_id], ensure_ascii=False)
+        return _JSON.encode([self.kind, self.completion_id, self.rater_id])
 
     @property
     def value_label(self) -> str:

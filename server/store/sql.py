@@ -14,8 +14,11 @@ and, thanks to WAL, never block or are blocked by the writers.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +28,12 @@ from sqlalchemy import (
     Insert,
     Row,
     Table,
-    bindparam,
     create_engine,
     event,
     func,
     select,
     text,
     tuple_,
-    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -189,63 +190,119 @@ class SqlStore:
 
 
 class SqlFeedbackTx:
-    """`FeedbackTx` on one connection inside an open write transaction."""
+    """`FeedbackTx` on one connection inside an open write transaction.
+
+    The feedback writer's hot path, so its statements go to the driver as plain SQL with positional
+    parameters (`exec_driver_sql`): SQLAlchemy's per-row parameter processing of compiled
+    statements cost more than SQLite's own work on a batch. Driver errors still arrive as
+    SQLAlchemy's `DBAPIError` subclasses, which the writer retries on.
+    """
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        self._sql = _FeedbackSql.for_dialect(conn.dialect.name)
 
     def completion_refs(self, completion_ids: Collection[str]) -> dict[str, CompletionRef]:
         if not completion_ids:
             return {}
-        query = select(*_REF_COLS).where(completions.c.completion_id.in_(list(completion_ids)))
-        return {r.completion_id: CompletionRef(**r._mapping) for r in self._conn.execute(query)}
+        ids = list(completion_ids)
+        rows = self._conn.exec_driver_sql(self._sql.select_refs_by_id(len(ids)), tuple(ids))
+        return {r[0]: CompletionRef(*r) for r in rows}
 
     def group_refs(self, group_ids: Collection[str]) -> dict[str, list[CompletionRef]]:
         wanted = [g for g in group_ids if g]  # "" is the group of every n=1 completion, never a real group
         if not wanted:
             return {}
-        query = (
-            select(*_REF_COLS)
-            .where(completions.c.group_id.in_(wanted))
-            .order_by(completions.c.group_id, completions.c.candidate_index)
-        )
         groups: dict[str, list[CompletionRef]] = {}
-        for r in self._conn.execute(query):
-            groups.setdefault(r.group_id, []).append(CompletionRef(**r._mapping))
+        for r in self._conn.exec_driver_sql(self._sql.select_refs_by_group(len(wanted)), tuple(wanted)):
+            groups.setdefault(r[1], []).append(CompletionRef(*r))
         return groups
 
     def stored_events(self, event_ids: Collection[str]) -> dict[str, StoredEventKey]:
         if not event_ids:
             return {}
-        c = feedback.c
-        query = select(c.event_id, c.content_sha256, c.seq, c.supersedes).where(c.event_id.in_(list(event_ids)))
-        return {r.event_id: StoredEventKey(**r._mapping) for r in self._conn.execute(query)}
+        ids = list(event_ids)
+        rows = self._conn.exec_driver_sql(self._sql.select_stored(len(ids)), tuple(ids))
+        return {r[0]: StoredEventKey(*r) for r in rows}
 
     def current_judgements(self, judgement_keys: Collection[str]) -> dict[str, str]:
         if not judgement_keys:
             return {}
-        c = feedback.c
-        query = select(c.judgement_key, c.event_id).where(
-            c.judgement_key.in_(list(judgement_keys)), c.superseded_by.is_(None)
-        )
-        return {r.judgement_key: r.event_id for r in self._conn.execute(query)}
+        keys = list(judgement_keys)
+        rows = self._conn.exec_driver_sql(self._sql.select_current(len(keys)), tuple(keys)).all()
+        return {key: event_id for key, event_id in rows}
 
     def insert_feedback(self, records: Sequence[FeedbackRecord]) -> list[int]:
         if not records:
             return []
         # A plain executemany, then one SELECT for the sequence numbers: SQLite cannot return
         # them in parameter order from a multi-row INSERT, and one INSERT per row costs far more.
-        self._conn.execute(feedback.insert(), [_feedback_row(r) for r in records])
+        self._conn.exec_driver_sql(self._sql.insert, [_feedback_values(r) for r in records])
         ids = [r.event.event_id for r in records]
-        query = select(feedback.c.event_id, feedback.c.seq).where(feedback.c.event_id.in_(ids))
-        seq_of = {r.event_id: r.seq for r in self._conn.execute(query)}
+        rows = self._conn.exec_driver_sql(self._sql.select_seqs(len(ids)), tuple(ids)).all()
+        seq_of: dict[str, int] = {event_id: seq for event_id, seq in rows}
         return [seq_of[i] for i in ids]
 
     def mark_superseded(self, links: Sequence[tuple[str, str]]) -> None:
         if not links:
             return
-        stmt = update(feedback).where(feedback.c.event_id == bindparam("old")).values(superseded_by=bindparam("new"))
-        self._conn.execute(stmt, [{"old": old, "new": new} for old, new in links])
+        self._conn.exec_driver_sql(self._sql.mark_superseded, [(new, old) for old, new in links])
+
+
+# The columns the writer sets, in the order of `_feedback_values`; `seq` and `txid` come from the database.
+_FEEDBACK_INSERT_COLUMNS = (
+    "event_id", "content_sha256", "rater_id", "kind", "completion_id", "second_completion_id", "group_id",
+    "prompt_sha256", "thumb_up", "rating", "choice", "corrected_text", "comment_text", "reason_tags", "created_at",
+    "supersedes", "superseded_by", "judgement_key",
+)  # fmt: skip
+if set(_FEEDBACK_INSERT_COLUMNS) != {c.name for c in feedback.c} - {"seq", "txid"}:  # schema.py moved on
+    raise RuntimeError("sql.py: _FEEDBACK_INSERT_COLUMNS no longer matches the feedback table in schema.py")
+
+
+@dataclass(frozen=True)
+class _FeedbackSql:
+    """The feedback writer's SQL in one dialect's parameter style ("?" for sqlite3, "%s" for psycopg)."""
+
+    mark: str  # the driver's positional parameter marker
+    json_value: str  # how a JSON parameter (sent as text) is written in a VALUES list
+
+    @staticmethod
+    @cache
+    def for_dialect(name: str) -> _FeedbackSql:
+        if name == "postgresql":
+            return _FeedbackSql(mark="%s", json_value="CAST(%s AS JSONB)")
+        return _FeedbackSql(mark="?", json_value="?")
+
+    def _in(self, n: int) -> str:
+        return "(" + ", ".join([self.mark] * n) + ")"
+
+    @cached_property
+    def insert(self) -> str:
+        values = ", ".join(self.json_value if c == "reason_tags" else self.mark for c in _FEEDBACK_INSERT_COLUMNS)
+        return f"INSERT INTO feedback ({', '.join(_FEEDBACK_INSERT_COLUMNS)}) VALUES ({values})"
+
+    @cached_property
+    def mark_superseded(self) -> str:
+        return f"UPDATE feedback SET superseded_by = {self.mark} WHERE event_id = {self.mark}"
+
+    def select_refs_by_id(self, n: int) -> str:
+        return f"SELECT {_REF_COLUMNS} FROM completions WHERE completion_id IN {self._in(n)}"
+
+    def select_refs_by_group(self, n: int) -> str:
+        where = f"WHERE group_id IN {self._in(n)} ORDER BY group_id, candidate_index"
+        return f"SELECT {_REF_COLUMNS} FROM completions {where}"
+
+    def select_stored(self, n: int) -> str:
+        return f"SELECT {_STORED_COLUMNS} FROM feedback WHERE event_id IN {self._in(n)}"
+
+    def select_current(self, n: int) -> str:
+        return (
+            "SELECT judgement_key, event_id FROM feedback "
+            f"WHERE judgement_key IN {self._in(n)} AND superseded_by IS NULL"
+        )
+
+    def select_seqs(self, n: int) -> str:
+        return f"SELECT event_id, seq FROM feedback WHERE event_id IN {self._in(n)}"
 
 
 def _insert_if_absent(conn: Connection, table: Table, key: str) -> Insert:
@@ -254,14 +311,9 @@ def _insert_if_absent(conn: Connection, table: Table, key: str) -> Insert:
     return dialect.insert(table).on_conflict_do_nothing(index_elements=[key])
 
 
-_REF_COLS = (
-    completions.c.completion_id,
-    completions.c.group_id,
-    completions.c.candidate_index,
-    completions.c.prompt_sha256,
-    completions.c.adapter_name,
-    completions.c.adapter_version,
-)
+# The fields of CompletionRef and StoredEventKey, in their order: a row of these builds one positionally.
+_REF_COLUMNS = ", ".join(f.name for f in fields(CompletionRef))
+_STORED_COLUMNS = ", ".join(f.name for f in fields(StoredEventKey))
 
 
 def _completion_row(r: CompletionRecord) -> dict[str, Any]:
@@ -270,28 +322,15 @@ def _completion_row(r: CompletionRecord) -> dict[str, Any]:
     return row
 
 
-def _feedback_row(r: FeedbackRecord) -> dict[str, Any]:
+def _feedback_values(r: FeedbackRecord) -> tuple[Any, ...]:
+    """One row's parameters in `_FEEDBACK_INSERT_COLUMNS` order."""
     e = r.event
-    return {
-        "event_id": e.event_id,
-        "content_sha256": e.content_sha256,
-        "rater_id": e.rater_id,
-        "kind": e.kind,
-        "completion_id": r.completion_id,
-        "second_completion_id": r.second_completion_id,
-        "group_id": e.group_id,
-        "prompt_sha256": r.prompt_sha256,
-        "thumb_up": None if e.thumb_up is None else int(e.thumb_up),
-        "rating": e.rating,
-        "choice": e.choice,
-        "corrected_text": e.corrected_text,
-        "comment_text": e.comment_text,
-        "reason_tags": list(e.reason_tags),
-        "created_at": r.created_at,
-        "supersedes": r.supersedes,
-        "superseded_by": r.superseded_by,
-        "judgement_key": e.judgement_key,
-    }
+    return (
+        e.event_id, e.content_sha256, e.rater_id, e.kind, r.completion_id, r.second_completion_id, e.group_id,
+        r.prompt_sha256, None if e.thumb_up is None else int(e.thumb_up), e.rating, e.choice, e.corrected_text,
+        e.comment_text, json.dumps(list(e.reason_tags)), r.created_at, r.supersedes, r.superseded_by,
+        e.judgement_key,
+    )  # fmt: skip
 
 
 def _feedback_record(row: Row[Any]) -> FeedbackRecord:
