@@ -16,14 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from .domain import BASE, AdapterRef, SamplingSpec, new_id
-from .engine import Engine, EngineRequest, LoadedAdapter
+from .engine import Engine, EngineRequest, LoadedAdapter, next_adapter_id
 from .errors import FailedPrecondition, InvalidArgument, NotFound, TuneloopError
 from .metrics import Metrics
 from .registry import ACCEPTED, DEFAULT_CHANNEL, POLICY, AdapterVersion, CanaryEntry, Registry
@@ -34,10 +33,6 @@ PROBE_PROMPT = "Hello"
 # A one-token probe takes a fraction of a second even in a full batch; one that hangs must not
 # hold the swap lock (and with it every swap and admin action) for ever.
 PROBE_TIMEOUT_S = 60.0
-# vLLM knows a LoRA by its integer id for the engine's whole life (its caches keep the weights
-# under it), so an id is never given out twice in a process: not after an unload, and not by a
-# second manager on the same engine, where a reused id would silently serve the old weights.
-_ADAPTER_IDS = itertools.count(1)
 
 
 @dataclass
@@ -161,7 +156,18 @@ class AdapterManager:
         if route.stable is not None:
             await self._ensure_loaded(route.stable)
         self._routes[name] = route
+        self._update_fast_path()
         return route
+
+    def _update_fast_path(self) -> None:
+        """Tell an engine with a fast path (server/fast_path.py) which version to fold into its
+        weights: the one carrying the default adapter's traffic, or none."""
+        serve_folded = getattr(self._engine, "serve_folded", None)
+        if serve_folded is None:
+            return
+        route = self._routes.get(self.default_adapter) if self.default_adapter else None
+        slot = self._slots.get(f"{route.stable.name}@{route.stable.version}") if route and route.stable else None
+        serve_folded(slot.adapter if slot is not None else None)
 
     # -- loading -------------------------------------------------------------------------------
     def _check_servable(self, found: AdapterVersion) -> None:
@@ -192,7 +198,7 @@ class AdapterManager:
             if key in self._slots:  # loaded by the request we waited behind
                 return self._slots[key].adapter
             self._check_servable(found)
-            adapter = LoadedAdapter(key=key, int_id=next(_ADAPTER_IDS), path=str(found.path))
+            adapter = LoadedAdapter(key=key, int_id=next_adapter_id(), path=str(found.path))
             await self._engine.add_adapter(adapter)
             self._slots[key] = _Slot(found, adapter)
             log.info("loaded adapter %s from %s", key, found.path)
@@ -302,6 +308,7 @@ class AdapterManager:
             self._set_info(name, route)
             log.info("default traffic for %s: %s -> %s", name, _ref(old), version)
             self._retire(old)
+            self._update_fast_path()
             return found
 
     async def set_canary(
@@ -367,6 +374,7 @@ class AdapterManager:
                 continue  # a refusal: logged and counted by prepare
             except Exception:  # noqa: BLE001 - one adapter's trouble must not stop the others' swaps
                 log.exception("following the registry for adapter %s failed", name)
+        self._update_fast_path()
 
     async def _follow_current(self, name: str) -> None:
         info = self._registry.channel_info(name, DEFAULT_CHANNEL)

@@ -77,6 +77,12 @@ class ServerConfig:
         "prefill), auto (tuneloop on CPU, vllm on GPU).",
         choices=SEEDED_SAMPLING,
     )
+    fold_adapters: bool = setting(
+        True,
+        "Serve the version that carries an adapter's default traffic folded into the base weights (base-model "
+        "speed, no per-token LoRA cost); the bare base and other versions stay exact through LoRAs of the "
+        "difference. Off: every version through vLLM's LoRA path.",
+    )
     default_max_tokens: int = setting(128, "max_tokens when a request does not set it.")
     # 0 follows max_model_len, so `--max-model-len 1024` alone is a valid configuration.
     max_tokens_limit: int = setting(

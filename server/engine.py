@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
 from collections.abc import AsyncGenerator
@@ -18,9 +19,23 @@ from .config import ServerConfig
 from .domain import SamplingSpec
 from .errors import EngineUnavailable, FailedPrecondition, InvalidArgument, RequestFailed
 from .hardware import fastest_dtype
-from .seeded_sampling import SEEDED_SAMPLER, seeded_extra_args
+
+# vLLM loads these by name inside its worker process (both modules import torch, so the server
+# names them here instead of importing them).
+SEEDED_SAMPLER = "tuneloop.server.vllm_sampling:SeededSampler"
+FOLD_EXTENSION = "tuneloop.server.vllm_fold.FoldWorkerExtension"
 
 log = logging.getLogger(__name__)
+
+
+# vLLM knows a LoRA by its integer id for the engine's whole life (its caches keep the weights
+# under it), so an id is never given out twice in a process: not after an unload, and not by a
+# second manager on the same engine, where a reused id would silently serve the old weights.
+_ADAPTER_IDS = itertools.count(1)
+
+
+def next_adapter_id() -> int:
+    return next(_ADAPTER_IDS)
 
 
 @dataclass(frozen=True)
@@ -161,6 +176,8 @@ class VllmEngine:
             max_cpu_loras=max(config.max_loras * 2, 4),
             enable_chunked_prefill=chunked,
             logits_processors=[SEEDED_SAMPLER] if seeded_here else None,
+            # The fast path folds the default adapter into the weights from inside the worker.
+            worker_extension_cls=FOLD_EXTENSION if config.fold_adapters else "",
             gpu_memory_utilization=config.gpu_memory_utilization,
             # Per-request timings (queue time) need the engine's request stats.
             disable_log_stats=False,
@@ -255,6 +272,8 @@ class VllmEngine:
         from vllm import SamplingParams  # noqa: PLC0415
         from vllm.sampling_params import RequestOutputKind  # noqa: PLC0415
 
+        from .seeded_sampling import seeded_extra_args  # noqa: PLC0415 - torch, loaded with vLLM
+
         temperature, top_p, top_k, seed, extra = s.temperature, s.top_p, s.top_k, s.seed, None
         if self._seeded_here and seed is not None and temperature > 0:
             # vLLM sees an unseeded request whose every step SeededSampler has already decided.
@@ -300,6 +319,13 @@ class VllmEngine:
     async def remove_adapter(self, adapter: LoadedAdapter) -> None:
         await self._llm.remove_lora(adapter.int_id)  # type: ignore[attr-defined]
 
+    async def fold_weights(self, adapter_path: str | None) -> dict[str, object]:
+        """Reload the weights as base + the adapter at `adapter_path` (server/vllm_fold.py); only
+        while no request runs. The prefix cache is dropped: its blocks hold the old weights' keys."""
+        [result] = await self._llm.collective_rpc("tuneloop_fold", args=(adapter_path,))  # type: ignore[attr-defined]
+        await self._llm.reset_prefix_cache()  # type: ignore[attr-defined]
+        return dict(result)
+
     # -- lifecycle -------------------------------------------------------------------------
     async def check_health(self) -> None:
         if self._llm is None or getattr(self._llm, "errored", False):
@@ -322,6 +348,12 @@ class VllmEngine:
             del llm
 
 
-async def start_engine(config: ServerConfig, model_dir: str) -> VllmEngine:
-    """Start the vLLM engine off the event loop so health checks keep answering meanwhile."""
-    return await asyncio.to_thread(VllmEngine.start, config, model_dir)
+async def start_engine(config: ServerConfig, model_dir: str) -> Engine:
+    """Start the vLLM engine off the event loop so health checks keep answering meanwhile; with
+    `fold_adapters`, behind the fast path that folds the default adapter into its weights."""
+    engine = await asyncio.to_thread(VllmEngine.start, config, model_dir)
+    if not config.fold_adapters:
+        return engine
+    from .fast_path import FastPath  # noqa: PLC0415 - it imports this module
+
+    return FastPath(engine, config.max_lora_rank)

@@ -1,6 +1,6 @@
 """The logits processor that runs tuneloop's seeded sampling inside vLLM's worker.
 
-vLLM loads it by name (`seeded_sampling.SEEDED_SAMPLER`, passed as `logits_processors`) in the worker process, so
+vLLM loads it by name (`engine.SEEDED_SAMPLER`, passed as `logits_processors`) in the worker process, so
 this module is imported there: keep it free of server state. The math lives in
 `seeded_sampling.py`; this class only tracks which rows of vLLM's persistent batch are seeded.
 

@@ -39,6 +39,8 @@ def engine_config(**overrides: object):
         # protection away: the seeded-batch test in test_serving.py then kills the CPU engine.
         chunked_prefill=os.environ.get("TUNELOOP_TEST_CHUNKED_PREFILL", "auto"),
         seeded_sampling=os.environ.get("TUNELOOP_TEST_SEEDED_SAMPLING", "auto"),
+        # float32 here runs the engine tests as they run on a host without bf16 math.
+        dtype=os.environ.get("TUNELOOP_TEST_DTYPE", "auto"),
     )
     base.update(overrides)
     return ServerConfig(**base)  # type: ignore[arg-type]

@@ -110,3 +110,79 @@ async def test_a_reward_model_entry_is_never_served(make_server, lora_dirs, mode
                 await stub.Generate(pb.GenerateRequest(prompt=PROMPT, sampling=GREEDY, adapter=selector))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "judge@v1 is a reward model" in err.value.details() and "policy" in err.value.details()
+
+
+FOLD_PROMPTS = (
+    "The best way to spend a weekend is",
+    "Write a haiku about the sea.",
+    "Explain what a compiler does.",
+    "My favourite food is",
+)
+# In bf16 the folded weights W + s·BA are rounded to 8 mantissa bits once more than the LoRA
+# path's, so a greedy choice between two near-tied tokens may flip: there the chosen tokens'
+# log-probabilities must be within this of each other, as must every shared token's. In float32
+# the texts must be equal.
+BF16_LOGPROB_TOLERANCE = 0.25
+
+
+def _same_or_near_tie(a: list[tuple[int, float]], b: list[tuple[int, float]], exact: bool) -> str:
+    """'' when greedy sequences a and b (token id, log-prob) agree; else what differs."""
+    if exact:
+        return "" if [t for t, _ in a] == [t for t, _ in b] else f"tokens differ: {a} vs {b}"
+    for i, ((ta, la), (tb, lb)) in enumerate(zip(a, b, strict=False)):
+        if abs(la - lb) > BF16_LOGPROB_TOLERANCE:
+            return f"token {i}: {ta} ({la:.3f}) vs {tb} ({lb:.3f})"
+        if ta != tb:
+            return ""  # a near-tie flipped; what follows continues different texts
+    return "" if len(a) == len(b) else f"lengths {len(a)} vs {len(b)}"
+
+
+async def test_the_folded_version_and_every_other_path_write_what_the_lora_path_writes(
+    make_server, lora_dirs, model_dir: Path
+) -> None:
+    """With v1 carrying default traffic, the engine serves it folded into the base weights; v1,
+    the pinned v2 and the bare base must still write what the LoRA path writes."""
+    from tuneloop.server.hardware import fastest_dtype
+
+    server = await make_server(default_adapter="support")
+    reg = AdapterRegistry(server.config.adapter_dir)
+    manifest = {"base_model": base_model_fingerprint(model_dir)}
+    reg.publish("support", lora_dirs["r8a"], manifest, channel=None)
+    reg.publish("support", lora_dirs["r8b"], manifest, channel=None)
+    selectors = {
+        "v1": pb.AdapterSelector(name="support", version="v1"),
+        "v2": pb.AdapterSelector(name="support", version="v2"),
+        "base": pb.AdapterSelector(name="base"),
+    }
+    sampling = pb.SamplingParams(max_tokens=24, temperature=0.0, logprobs=True)
+
+    async def generate(stub: pb_grpc.GenerationServiceStub) -> dict[tuple[str, str], list[tuple[int, float]]]:
+        out = {}
+        for label, selector in selectors.items():
+            for prompt in FOLD_PROMPTS:
+                got = await stub.Generate(pb.GenerateRequest(prompt=prompt, sampling=sampling, adapter=selector))
+                c = got.completions[0]
+                assert c.adapter.version == (label if label != "base" else "base")
+                out[label, prompt] = [(lp.token_id, lp.logprob) for lp in c.logprobs]
+        return out
+
+    engine = server.engine
+    exact = fastest_dtype(server.config.dtype) == "float32"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = pb_grpc.GenerationServiceStub(ch)
+        assert engine.folded == ""
+        lora_path = await generate(stub)
+        reg.set_channel("support", "current", "v1")
+        async with asyncio.timeout(60):
+            while engine.folded != "support@v1":
+                await engine.settled()
+                await asyncio.sleep(0.05)  # until the registry watcher has asked for the fold
+        folded = await generate(stub)
+        default = await stub.Generate(pb.GenerateRequest(prompt=FOLD_PROMPTS[0], sampling=sampling))
+    assert len({tuple(t for t, _ in seq) for seq in lora_path.values()}) > len(FOLD_PROMPTS)  # paths differ
+    differences = {k: why for k in lora_path if (why := _same_or_near_tie(lora_path[k], folded[k], exact))}
+    assert not differences, differences
+    assert default.completions[0].adapter.version == "v1"
+    assert [(lp.token_id, lp.logprob) for lp in default.completions[0].logprobs] == folded["v1", FOLD_PROMPTS[0]]
+    engine.serve_folded(None)
+    await engine.settled()

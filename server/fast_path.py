@@ -1,0 +1,240 @@
+"""Serving the default adapter at base-model speed: its weights folded into the base.
+
+vLLM's LoRA path costs every token (on CPU ~0.45x of the base model's throughput), and once the
+trainer publishes, most traffic runs on one adapter version. `FastPath` wraps the engine and,
+when told which version carries default traffic (`serve_folded`), reloads the engine's weights as
+base + that version's update, then serves it with no LoRA at all. Every other path stays exact
+through LoRAs of the difference (`lora_algebra.py`): the bare base is the folded weights minus
+the version, another version C is the folded weights plus C minus the version.
+
+Hot-swap guarantees hold: a request is translated against the weights it will run on, and a
+fold waits until every request submitted under the old weights has finished (new ones wait for
+the fold, they are never failed), so no response mixes two sets of weights. A publish or
+rollback takes effect at once through the difference LoRAs; the fold that makes the new
+version fast follows in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Protocol
+
+from .engine import Engine, EngineDelta, EngineRequest, LoadedAdapter, next_adapter_id
+from .errors import EngineUnavailable
+from .lora_algebra import Lora, NotFoldable, read_lora, write_difference
+
+log = logging.getLogger(__name__)
+
+
+class FoldableEngine(Engine, Protocol):
+    async def fold_weights(self, adapter_path: str | None) -> dict[str, object]:
+        """Make the engine's weights base + the adapter at `adapter_path` (bare base for None).
+        Called only while no request runs."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fold:
+    adapter: LoadedAdapter
+    lora: Lora
+
+
+class FastPath:
+    """An `Engine` that serves one adapter version folded into the base weights."""
+
+    def __init__(self, inner: FoldableEngine, max_lora_rank: int) -> None:
+        self._inner = inner
+        self.max_model_len = inner.max_model_len
+        self._max_rank = max_lora_rank
+        self._folded: _Fold | None = None  # what the engine's weights hold now
+        self._target: LoadedAdapter | None = None  # what they should hold
+        self._open = asyncio.Event()  # cleared while a fold changes the weights
+        self._open.set()
+        self._idle = asyncio.Event()  # set while no request runs on the engine
+        self._idle.set()
+        self._running = 0
+        self._worker: asyncio.Task[None] | None = None
+        self._loras: dict[str, Lora] = {}  # adapter path -> its factors
+        self._derived: dict[tuple[str, str], LoadedAdapter] = {}  # (plus key or "", folded key) -> adapter
+        self._unfoldable: dict[str, str] = {}  # adapter key -> why it is served through LoRA only
+        self._dir = Path(tempfile.mkdtemp(prefix="tuneloop-fold-"))
+        self.folds: list[tuple[str, float]] = []  # (folded key or "", seconds), for metrics and tests
+        self._broken = False  # a failed fold could not restore the base weights
+
+    # -- what the adapter manager calls -------------------------------------------------------------
+    @property
+    def folded(self) -> str:
+        """Key of the version folded into the weights now ("" for the bare base)."""
+        return self._folded.adapter.key if self._folded else ""
+
+    def serve_folded(self, adapter: LoadedAdapter | None) -> None:
+        """Ask for `adapter` (None: the bare base) to be the folded version; the fold runs in the
+        background once the requests now running have finished."""
+        if adapter is not None and adapter.key in self._unfoldable:
+            adapter = None
+        if (adapter.key if adapter else "") == (self._target.key if self._target else ""):
+            return
+        self._target = adapter
+        self._open.clear()  # requests from now on wait for the fold
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._converge(), name="fast-path-fold")
+
+    async def settled(self) -> None:
+        """Wait until the folded version is the one asked for (tests and benches)."""
+        while self._worker is not None and not self._worker.done():
+            await asyncio.shield(self._worker)
+
+    # -- Engine ---------------------------------------------------------------------------------
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return self._inner.render_chat(messages)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._inner.tokenize(text)
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineDelta, None]:
+        while True:
+            await self._open.wait()
+            if self._broken:
+                raise EngineUnavailable("a weight fold failed and the base weights could not be restored")
+            # From here to the submit, the folded version cannot change: a fold first waits
+            # for this request to finish (it counts as running).
+            self._running += 1
+            self._idle.clear()
+            try:
+                adapter = await self._translate(request.adapter)
+            except NotFoldable as exc:
+                self._finished()
+                self._give_up_fold(str(exc))
+                await self.settled()  # the unfold; then this request is translated again
+                continue
+            try:
+                async for delta in self._inner.generate(dataclasses.replace(request, adapter=adapter)):
+                    yield delta
+            finally:
+                self._finished()
+            return
+
+    async def abort(self, request_id: str) -> None:
+        await self._inner.abort(request_id)
+
+    async def add_adapter(self, adapter: LoadedAdapter) -> None:
+        await self._inner.add_adapter(adapter)
+
+    async def remove_adapter(self, adapter: LoadedAdapter) -> None:
+        await self._inner.remove_adapter(adapter)
+
+    async def check_health(self) -> None:
+        if self._broken:
+            raise EngineUnavailable("a weight fold failed and the base weights could not be restored")
+        await self._inner.check_health()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        self._inner.shutdown()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __getattr__(self, name: str) -> object:
+        # What the concrete engine offers beyond the protocol (request counts, health flags).
+        return getattr(self._inner, name)
+
+    # -- translation ----------------------------------------------------------------------------
+    def _finished(self) -> None:
+        self._running -= 1
+        if self._running == 0:
+            self._idle.set()
+
+    async def _translate(self, adapter: LoadedAdapter | None) -> LoadedAdapter | None:
+        """The LoRA that gives `adapter`'s weights (None: the bare base) on the folded weights."""
+        fold = self._folded
+        if fold is None:
+            return adapter
+        if adapter is not None and adapter.key == fold.adapter.key:
+            return None
+        key = (adapter.key if adapter else "", fold.adapter.key)
+        derived = self._derived.get(key)
+        if derived is None:
+            derived = await asyncio.to_thread(self._write_derived, adapter, fold)
+            self._derived[key] = derived
+        return derived
+
+    def _lora(self, path: str) -> Lora:
+        if path not in self._loras:
+            self._loras[path] = read_lora(path)
+        return self._loras[path]
+
+    def _write_derived(self, adapter: LoadedAdapter | None, fold: _Fold) -> LoadedAdapter:
+        plus = self._lora(adapter.path) if adapter is not None else None
+        rank = fold.lora.rank + (plus.rank if plus else 0)
+        if rank > self._max_rank:
+            raise NotFoldable(
+                f"serving {adapter.key if adapter else 'the base model'} beside the folded {fold.adapter.key} "
+                f"needs a rank-{rank} LoRA, above max_lora_rank {self._max_rank}"
+            )
+        name = f"{adapter.key if adapter else 'base'}~{fold.adapter.key}"
+        out = self._dir / re.sub(r"[^A-Za-z0-9_.@~-]", "_", name)
+        write_difference(plus, fold.lora, out)
+        return LoadedAdapter(key=name, int_id=next_adapter_id(), path=str(out))
+
+    def _give_up_fold(self, why: str) -> None:
+        """A request needs a path the fold cannot give: serve the folded version through LoRA from
+        now on (unfold) and never fold it again on this server."""
+        if self._target is not None:
+            log.warning("fast path off for %s: %s", self._target.key, why)
+            self._unfoldable[self._target.key] = why
+        if self._folded is not None:
+            self._unfoldable[self._folded.adapter.key] = why
+        self.serve_folded(None)
+
+    # -- folding --------------------------------------------------------------------------------
+    async def _converge(self) -> None:
+        try:
+            while (self._target.key if self._target else "") != self.folded:
+                target = self._target
+                lora: Lora | None = None
+                if target is not None:
+                    try:
+                        lora = await asyncio.to_thread(self._lora, target.path)
+                        if 2 * lora.rank > self._max_rank:
+                            raise NotFoldable(
+                                f"rank {lora.rank}: the bare base model beside it would need rank {2 * lora.rank}, "
+                                f"above max_lora_rank {self._max_rank}"
+                            )
+                    except (NotFoldable, OSError, ValueError) as exc:
+                        log.warning("adapter %s stays on the LoRA path: %s", target.key, exc)
+                        self._unfoldable[target.key] = str(exc)
+                        self._target = None
+                        continue
+                await self._idle.wait()
+                await self._fold(target, lora)
+        finally:
+            self._open.set()
+
+    async def _fold(self, target: LoadedAdapter | None, lora: Lora | None) -> None:
+        started = time.perf_counter()
+        try:
+            await self._inner.fold_weights(target.path if target is not None else None)
+        except Exception:  # noqa: BLE001 - the engine must come back to a known state
+            log.exception("folding %s failed; serving it through LoRA", target.key if target else "base")
+            if target is not None:
+                self._unfoldable[target.key] = "its fold failed"
+            self._target = None
+            try:
+                await self._inner.fold_weights(None)
+            except Exception:  # noqa: BLE001 - reported as an unhealthy engine
+                log.exception("restoring the base weights failed; the engine's weights are unknown")
+                self._broken = True
+            target = lora = None
+        self._folded = _Fold(target, lora) if target is not None and lora is not None else None
+        self._derived.clear()  # they were differences to the old weights
+        elapsed = time.perf_counter() - started
+        self.folds.append((self.folded, elapsed))
+        log.info("fast path: %s folded into the base weights in %.2f s", self.folded or "nothing", elapsed)

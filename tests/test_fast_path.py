@@ -1,0 +1,178 @@
+"""The fast path's pure parts: LoRA arithmetic on small hand-made adapters, and the fold
+protocol (which LoRA each request gets, requests never straddling a fold) against a fake engine.
+The real engine's folded outputs are compared with its LoRA path in tests/test_adapters_serving.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tuneloop.server.domain import SamplingSpec
+from tuneloop.server.engine import EngineDelta, EngineRequest, LoadedAdapter
+from tuneloop.server.fast_path import FastPath
+from tuneloop.server.lora_algebra import NotFoldable, read_lora, weight_deltas, write_difference
+
+MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj")
+
+
+def write_lora(path: Path, rank: int, seed: int, modules: tuple[str, ...] = MODULES, **config: object) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for m in modules:
+        tensors[f"base_model.model.{m}.lora_A.weight"] = torch.randn(rank, 6, generator=g)
+        tensors[f"base_model.model.{m}.lora_B.weight"] = torch.randn(5, rank, generator=g)
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    cfg = {"r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"], "peft_type": "LORA"}
+    cfg.update(config)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_a_loras_update_is_scale_times_b_a(tmp_path: Path) -> None:
+    lora = read_lora(write_lora(tmp_path / "a", rank=2, seed=1))
+    assert lora.scale == 2.0  # alpha / r
+    a, b = lora.factors[MODULES[0]]
+    assert torch.allclose(weight_deltas(lora)[f"{MODULES[0]}.weight"], 2.0 * b @ a)
+    rs = read_lora(write_lora(tmp_path / "rs", rank=4, seed=1, use_rslora=True))
+    assert rs.scale == pytest.approx(8 / 2)  # alpha / sqrt(r)
+
+
+def test_the_difference_adapter_turns_one_folded_version_into_another_or_the_base(tmp_path: Path) -> None:
+    v = read_lora(write_lora(tmp_path / "v", rank=2, seed=1))
+    # C adapts one module V does not, and skips one V adapts: zero factors fill in.
+    c = read_lora(write_lora(tmp_path / "c", rank=3, seed=2, modules=(MODULES[0], "model.layers.0.mlp.up_proj")))
+    assert write_difference(c, v, tmp_path / "c-v") == 5
+    diff = weight_deltas(read_lora(tmp_path / "c-v"))
+    dv, dc = weight_deltas(v), weight_deltas(c)
+    for name in set(dv) | set(dc):
+        want = dc.get(name, torch.zeros(5, 6)) - dv.get(name, torch.zeros(5, 6))
+        assert torch.allclose(diff[name], want, atol=1e-5), name
+    assert write_difference(None, v, tmp_path / "base-v") == 2
+    back = weight_deltas(read_lora(tmp_path / "base-v"))
+    assert all(torch.allclose(back[n], -dv[n], atol=1e-5) for n in dv)
+
+
+def test_adapters_whose_update_is_not_b_a_are_not_folded(tmp_path: Path) -> None:
+    with pytest.raises(NotFoldable, match="DoRA"):
+        read_lora(write_lora(tmp_path / "dora", rank=2, seed=1, use_dora=True))
+    with pytest.raises(NotFoldable, match="rank_pattern"):
+        read_lora(write_lora(tmp_path / "rp", rank=2, seed=1, rank_pattern={"q_proj": 4}))
+
+
+# --------------------------------------------------------------------------- the fold protocol
+class FoldingFake:
+    """Records which LoRA each request ran with and the weights it ran on; requests can be held."""
+
+    max_model_len = 1024
+
+    def __init__(self) -> None:
+        self.weights = ""  # adapter path folded in, "" for the bare base
+        self.ran: list[tuple[str, str | None, str]] = []  # (request id, adapter key, weights at start)
+        self.release = asyncio.Event()
+        self.release.set()
+        self.folds: list[str | None] = []
+        self.running = 0
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return ""
+
+    def tokenize(self, text: str) -> list[int]:
+        return [1]
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineDelta, None]:
+        start = self.weights
+        self.running += 1
+        try:
+            await self.release.wait()
+            assert self.weights == start, "a fold changed the weights under a running request"
+            self.ran.append((request.request_id, request.adapter.key if request.adapter else None, start))
+            yield EngineDelta(0, "x", (1,), None, "stop", "", None)
+        finally:
+            self.running -= 1
+
+    async def fold_weights(self, adapter_path: str | None) -> dict[str, object]:
+        assert self.running == 0, "folded while a request ran"
+        self.folds.append(adapter_path)
+        self.weights = adapter_path or ""
+        return {}
+
+    async def abort(self, request_id: str) -> None: ...
+    async def add_adapter(self, adapter: LoadedAdapter) -> None: ...
+    async def remove_adapter(self, adapter: LoadedAdapter) -> None: ...
+    async def check_health(self) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+async def _run(fp: FastPath, rid: str, adapter: LoadedAdapter | None) -> None:
+    req = EngineRequest(rid, [1], SamplingSpec(max_tokens=1, temperature=0.0), adapter)
+    async for _ in fp.generate(req):
+        pass
+
+
+async def test_each_request_gets_the_lora_that_gives_its_version_on_the_folded_weights(tmp_path: Path) -> None:
+    fake = FoldingFake()
+    fp = FastPath(fake, max_lora_rank=16)
+    v = LoadedAdapter("a@v1", 1, str(write_lora(tmp_path / "v1", rank=4, seed=1)))
+    c = LoadedAdapter("a@v2", 2, str(write_lora(tmp_path / "v2", rank=8, seed=2)))
+    await _run(fp, "before", v)
+    fp.serve_folded(v)
+    await fp.settled()
+    assert fp.folded == "a@v1" and fake.folds == [v.path]
+    await _run(fp, "v", v)
+    await _run(fp, "base", None)
+    await _run(fp, "c", c)
+    got = {rid: (key, weights) for rid, key, weights in fake.ran}
+    assert got["before"] == ("a@v1", "")  # LoRA path on the bare weights
+    assert got["v"] == (None, v.path)  # the folded version runs with no LoRA
+    assert got["base"] == ("base~a@v1", v.path)  # minus V
+    assert got["c"] == ("a@v2~a@v1", v.path)  # plus C minus V
+    fp.serve_folded(None)
+    await fp.settled()
+    assert fake.folds == [v.path, None]
+    await _run(fp, "after", v)
+    assert fake.ran[-1] == ("after", "a@v1", "")
+
+
+async def test_a_fold_waits_for_running_requests_and_holds_new_ones_until_it_is_done(tmp_path: Path) -> None:
+    fake = FoldingFake()
+    fp = FastPath(fake, max_lora_rank=16)
+    v = LoadedAdapter("a@v1", 1, str(write_lora(tmp_path / "v1", rank=4, seed=1)))
+    fake.release.clear()
+    running = asyncio.create_task(_run(fp, "running", v))
+    while fake.running == 0:
+        await asyncio.sleep(0)
+    fp.serve_folded(v)
+    waiting = asyncio.create_task(_run(fp, "waiting", v))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert fake.folds == [] and fake.running == 1  # the fold waits; the new request is held
+    fake.release.set()
+    await asyncio.gather(running, waiting)
+    await fp.settled()
+    assert [(rid, key, w) for rid, key, w in fake.ran] == [("running", "a@v1", ""), ("waiting", None, v.path)]
+
+
+async def test_a_request_the_fold_cannot_serve_exactly_unfolds_it_for_good(tmp_path: Path) -> None:
+    fake = FoldingFake()
+    fp = FastPath(fake, max_lora_rank=16)
+    v = LoadedAdapter("a@v1", 1, str(write_lora(tmp_path / "v1", rank=8, seed=1)))
+    big = LoadedAdapter("a@v2", 2, str(write_lora(tmp_path / "v2", rank=16, seed=2)))
+    fp.serve_folded(v)
+    await fp.settled()
+    await _run(fp, "big", big)  # 16 + 8 > 16: no exact difference LoRA, so V is unfolded first
+    assert fake.ran[-1] == ("big", "a@v2", "")
+    fp.serve_folded(v)
+    await fp.settled()
+    assert fp.folded == "" and fake.folds == [v.path, None]
+    # A version too large for its base difference is never folded.
+    fp2 = FastPath(FoldingFake(), max_lora_rank=16)
+    fp2.serve_folded(big)
+    await fp2.settled()
+    assert fp2.folded == ""
