@@ -95,6 +95,9 @@ class AdapterManager:
         self._refused: dict[str, str] = {}  # "name@version" -> why this server refused it
         self._share_labels: dict[str, set[str]] = {}  # traffic_share label sets in use, per name
         self._swap_lock = asyncio.Lock()
+        self._folded_labels: tuple[str, str] | None = None
+        if hasattr(engine, "serve_folded"):
+            engine.on_fold = self._observe_fold  # type: ignore[attr-defined]
 
     # -- per request ---------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -255,6 +258,18 @@ class AdapterManager:
     @staticmethod
     def _uses(route: Route, key: str) -> bool:
         return any(v is not None and f"{v.name}@{v.version}" == key for v in (route.stable, route.canary))
+
+    def _observe_fold(self, folded: str, seconds: float, ok: bool) -> None:
+        m = self._metrics
+        m.folds.labels("failed" if not ok else "folded" if folded else "unfolded").inc()
+        m.fold_seconds.observe(seconds)
+        if self._folded_labels is not None:
+            m.folded.remove(*self._folded_labels)
+            self._folded_labels = None
+        if folded:
+            name, _, version = folded.partition("@")
+            self._folded_labels = (name, version)
+            m.folded.labels(name, version).set(1)
 
     def _observe_first_served(self, slot: _Slot) -> None:
         route = self._routes.get(slot.version.name)

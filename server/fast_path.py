@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -66,7 +66,9 @@ class FastPath:
         self._derived: dict[tuple[str, str], LoadedAdapter] = {}  # (plus key or "", folded key) -> adapter
         self._unfoldable: dict[str, str] = {}  # adapter key -> why it is served through LoRA only
         self._dir = Path(tempfile.mkdtemp(prefix="tuneloop-fold-"))
-        self.folds: list[tuple[str, float]] = []  # (folded key or "", seconds), for metrics and tests
+        self.folds: list[tuple[str, float]] = []  # (folded key or "", seconds), for logs and tests
+        # Told of every reload: (folded key or "", seconds from request to serving again, ok).
+        self.on_fold: Callable[[str, float, bool], None] | None = None
         self._broken = False  # a failed fold could not restore the base weights
 
     # -- what the adapter manager calls -------------------------------------------------------------
@@ -196,6 +198,7 @@ class FastPath:
 
     # -- folding --------------------------------------------------------------------------------
     async def _converge(self) -> None:
+        asked_at = time.perf_counter()
         try:
             while (self._target.key if self._target else "") != self.folded:
                 target = self._target
@@ -214,16 +217,18 @@ class FastPath:
                         self._target = None
                         continue
                 await self._idle.wait()
-                await self._fold(target, lora)
+                await self._fold(target, lora, asked_at)
         finally:
             self._open.set()
 
-    async def _fold(self, target: LoadedAdapter | None, lora: Lora | None) -> None:
+    async def _fold(self, target: LoadedAdapter | None, lora: Lora | None, asked_at: float) -> None:
         started = time.perf_counter()
+        ok = True
         try:
             await self._inner.fold_weights(target.path if target is not None else None)
         except Exception:  # noqa: BLE001 - the engine must come back to a known state
             log.exception("folding %s failed; serving it through LoRA", target.key if target else "base")
+            ok = False
             if target is not None:
                 self._unfoldable[target.key] = "its fold failed"
             self._target = None
@@ -235,6 +240,11 @@ class FastPath:
             target = lora = None
         self._folded = _Fold(target, lora) if target is not None and lora is not None else None
         self._derived.clear()  # they were differences to the old weights
-        elapsed = time.perf_counter() - started
-        self.folds.append((self.folded, elapsed))
-        log.info("fast path: %s folded into the base weights in %.2f s", self.folded or "nothing", elapsed)
+        now = time.perf_counter()
+        self.folds.append((self.folded, now - started))
+        log.info(
+            "fast path: %s in the base weights (reload %.2f s, %.2f s after it was asked for)",
+            self.folded or "nothing", now - started, now - asked_at,
+        )  # fmt: skip
+        if self.on_fold is not None:
+            self.on_fold(self.folded, now - asked_at, ok)

@@ -151,6 +151,26 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.folds = Counter(
+            "tuneloop_fast_path_folds",
+            "Weight reloads of the fast path, by outcome (folded: a version into the base weights; unfolded: back "
+            "to the bare base; failed).",
+            ("outcome",),
+            registry=r,
+        )
+        self.fold_seconds = Histogram(
+            "tuneloop_fast_path_fold_seconds",
+            "Wall time of a fast-path weight reload, from its request until it served again (includes waiting "
+            "for running requests to finish).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.folded = Gauge(
+            "tuneloop_fast_path_folded",
+            "1 for the adapter version folded into the engine's weights (served with no per-token LoRA cost).",
+            _ADAPTER,
+            registry=r,
+        )
         self.canary_decisions = Counter(
             "tuneloop_canary_decisions",
             "Automatic canary outcomes (promoted, rolled_back, promote_failed).",

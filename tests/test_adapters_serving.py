@@ -112,12 +112,7 @@ async def test_a_reward_model_entry_is_never_served(make_server, lora_dirs, mode
             assert "judge@v1 is a reward model" in err.value.details() and "policy" in err.value.details()
 
 
-FOLD_PROMPTS = (
-    "The best way to spend a weekend is",
-    "Write a haiku about the sea.",
-    "Explain what a compiler does.",
-    "My favourite food is",
-)
+FOLD_PROMPTS = ("The best way to spend a weekend is", "Write a haiku about the sea.", "My favourite food is")
 # In bf16 the folded weights W + s·BA are rounded to 8 mantissa bits once more than the LoRA
 # path's, so a greedy choice between two near-tied tokens may flip: there the chosen tokens'
 # log-probabilities must be within this of each other, as must every shared token's. In float32
@@ -154,7 +149,7 @@ async def test_the_folded_version_and_every_other_path_write_what_the_lora_path_
         "v2": pb.AdapterSelector(name="support", version="v2"),
         "base": pb.AdapterSelector(name="base"),
     }
-    sampling = pb.SamplingParams(max_tokens=24, temperature=0.0, logprobs=True)
+    sampling = pb.SamplingParams(max_tokens=16, temperature=0.0, logprobs=True)
 
     async def generate(stub: pb_grpc.GenerationServiceStub) -> dict[tuple[str, str], list[tuple[int, float]]]:
         out = {}
@@ -184,5 +179,8 @@ async def test_the_folded_version_and_every_other_path_write_what_the_lora_path_
     assert not differences, differences
     assert default.completions[0].adapter.version == "v1"
     assert [(lp.token_id, lp.logprob) for lp in default.completions[0].logprobs] == folded["v1", FOLD_PROMPTS[0]]
+    metrics = server.metrics
+    assert metrics.folded.labels("support", "v1")._value.get() == 1
+    assert metrics.folds.labels("folded")._value.get() >= 1
     engine.serve_folded(None)
     await engine.settled()

@@ -324,9 +324,11 @@ def adapters() -> list[dict[str, Any]]:
                     "sum by (adapter, decision) (increase(tuneloop_canary_decisions_total[1h]))",
                     "canary {{adapter}} {{decision}}",
                 ),
+                Query("sum by (outcome) (increase(tuneloop_fast_path_folds_total[1h]))", "fast path {{outcome}}"),
             ],
             "short",
-            "Default-traffic switches, versions refused at load, and automatic canary decisions, per hour.",
+            "Default-traffic switches, versions refused at load, automatic canary decisions, and fast-path weight "
+            "reloads (a version folded into the base weights), per hour.",
         ),
         panel(
             "Publish to first served p50 / max",
