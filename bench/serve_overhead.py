@@ -6,7 +6,8 @@ Workload: 16 concurrent streaming chat requests of 64 new tokens (sampled, seede
   3. gRPC with the completion log off;
   3b. gRPC with --durable-completions (each answer waits for its record's commit);
   4. vLLM's own OpenAI-compatible HTTP server on the same model, streaming chat completions.
-Modes 1-3 alternate over several rounds on one engine; 4 runs after that engine is shut down.
+The modes alternate over several rounds; vLLM's server runs beside our engine (idle while the
+others run), so every mode sees the same machine.
 
     .venv/bin/python bench/serve_overhead.py [--rounds 3] [--skip-http]
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -30,6 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -173,33 +176,21 @@ async def _http_round(port: int, model: str) -> dict:
     return {"tokens": sum(r[0] for r in res), "wall": time.perf_counter() - t0, "ttfts": [r[1] for r in res]}
 
 
-async def _measure_http(model_dir: str, rounds: int) -> list[dict]:
+@contextlib.asynccontextmanager
+async def _http_server(model_dir: str) -> AsyncIterator[int]:
+    """vLLM's own OpenAI-compatible server on the same model, in the dtype tuneloop's `auto` serves
+    in on this host (same arithmetic); yields its port once it answers."""
     from tuneloop.server.hardware import fastest_dtype
 
     port = _free_port()
     log = tempfile.NamedTemporaryFile(prefix="vllm-http-", suffix=".log", delete=False)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            model_dir,
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--max-model-len",
-            "2048",
-            "--served-model-name",
-            "m",
-            # The dtype tuneloop's `auto` serves in on this host, so both run the same arithmetic.
-            "--dtype",
-            fastest_dtype("auto", "cpu"),
-        ],
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
+         "--host", "127.0.0.1", "--max-model-len", "2048", "--served-model-name", "m",
+         "--dtype", fastest_dtype("auto", "cpu")],
         stdout=log,
         stderr=subprocess.STDOUT,
-    )
+    )  # fmt: skip
     try:
         deadline = time.time() + 300
         while True:
@@ -212,8 +203,7 @@ async def _measure_http(model_dir: str, rounds: int) -> list[dict]:
                 if time.time() > deadline:
                     raise RuntimeError("vLLM HTTP server did not start in 300 s") from None
                 await asyncio.sleep(1)
-        await _http_round(port, "m")  # warm-up
-        return [await _http_round(port, "m") for _ in range(rounds)]
+        yield port
     finally:
         proc.terminate()
         try:
@@ -237,12 +227,21 @@ async def main() -> None:
     ap.add_argument("--skip-http", action="store_true", help="skip vLLM's HTTP server comparison")
     args = ap.parse_args()
 
-    from tuneloop.server.app import TuneloopServer
-    from tuneloop.server.config import ServerConfig
-    from tuneloop.server.engine import start_engine
     from tuneloop.server.model_cache import ensure_default_model
 
     model_dir = str(ensure_default_model())
+    async with contextlib.AsyncExitStack() as stack:
+        # vLLM's server idles beside our engine and takes its turn in every round, so both see
+        # the same machine (an idle engine waits on its socket and costs no CPU).
+        http_port = None if args.skip_http else await stack.enter_async_context(_http_server(model_dir))
+        await _run(args.rounds, model_dir, http_port)
+
+
+async def _run(rounds: int, model_dir: str, http_port: int | None) -> None:
+    from tuneloop.server.app import TuneloopServer
+    from tuneloop.server.config import ServerConfig
+    from tuneloop.server.engine import start_engine
+
     home = Path(tempfile.mkdtemp(prefix="tuneloop-bench-"))
     cfg = dict(port=0, metrics_port=-1, adapter_dir=str(home / "adapters"), max_model_len=2048)
     engine = await start_engine(ServerConfig(**cfg, store_url=f"sqlite:///{home}/a.db"), model_dir)
@@ -261,7 +260,7 @@ async def main() -> None:
         port = await srv.start()
         await srv.wait_ready(60)
         q_in, q_out = ctx.Queue(), ctx.Queue()
-        p = ctx.Process(target=_grpc_client, args=(port, args.rounds + 1, _Duplex(q_in, q_out)), daemon=True)
+        p = ctx.Process(target=_grpc_client, args=(port, rounds + 1, _Duplex(q_in, q_out)), daemon=True)
         p.start()
         clients[name] = (p, q_in, q_out)
 
@@ -271,15 +270,21 @@ async def main() -> None:
         return await asyncio.to_thread(q_out.get)
 
     results: dict[str, list[dict]] = {"inprocess": [], "grpc": [], "grpc_nolog": [], "grpc_durable": []}
+    if http_port is not None:
+        results["vllm_http"] = []
     # Warm-up every path once (first requests compile and fill caches).
     await _inprocess(engine)
     for name in clients:
         await grpc_round(name)
-    for r in range(args.rounds):
+    if http_port is not None:
+        await _http_round(http_port, "m")
+    for r in range(rounds):
         results["inprocess"].append(await _inprocess(engine))
         results["grpc"].append(await grpc_round("grpc"))
         results["grpc_nolog"].append(await grpc_round("grpc_nolog"))
         results["grpc_durable"].append(await grpc_round("grpc_durable"))
+        if http_port is not None:
+            results["vllm_http"].append(await _http_round(http_port, "m"))
         print(
             f"round {r + 1}: "
             + ", ".join(f"{k} {v[-1]['tokens'] / v[-1]['wall']:.1f} tok/s" for k, v in results.items()),
@@ -300,12 +305,10 @@ async def main() -> None:
     total = {k: statistics.median(t for r in results[k] for t in r["totals"]) for k in ("grpc", "grpc_durable")}
     print(f"durable_completions_added_latency_p50_ms: {(total['grpc_durable'] - total['grpc']) * 1000:.1f}")
     print(f"durable_vs_default_ratio: {tps['grpc_durable'] / tps['grpc']:.3f}")
-    if not args.skip_http:
-        http = await _measure_http(model_dir, args.rounds)
-        print(f"vllm_http: {_tps(http):.1f} tok/s, ttft p50 {_ttft_p50(http) * 1000:.0f} ms")
-        print(f"vs_vllm_http_ratio: {tps['grpc'] / _tps(http):.3f}")
+    if http_port is not None:
+        print(f"vs_vllm_http_ratio: {tps['grpc'] / tps['vllm_http']:.3f}")
         # The burst: 16 requests arrive together; p50 time to first token, ours over theirs.
-        print(f"ttft_p50_vs_vllm_http: {ttft['grpc'] / _ttft_p50(http):.3f}")
+        print(f"ttft_p50_vs_vllm_http: {ttft['grpc'] / ttft['vllm_http']:.3f}")
     print(f"serve_overhead_ratio: {tps['grpc'] / tps['inprocess']:.3f}")
 
 

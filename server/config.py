@@ -70,6 +70,11 @@ class ServerConfig:
         "on a CPU, where vLLM's seeded path crashes the engine with it), on, off.",
         choices=CHUNKED_PREFILL,
     )
+    max_batched_tokens: int = setting(
+        0,
+        "Most tokens the engine computes in one step (prefill chunks and decodes together). Smaller steps "
+        "give first tokens sooner under a burst, larger ones more throughput. 0: 512 on CPU, vLLM's default on GPU.",
+    )
     seeded_sampling: str = setting(
         "auto",
         "Who samples requests that set a seed: tuneloop (a pure function of seed and position, safe with "
@@ -189,6 +194,11 @@ class ServerConfig:
             f"got {self.max_lora_rank} (adapters of any rank up to it are served)",
         )
         need(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        need(
+            self.max_batched_tokens == 0 or self.max_batched_tokens >= self.max_num_seqs,
+            f"max_batched_tokens ({self.max_batched_tokens}) must be 0 (auto) or at least max_num_seqs "
+            f"({self.max_num_seqs}): every running sequence decodes one token per step",
+        )
         need(self.kv_cache_gib > 0, "kv_cache_gib must be > 0")
         need(self.max_message_bytes >= 1024, "max_message_bytes must be >= 1024")
         need(0.01 <= self.registry_poll_s <= 1.0, "registry_poll_s must be between 0.01 and 1 second")
