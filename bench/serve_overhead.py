@@ -1,6 +1,8 @@
 """What the gRPC layer costs, measured against vLLM itself in one run.
 
-Workload: 16 concurrent streaming chat requests of 64 new tokens (sampled, seeded), repeated.
+Workload: 16 concurrent streaming chat requests of 64 new tokens (sampled, no seed: vLLM's own
+seeded sampling, which the baseline and vLLM's server would use, crashes its CPU engine once a
+prompt is prefilled in chunks), repeated.
   1. in-process: the same requests straight into the engine's AsyncLLM (the baseline);
   2. gRPC: through tuneloop's GenerateStream, from a separate client process, completion log on;
   3. gRPC with the completion log off;
@@ -77,7 +79,7 @@ def _grpc_client(port: int, rounds: int, out: mp.Queue) -> None:
         tokens = 0
         req = pb.GenerateRequest(
             chat=pb.ChatInput(messages=[pb.ChatMessage(role="user", content=text)]),
-            sampling=pb.SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, seed=1000 + i),
+            sampling=pb.SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0),
         )
         async for msg in stub.GenerateStream(req):
             if ttft is None and msg.text_delta:
@@ -109,9 +111,7 @@ async def _inprocess(engine: object) -> dict:
 
     async def one(i: int, text: str) -> tuple[int, float]:
         ids = engine.tokenize(engine.render_chat([{"role": "user", "content": text}]))
-        params = SamplingParams(
-            max_tokens=NEW_TOKENS, temperature=1.0, seed=1000 + i, output_kind=RequestOutputKind.DELTA
-        )
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, output_kind=RequestOutputKind.DELTA)
         t0 = time.perf_counter()
         ttft = None
         tokens = 0
@@ -146,7 +146,6 @@ async def _http_round(port: int, model: str) -> dict:
                 "messages": [{"role": "user", "content": text}],
                 "max_tokens": NEW_TOKENS,
                 "temperature": 1.0,
-                "seed": 1000 + i,
                 "stream": True,
                 "stream_options": {"include_usage": True},
             }
@@ -177,7 +176,7 @@ async def _http_round(port: int, model: str) -> dict:
 
 
 @contextlib.asynccontextmanager
-async def _http_server(model_dir: str) -> AsyncIterator[int]:
+async def _http_server(model_dir: str, enable_lora: bool) -> AsyncIterator[int]:
     """vLLM's own OpenAI-compatible server on the same model, in the dtype tuneloop's `auto` serves
     in on this host (same arithmetic); yields its port once it answers."""
     from tuneloop.server.hardware import fastest_dtype
@@ -187,7 +186,7 @@ async def _http_server(model_dir: str) -> AsyncIterator[int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
          "--host", "127.0.0.1", "--max-model-len", "2048", "--served-model-name", "m",
-         "--dtype", fastest_dtype("auto", "cpu")],
+         "--dtype", fastest_dtype("auto", "cpu"), *(["--enable-lora"] if enable_lora else [])],
         stdout=log,
         stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -225,6 +224,12 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-http", action="store_true", help="skip vLLM's HTTP server comparison")
+    ap.add_argument(
+        "--http-enable-lora",
+        action="store_true",
+        help="start vLLM's server with LoRA support, as tuneloop's engine runs (vLLM's CPU platform turns "
+        "torch.compile off whenever LoRA is enabled)",
+    )
     args = ap.parse_args()
 
     from tuneloop.server.model_cache import ensure_default_model
@@ -233,7 +238,9 @@ async def main() -> None:
     async with contextlib.AsyncExitStack() as stack:
         # vLLM's server idles beside our engine and takes its turn in every round, so both see
         # the same machine (an idle engine waits on its socket and costs no CPU).
-        http_port = None if args.skip_http else await stack.enter_async_context(_http_server(model_dir))
+        http_port = (
+            None if args.skip_http else await stack.enter_async_context(_http_server(model_dir, args.http_enable_lora))
+        )
         await _run(args.rounds, model_dir, http_port)
 
 

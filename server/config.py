@@ -73,7 +73,7 @@ class ServerConfig:
     max_batched_tokens: int = setting(
         0,
         "Most tokens the engine computes in one step (prefill chunks and decodes together). Smaller steps "
-        "give first tokens sooner under a burst, larger ones more throughput. 0: 512 on CPU, vLLM's default on GPU.",
+        "give first tokens sooner under a burst on a GPU, larger ones more throughput. 0: vLLM's default.",
     )
     seeded_sampling: str = setting(
         "auto",

@@ -104,23 +104,14 @@ def sampling_modes(chunked_prefill: str, seeded_sampling: str, cpu: bool) -> tup
     return chunked_prefill == "on", ours
 
 
-# On a CPU a step's time grows with its tokens, so a burst prefilled in one 2048-token step
-# makes every request wait for all of them; 512-token chunks let the first prompts start decoding
-# while the rest prefill (bench/serve_overhead.py, ttft_p50_vs_vllm_http).
-CPU_BATCHED_TOKENS = 512
-
-
-def batched_tokens(setting: int, chunked: bool, cpu: bool, max_model_len: int) -> int | None:
-    """The engine's max_num_batched_tokens: the setting, or for 0 (auto) CPU_BATCHED_TOKENS on a
-    CPU with chunked prefill and vLLM's own default (None) elsewhere. Without chunked prefill a
-    step must hold a whole prompt, so it is never below max_model_len then."""
+def batched_tokens(setting: int, chunked: bool, max_model_len: int) -> int | None:
+    """The engine's max_num_batched_tokens: vLLM's own default (None) for 0, else the setting;
+    without chunked prefill a step must hold a whole prompt, so never below max_model_len then.
+    (512-token steps on a 2-core CPU made the p50 first token of a 16-request burst later, not
+    sooner: bench/serve_overhead.py, so auto keeps vLLM's choice.)"""
     if setting == 0:
-        value = CPU_BATCHED_TOKENS if cpu and chunked else None
-    else:
-        value = setting
-    if value is not None and not chunked:
-        value = max(value, max_model_len)
-    return value
+        return None
+    return setting if chunked else max(setting, max_model_len)
 
 
 async def merge_candidates(streams: list[AsyncGenerator[EngineDelta, None]]) -> AsyncGenerator[EngineDelta, None]:
@@ -194,7 +185,7 @@ class VllmEngine:
             max_lora_rank=config.max_lora_rank,  # type: ignore[arg-type] # ServerConfig checks it is in VLLM_LORA_RANKS
             max_cpu_loras=max(config.max_loras * 2, 4),
             enable_chunked_prefill=chunked,
-            max_num_batched_tokens=batched_tokens(config.max_batched_tokens, chunked, cpu, config.max_model_len),
+            max_num_batched_tokens=batched_tokens(config.max_batched_tokens, chunked, config.max_model_len),
             logits_processors=[SEEDED_SAMPLER] if seeded_here else None,
             # The fast path folds the default adapter into the weights from inside the worker.
             worker_extension_cls=FOLD_EXTENSION if config.fold_adapters else "",

@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator
 import pytest
 import torch
 
-from tuneloop.server.engine import CPU_BATCHED_TOKENS, EngineDelta, batched_tokens, merge_candidates, sampling_modes
+from tuneloop.server.engine import EngineDelta, batched_tokens, merge_candidates, sampling_modes
 from tuneloop.server.seeded_sampling import mix, restrict, seeded_token
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
@@ -67,12 +67,10 @@ def test_auto_keeps_chunked_prefill_on_and_samples_seeds_itself_on_cpu() -> None
     assert sampling_modes("off", "tuneloop", cpu=False) == (False, True)
 
 
-def test_auto_steps_are_short_on_cpu_and_whole_prompts_fit_without_chunking() -> None:
-    assert batched_tokens(0, chunked=True, cpu=True, max_model_len=2048) == CPU_BATCHED_TOKENS
-    assert batched_tokens(0, chunked=True, cpu=False, max_model_len=2048) is None  # vLLM's GPU default
-    assert batched_tokens(0, chunked=False, cpu=True, max_model_len=2048) is None
-    assert batched_tokens(256, chunked=False, cpu=True, max_model_len=2048) == 2048
-    assert batched_tokens(256, chunked=True, cpu=True, max_model_len=2048) == 256
+def test_a_step_holds_a_whole_prompt_unless_prompts_are_chunked() -> None:
+    assert batched_tokens(0, chunked=True, max_model_len=2048) is None  # vLLM's default
+    assert batched_tokens(256, chunked=True, max_model_len=2048) == 256
+    assert batched_tokens(256, chunked=False, max_model_len=2048) == 2048
 
 
 def _delta(text: str, done: bool = False) -> EngineDelta:
