@@ -13,6 +13,8 @@ worker had loaded is dropped by the reload (vLLM reloads them from their files o
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import time
 from collections.abc import Iterator
 
@@ -49,6 +51,18 @@ class FoldWorkerExtension:
                 yield name, tensor
 
         runner.reload_weights(weights_iterator=weights())  # type: ignore[attr-defined]
+        _return_freed_memory()
         if pending:
             raise ValueError(f"the adapter updates weights the base checkpoint does not have: {sorted(pending)[:4]}")
         return {"weights_changed": len(deltas), "seconds": time.perf_counter() - started}
+
+
+def _return_freed_memory() -> None:
+    """A reload frees a model's worth of tensors (the old weights, the streamed checkpoint) that
+    glibc keeps in its arenas; hand them back so the worker's resident size stays flat across
+    publishes (the soak bench saw +300 MiB after the first fold without this)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
