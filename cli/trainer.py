@@ -141,8 +141,9 @@ def _run_sidecar(cfg: TrainerConfig, source: Any, registry: Registry, metrics: A
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     log.info(
-        "trainer sidecar for adapter %s: a round at %d new pairs, or every %.0f min with %d",
+        "trainer sidecar for adapter %s (--algo %s): a round at %d new pairs, or every %.0f min with %d",
         cfg.adapter,
+        cfg.algo,
         cfg.sidecar.min_new_pairs,
         cfg.sidecar.interval_minutes,
         cfg.sidecar.min_new_pairs_periodic,

@@ -35,6 +35,33 @@ def test_once_on_an_empty_store_skips_with_a_reason(tmp_path: Path, capsys: pyte
     assert code == 0 and "outcome=skipped" in out and "too few usable pairs" in out
 
 
+@pytest.mark.parametrize(
+    ("algo", "unit", "picked"), [("kto", "pairs, thumbs and ratings", "kto"), ("auto", "pairs", "dpo")]
+)
+def test_once_with_kto_and_auto_on_an_empty_store_skips(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], algo: str, unit: str, picked: str
+) -> None:
+    code = main([
+        "trainer", "once", "--algo", algo, "--store-url", f"sqlite:///{tmp_path}/s.db",
+        "--registry-dir", str(tmp_path / "reg"), "--no-progress",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "outcome=skipped" in out and f"algo={picked}" in out and f"too few usable {unit}" in out
+
+
+def test_kto_and_auto_settings_from_flags_and_toml(tmp_path: Path) -> None:
+    toml = tmp_path / "t.toml"
+    toml.write_text("[kto]\nkto_beta = 0.3\n[auto]\nauto_ppo_min_ratings = 50\n")
+    args = build_parser().parse_args(
+        ["once", "--config", str(toml), "--algo", "auto", "--no-kto-ratings-as-labels", "--auto-min-pair-share",
+         "0.7", "--kto-undesirable-weight", "2"]
+    )  # fmt: skip
+    cfg = config_from_args(args)
+    assert cfg.algo == "auto" and cfg.kto.kto_beta == 0.3 and cfg.kto.kto_ratings_as_labels is False
+    assert cfg.kto.kto_undesirable_weight == 2.0 and cfg.kto.kto_balance_classes is True
+    assert cfg.auto.auto_ppo_min_ratings == 50 and cfg.auto.auto_min_pair_share == 0.7
+
+
 def test_bad_settings_exit_2_with_the_setting_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["trainer", "once", "--beta", "-1", "--store-url", f"sqlite:///{tmp_path}/s.db"]) == 2
     assert "beta must be > 0" in capsys.readouterr().err

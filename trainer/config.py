@@ -53,7 +53,9 @@ ATTENTION = ("sdpa", "eager")
 
 @dataclass
 class DPOConfig:
-    """DPO on a LoRA adapter (arXiv 2305.18290; IPO: arXiv 2310.12036; cDPO label smoothing)."""
+    """DPO on a LoRA adapter (arXiv 2305.18290; IPO: arXiv 2310.12036; cDPO label smoothing).
+
+    Its reference, optimizer, token limits, LoRA shape and seed serve KTO too (`--algo kto`)."""
 
     loss_type: str = setting("sigmoid", "'sigmoid' (DPO, with optional label smoothing = cDPO) or 'ipo'.")
     beta: float = setting(0.1, "KL strength: higher keeps the policy closer to the reference (tau for IPO).")
@@ -64,8 +66,8 @@ class DPOConfig:
         "now served, so rounds chain).",
     )
     learning_rate: float = setting(5e-4, "AdamW learning rate for the LoRA weights.")
-    epochs: int = setting(2, "Passes over the training pairs.")
-    batch_size: int = setting(8, "Pairs per optimizer step (after accumulation).")
+    epochs: int = setting(2, "Passes over the training pairs (KTO: examples).")
+    batch_size: int = setting(8, "Pairs (KTO: examples, at least 2) per optimizer step (after accumulation).")
     grad_accum: int = setting(1, "Micro-batches per optimizer step; batch_size must divide by it.")
     max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 disables).")
     max_prompt_tokens: int = setting(256, "Prompts are cut to their last this-many tokens.")
@@ -105,6 +107,64 @@ class DPOConfig:
     def hyperparameters(self) -> dict[str, Any]:
         """What goes into the manifest and the run key."""
         return asdict(self)
+
+
+@dataclass
+class KTOConfig:
+    """KTO on a LoRA adapter from unpaired thumbs and ratings (`--algo kto`, arXiv 2402.01306).
+
+    The reference, optimizer, LoRA shape, token limits and seed are DPO's settings."""
+
+    kto_beta: float = setting(
+        0.1, "KTO beta: sharpness of the value function; higher keeps the policy nearer the reference."
+    )
+    kto_balance_classes: bool = setting(
+        True,
+        "Set the desirable and undesirable weights from the round's class counts so that "
+        "lambda_D * n_D / (lambda_U * n_U) lies in [1, 4/3] (the paper's rule; the minority class is weighted up); "
+        "off: use --kto-desirable-weight and --kto-undesirable-weight.",
+    )
+    kto_desirable_weight: float = setting(
+        1.0, "lambda_D, the weight of desirable examples (with --no-kto-balance-classes)."
+    )
+    kto_undesirable_weight: float = setting(
+        1.0, "lambda_U, the weight of undesirable examples (with --no-kto-balance-classes)."
+    )
+    kto_ratings_as_labels: bool = setting(
+        True, "Ratings of 4-5 count as desirable and 1-2 as undesirable (3 is neither); off: thumbs only."
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.kto_beta > 0, f"kto_beta must be > 0, got {self.kto_beta}")
+        _check(
+            self.kto_desirable_weight > 0 and self.kto_undesirable_weight > 0,
+            "kto_desirable_weight and kto_undesirable_weight must be > 0",
+        )
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AutoConfig:
+    """How `--algo auto` picks each round's algorithm from the feedback at hand (`trainer/choose.py`)."""
+
+    auto_min_pair_share: float = setting(
+        0.5,
+        "DPO when preference pairs make at least this share of pairs plus unpaired labelled thumbs and ratings; "
+        "KTO otherwise.",
+    )
+    auto_ppo_min_ratings: int = setting(256, "PPO (reward model, then PPO) needs at least this many ratings...")
+    auto_ppo_min_rating_values: int = setting(3, "...with at least this many distinct values (1-5)...")
+    auto_ppo_min_rating_share: float = setting(
+        0.5, "...making at least this share of the thumbs, ratings, pairwise choices and corrections."
+    )
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.auto_min_pair_share <= 1.0, "auto_min_pair_share must be in [0, 1]")
+        _check(self.auto_ppo_min_ratings >= 1, f"auto_ppo_min_ratings must be >= 1, got {self.auto_ppo_min_ratings}")
+        _check(1 <= self.auto_ppo_min_rating_values <= 5, "auto_ppo_min_rating_values must be in 1..5")
+        _check(0.0 <= self.auto_ppo_min_rating_share <= 1.0, "auto_ppo_min_rating_share must be in [0, 1]")
 
 
 @dataclass
@@ -275,6 +335,14 @@ class GateConfig:
         "Reward-model algorithms (PPO): the reward model's mean score of the candidate's held-out samples minus "
         "the reference's must exceed this.",
     )
+    # The implicit rewards of desirable and undesirable replies to different prompts overlap a lot
+    # (user labels are noisy, as for DPO's accuracy): like min_accuracy, the default only turns
+    # down a candidate that ranks them backwards beyond sampling noise.
+    min_reward_auc: float = setting(
+        0.5,
+        "KTO: the held-out AUC of the implicit reward (desirable above undesirable) must not be below this with "
+        "95% confidence (a Wilson upper bound over the smaller class).",
+    )
     min_diversity_ratio: float = setting(
         0.8, "Candidate distinct-1 and distinct-2 must stay above this fraction of the reference's."
     )
@@ -308,6 +376,7 @@ class GateConfig:
         _check(0.0 <= self.min_accuracy <= 1.0, f"min_accuracy must be in [0, 1], got {self.min_accuracy}")
         _check(self.max_kl_per_token > 0, f"max_kl_per_token must be > 0, got {self.max_kl_per_token}")
         _check(math.isfinite(self.min_reward_gain), f"min_reward_gain must be finite, got {self.min_reward_gain}")
+        _check(0.0 <= self.min_reward_auc <= 1.0, f"min_reward_auc must be in [0, 1], got {self.min_reward_auc}")
         _check(0.0 <= self.min_diversity_ratio <= 1.0, "min_diversity_ratio must be in [0, 1]")
         _check(self.max_nll_increase_per_token > 0, "max_nll_increase_per_token must be > 0")
         for name in ("repetition", "non_language", "empty", "cutoff"):
@@ -325,7 +394,7 @@ class SidecarConfig:
     min_new_pairs: int = setting(
         64,
         "Start a round as soon as this many new usable pairs arrived (N); for --algo reward and ppo, "
-        "each new thumb and rating counts as one too.",
+        "each new thumb and rating counts as one too; for kto, only its labelled thumbs and ratings count.",
     )
     interval_minutes: float = setting(60.0, "Or every this many minutes (T)...")
     min_new_pairs_periodic: int = setting(16, "...if at least this many new usable pairs arrived (M).")
@@ -345,7 +414,8 @@ class SidecarConfig:
         _check(0 <= self.metrics_port <= 65535, f"metrics_port must be a TCP port, got {self.metrics_port}")
 
 
-ALGOS = ("dpo", "reward", "ppo")
+AUTO = "auto"
+ALGOS = ("dpo", "kto", "reward", "ppo", AUTO)
 PUBLISH_MODES = ("canary", "current")
 
 
@@ -356,19 +426,25 @@ class TrainerConfig:
     adapter: str = setting("default", "Adapter name in the registry that this trainer publishes.")
     algo: str = setting(
         "dpo",
-        "Training algorithm: 'dpo' (a policy from preference pairs), 'reward' (a reward model alone) or "
-        "'ppo' (a reward model, then PPO against it).",
+        "Training algorithm: 'dpo' (a policy from preference pairs), 'kto' (a policy from unpaired thumbs and "
+        "ratings), 'reward' (a reward model alone), 'ppo' (a reward model, then PPO against it) or 'auto' "
+        "(dpo, kto or ppo, picked each round from the feedback at hand).",
     )
     model_dir: str = setting("", "Base model: a local Hugging Face directory (default: the built-in SmolLM2).")
     registry_dir: str = setting("", "Adapter registry directory (default $TUNELOOP_HOME/adapters).")
     store_url: str = setting("", "Feedback store URL (default: the server's default store).")
     work_dir: str = setting("", "Scratch directory for candidate adapters (default: a temp dir).")
-    # For --algo reward and ppo a thumb or a rating counts as one example beside the pairs.
+    # For --algo reward and ppo a thumb or a rating counts as one example beside the pairs; kto
+    # counts its labelled thumbs and ratings alone.
     min_train_pairs: int = setting(
-        8, "Fewer usable training pairs than this (for reward/ppo: pairs, thumbs and ratings): the round is skipped."
+        8,
+        "Fewer usable training pairs than this (reward/ppo: pairs, thumbs and ratings; kto: labelled thumbs and "
+        "ratings): the round is skipped.",
     )
     min_heldout_pairs: int = setting(
-        2, "Fewer held-out pairs than this (for reward/ppo: pairs, thumbs and ratings): the round is skipped."
+        2,
+        "Fewer held-out pairs than this (reward/ppo: pairs, thumbs and ratings; kto: labelled thumbs and "
+        "ratings): the round is skipped.",
     )
     progress: bool = setting(True, "Show a progress bar (steps, loss) on the terminal.")
     publish: str = setting(
@@ -379,11 +455,13 @@ class TrainerConfig:
     canary_share: float = setting(0.1, "Share of default traffic (sticky per user) a new canary takes.")
     data: DatasetConfig = field(default_factory=DatasetConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     sidecar: SidecarConfig = field(default_factory=SidecarConfig)
+    auto: AutoConfig = field(default_factory=AutoConfig)
 
     def __post_init__(self) -> None:
         from tuneloop.server.registry import validate_name  # noqa: PLC0415 - keeps import order simple
@@ -394,6 +472,11 @@ class TrainerConfig:
         _check(0.0 < self.canary_share <= 1.0, f"canary_share must be in (0, 1], got {self.canary_share}")
         _check(self.min_train_pairs >= 1, f"min_train_pairs must be >= 1, got {self.min_train_pairs}")
         _check(self.min_heldout_pairs >= 1, f"min_heldout_pairs must be >= 1, got {self.min_heldout_pairs}")
+        # KTO's reference point comes from mismatched pairs within a step's batch: one example has none.
+        _check(
+            self.algo not in ("kto", AUTO) or self.dpo.batch_size >= 2,
+            f"--algo {self.algo} needs batch_size >= 2 (KTO estimates its reference point within a batch)",
+        )
         if self.model_dir:
             _check(
                 (Path(self.model_dir) / "config.json").is_file(),
@@ -416,7 +499,7 @@ class TrainerConfig:
         return f"sqlite:///{(tuneloop_home() / 'tuneloop.db').resolve()}"
 
 
-SECTIONS = ("data", "dpo", "reward", "ppo", "compute", "gate", "sidecar")
+SECTIONS = ("data", "dpo", "kto", "reward", "ppo", "compute", "gate", "sidecar", "auto")
 
 
 def leaf_fields(cls: type) -> list[Any]:

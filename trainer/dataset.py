@@ -23,7 +23,8 @@ so `rebuild_dataset` recreates the exact pairs of a past run from the store.
 Pointwise examples (`build_pointwise`): one per current thumbs or rating event (a completion judged
 by several raters gives several), capped per rater like pairs and split by the same prompt hash, so
 a prompt held out of the pairs is held out of the pointwise examples too. Corrections are pairs only:
-they say which of two texts is better, not how good either is.
+they say which of two texts is better, not how good either is. KTO reads the pointwise examples as
+desirable or undesirable (`kto_label`): thumbs, and optionally ratings of 4-5 against 1-2.
 """
 
 from __future__ import annotations
@@ -380,6 +381,42 @@ def build_pointwise(
     kept = _cap_in_order(examples, lambda e: (e.rater_id,), config.max_pairs_per_rater, dropped)
     train, heldout = split_by_prompt(kept, config.heldout_fraction, config.split_salt)
     return PointwiseDataset(train=train, heldout=heldout, dropped=+dropped)
+
+
+# -- KTO's labels -------------------------------------------------------------------------------
+# A rating of 4 or 5 says the reply was good, 1 or 2 that it was bad; a 3 says neither.
+DESIRABLE_RATING, UNDESIRABLE_RATING = 4.0, 2.0
+
+
+def kto_label(example: PointwiseExample, ratings_as_labels: bool = True) -> bool | None:
+    """Desirable (True), undesirable (False) or neither (None), for KTO (arXiv 2402.01306).
+
+    A thumb up is desirable and a thumb down undesirable. With `ratings_as_labels`, a rating of at
+    least DESIRABLE_RATING is desirable and one of at most UNDESIRABLE_RATING undesirable; a middle
+    rating, or any rating without it, is no label.
+    """
+    if example.kind == THUMBS:
+        return example.value > 0
+    if example.kind == RATING and ratings_as_labels:
+        if example.value >= DESIRABLE_RATING:
+            return True
+        if example.value <= UNDESIRABLE_RATING:
+            return False
+    return None
+
+
+def kto_examples(pointwise: PointwiseDataset, ratings_as_labels: bool = True) -> PointwiseDataset:
+    """The thumbs and ratings KTO learns from (those `kto_label` labels), split as given; the rest
+    are counted in `dropped` by why."""
+    dropped = Counter(pointwise.dropped)
+    for e in pointwise.examples:
+        if kto_label(e, ratings_as_labels) is None:
+            dropped["kto_middle_rating" if ratings_as_labels else "kto_ratings_not_labels"] += 1
+
+    def keep(examples: list[PointwiseExample]) -> list[PointwiseExample]:
+        return [e for e in examples if kto_label(e, ratings_as_labels) is not None]
+
+    return PointwiseDataset(train=keep(pointwise.train), heldout=keep(pointwise.heldout), dropped=+dropped)
 
 
 # -- the builder --------------------------------------------------------------------------------

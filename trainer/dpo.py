@@ -11,20 +11,20 @@ What makes it cheap on a CPU, compared with a generic trainer:
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .config import DPOConfig
 from .losses import preference_loss
-from .model import adapter_mode, completion_logps, trainable_parameters
+from .model import adapter_mode, collate_sequences, completion_logps, encode_completion, encode_prompt
+from .optim import TrainResult, apply_gradients, run_epochs
 from .rows import PreferencePair
+
+__all__ = ["TrainResult", "collate_sequences", "encode_completion"]  # shared pieces, imported from here too
 
 log = logging.getLogger(__name__)
 
@@ -60,42 +60,14 @@ class PairBatch:
         return lengths[: self.n_pairs], lengths[self.n_pairs :]
 
 
-def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> tuple[int, ...]:
-    """Completion tokens, ended with EOS unless the text had to be cut (a cut answer did not end)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < max_tokens:
-        return (*ids, tokenizer.eos_token_id)
-    return tuple(ids[:max_tokens])
-
-
 def tokenize_pair(
     tokenizer: PreTrainedTokenizerBase, pair: PreferencePair, max_prompt_tokens: int, max_completion_tokens: int
 ) -> TokenizedPair:
-    """The prompt is the chat-templated text as served; the end of a long prompt is kept because
-    it holds the question being answered."""
-    prompt = tokenizer(pair.prompt_text, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
     return TokenizedPair(
-        prompt_ids=tuple(prompt),
+        prompt_ids=encode_prompt(tokenizer, pair.prompt_text, max_prompt_tokens),
         chosen_ids=encode_completion(tokenizer, pair.chosen_text, max_completion_tokens),
         rejected_ids=encode_completion(tokenizer, pair.rejected_text, max_completion_tokens),
     )
-
-
-def collate_sequences(
-    seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(prompt, completion) token lists -> input_ids, attention_mask, completion_mask, each (N, T),
-    right-padded to the longest sequence."""
-    width = max(len(p) + len(c) for p, c in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    comp = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (p, c) in enumerate(seqs):
-        n = len(p) + len(c)
-        ids[i, :n] = torch.tensor((*p, *c))
-        attn[i, :n] = 1
-        comp[i, len(p) : n] = 1
-    return ids, attn, comp
 
 
 def collate_pairs(items: Sequence[TokenizedPair], pad_id: int) -> PairBatch:
@@ -146,22 +118,6 @@ class StepLog:
     margin: float
 
 
-@dataclass
-class TrainResult:
-    steps: int
-    examples: int
-    seconds: float
-    log: list[StepLog] = field(default_factory=list)
-
-    @property
-    def first_loss(self) -> float:
-        return self.log[0].loss if self.log else math.nan
-
-    @property
-    def last_loss(self) -> float:
-        return self.log[-1].loss if self.log else math.nan
-
-
 def dpo_step(
     model: PeftModel,
     optimizer: torch.optim.Optimizer,
@@ -194,10 +150,7 @@ def dpo_step(
         loss_sum += float(out.losses.detach().sum())
         correct += float((out.margins > 0).sum())
         margin_sum += float(out.margins.sum())
-    if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    apply_gradients(model, optimizer, cfg.max_grad_norm)
     return StepLog(step=0, loss=loss_sum / total, accuracy=correct / total, margin=margin_sum / total)
 
 
@@ -213,7 +166,7 @@ def train_dpo(
     dtype: torch.dtype,
     progress: bool = True,
     on_step: Callable[[StepLog], None] | None = None,
-) -> TrainResult:
+) -> TrainResult[StepLog]:
     """Train the active adapter of `model` in place.
 
     Args:
@@ -225,36 +178,20 @@ def train_dpo(
         raise ValueError("no training pairs")
     if ref_chosen.shape != (len(items),) or ref_rejected.shape != (len(items),):
         raise ValueError(f"reference log-probs must have shape ({len(items)},)")
-    params = trainable_parameters(model)
-    if not params:
-        raise ValueError("the model has no trainable parameters; is the adapter loaded as trainable?")
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
-    result = TrainResult(steps=0, examples=len(items), seconds=0.0)
-    model.train()
-    start = time.perf_counter()
-    bar = tqdm(total=steps_per_epoch * cfg.epochs, desc="dpo", unit="step", disable=not progress, leave=False)
-    try:
-        for _epoch in range(cfg.epochs):
-            order = torch.randperm(len(items), generator=gen).tolist()
-            for s in range(steps_per_epoch):
-                idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-                micro = []
-                for m in range(0, len(idx), cfg.micro_batch_size):
-                    sub = idx[m : m + cfg.micro_batch_size]
-                    batch = collate_pairs([items[i] for i in sub], pad_id).to(device)
-                    micro.append((batch, ref_chosen[sub].to(device), ref_rejected[sub].to(device)))
-                step = dpo_step(model, optimizer, micro, cfg, dtype)
-                result.steps += 1
-                step.step = result.steps
-                result.log.append(step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{step.loss:.4f}", acc=f"{step.accuracy:.2f}")
-                if on_step is not None:
-                    on_step(step)
-    finally:
-        bar.close()
-        model.eval()
-    result.seconds = time.perf_counter() - start
-    return result
+
+    def batches(gen: torch.Generator) -> list[list[int]]:
+        order = torch.randperm(len(items), generator=gen).tolist()
+        return [order[s : s + cfg.batch_size] for s in range(0, len(items), cfg.batch_size)]
+
+    def step(optimizer: torch.optim.Optimizer, idx: Sequence[int]) -> StepLog:
+        micro = []
+        for m in range(0, len(idx), cfg.micro_batch_size):
+            sub = list(idx[m : m + cfg.micro_batch_size])
+            batch = collate_pairs([items[i] for i in sub], pad_id).to(device)
+            micro.append((batch, ref_chosen[sub].to(device), ref_rejected[sub].to(device)))
+        return dpo_step(model, optimizer, micro, cfg, dtype)
+
+    return run_epochs(
+        model, cfg, examples=len(items), batches=batches, step=step, desc="dpo", progress=progress, on_step=on_step,
+        postfix=lambda s: {"loss": f"{s.loss:.4f}", "acc": f"{s.accuracy:.2f}"},
+    )  # fmt: skip

@@ -26,8 +26,8 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from .config import GateConfig
-from .dpo import TokenizedPair, collate_sequences, score_pairs
-from .model import SERVED, TRAINED, adapter_mode, autocast, completion_logps
+from .dpo import TokenizedPair, score_pairs
+from .model import SERVED, TRAINED, adapter_mode, autocast, score_sequences
 
 
 # -- pure metrics -------------------------------------------------------------------------------
@@ -172,6 +172,15 @@ class GateMetrics:
     reference_cutoff: float = 0.0
     # The reward model's mean score of the candidate's samples minus the reference's samples'.
     reward_gain: float | None = None
+    # KTO: held-out desirable and undesirable examples (None for other algorithms), the AUC of the
+    # implicit reward between them (None without both classes), and the mean reward gap
+    # (desirable minus undesirable); the served adapter's on the same examples, if one is loaded.
+    heldout_desirable: int | None = None
+    heldout_undesirable: int | None = None
+    reward_auc: float | None = None
+    reward_gap: float | None = None
+    served_reward_auc: float | None = None
+    served_reward_gap: float | None = None
 
     @property
     def nll_increase_per_token(self) -> float:
@@ -194,8 +203,8 @@ class GateResult:
 
 
 GATE_CHECKS = (
-    "accuracy", "beat_served", "reward_gain", "kl", "distinct_1", "distinct_2", "nll", "repetition", "non_language",
-    "empty", "cutoff",
+    "accuracy", "reward_auc", "beat_served", "reward_gain", "kl", "distinct_1", "distinct_2", "nll", "repetition",
+    "non_language", "empty", "cutoff",
 )  # fmt: skip
 
 
@@ -209,6 +218,16 @@ def wilson_upper(share: float, n: int, z: float = 1.645) -> float:
     return min(1.0, (centre + spread) / (1 + z * z / n))
 
 
+def auc_upper(auc: float, n_positive: int, n_negative: int) -> float:
+    """One-sided 95% upper confidence bound of an AUC measured on n_positive x n_negative examples.
+
+    The variance of an AUC estimate is at most AUC * (1 - AUC) / min(n_positive, n_negative)
+    (Birnbaum and Klose 1957), the variance of a share seen in min(n_positive, n_negative)
+    trials: the Wilson bound over the smaller class is therefore a conservative bound for the AUC.
+    """
+    return wilson_upper(auc, min(n_positive, n_negative))
+
+
 def decide(m: GateMetrics, cfg: GateConfig) -> GateResult:
     """Every check is run so the manifest says all the reasons a candidate failed, not just the first."""
     failed: list[tuple[str, str]] = []
@@ -220,6 +239,28 @@ def decide(m: GateMetrics, cfg: GateConfig) -> GateResult:
             f"held-out accuracy {m.accuracy:.3f} over {m.heldout_pairs} pairs (95% upper bound "
             f"{wilson_upper(m.accuracy, m.heldout_pairs):.3f}) < min_accuracy {cfg.min_accuracy:.3f}",
         ))
+    if m.heldout_desirable is not None and m.heldout_undesirable is not None:  # KTO's held-out check
+        n_d, n_u = m.heldout_desirable, m.heldout_undesirable
+        if m.reward_auc is None:
+            failed.append((
+                "reward_auc",
+                f"no held-out desirable and undesirable examples to compare ({n_d} desirable, {n_u} undesirable)",
+            ))
+        elif not auc_upper(m.reward_auc, n_d, n_u) >= cfg.min_reward_auc:
+            failed.append((
+                "reward_auc",
+                f"held-out implicit-reward AUC {m.reward_auc:.3f} over {n_d} desirable and {n_u} undesirable "
+                f"examples (95% upper bound {auc_upper(m.reward_auc, n_d, n_u):.3f}) < min_reward_auc "
+                f"{cfg.min_reward_auc:.3f}",
+            ))
+        if cfg.beat_served and m.served_reward_auc is not None and m.reward_auc is not None:
+            served_gap = m.served_reward_gap if m.served_reward_gap is not None else -math.inf
+            if (m.reward_auc, m.reward_gap or 0.0) <= (m.served_reward_auc, served_gap):
+                failed.append((
+                    "beat_served",
+                    f"does not beat the served adapter: reward AUC {m.reward_auc:.3f} (gap {m.reward_gap or 0.0:.3f}) "
+                    f"vs {m.served_reward_auc:.3f} (gap {served_gap:.3f})",
+                ))
     if cfg.beat_served and m.served_accuracy is not None and m.accuracy is not None:
         served_margin = m.served_margin if m.served_margin is not None else -math.inf
         if (m.accuracy, m.margin or 0.0) <= (m.served_accuracy, served_margin):
@@ -319,26 +360,6 @@ def sample_completions(
 def decode_replies(tokenizer: PreTrainedTokenizerBase, completions: Sequence[Sequence[int]]) -> list[str]:
     """The text of each completion, special tokens (EOS) left out: the character-level checks read it."""
     return [str(tokenizer.decode(list(c), skip_special_tokens=True)) for c in completions]  # one text per id list
-
-
-@torch.no_grad()
-def score_sequences(
-    model: PeftModel,
-    seqs: Sequence[tuple[Sequence[int], Sequence[int]]],
-    *,
-    mode: str,
-    pad_id: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    batch_size: int = 16,
-) -> torch.Tensor:
-    """(S,) summed completion log-probs of (prompt, completion) sequences under one adapter mode."""
-    out = []
-    with adapter_mode(model, mode):
-        for i in range(0, len(seqs), batch_size):
-            ids, attn, comp = collate_sequences(seqs[i : i + batch_size], pad_id)
-            out.append(completion_logps(model, ids.to(device), attn.to(device), comp.to(device), dtype=dtype).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,12 @@ class TrainerMetrics:
         self.gate_failures = Counter(
             "tuneloop_trainer_gate_failures", "Gate checks failed by candidates, by check.", ("check",), registry=r
         )
-        self.examples = Gauge("tuneloop_trainer_examples", "Training pairs used by the last round.", registry=r)
+        self.examples = Gauge(
+            "tuneloop_trainer_examples",
+            "Training examples used by the last round: pairs, plus thumbs and ratings for algorithms that learn "
+            "from them.",
+            registry=r,
+        )
         # One gauge per standard PPO figure, set every iteration (a labelled family: one name to graph).
         self.ppo = Gauge(
             "tuneloop_trainer_ppo",

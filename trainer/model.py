@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +182,74 @@ def completion_logps(
         logits = lm.get_output_embeddings()(states)  # (K, V)
     token_logps = gathered_token_logps(logits, input_ids[rows, cols + 1])
     return sum_by_row(token_logps, rows, input_ids.shape[0])
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> tuple[int, ...]:
+    """The prompt is the chat-templated text as served; the end of a long prompt is kept because
+    it holds the question being answered."""
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"][-max_tokens:])
+
+
+def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> tuple[int, ...]:
+    """Completion tokens, ended with EOS unless the text had to be cut (a cut answer did not end)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < max_tokens:
+        return (*ids, tokenizer.eos_token_id)
+    return tuple(ids[:max_tokens])
+
+
+def collate_sequences(
+    seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt, completion) token lists -> input_ids, attention_mask, completion_mask, each (N, T),
+    right-padded to the longest sequence."""
+    width = max(len(p) + len(c) for p, c in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    comp = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (p, c) in enumerate(seqs):
+        n = len(p) + len(c)
+        ids[i, :n] = torch.tensor((*p, *c))
+        attn[i, :n] = 1
+        comp[i, len(p) : n] = 1
+    return ids, attn, comp
+
+
+def sequence_logps(
+    model: torch.nn.Module,
+    seqs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    pad_id: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(N,) summed completion log-probs of N (prompt, completion) sequences as one batch, on `device`
+    (with grad if enabled: the training steps call it too)."""
+    ids, attn, comp = collate_sequences(seqs, pad_id)
+    return completion_logps(model, ids.to(device), attn.to(device), comp.to(device), dtype=dtype)
+
+
+@torch.no_grad()
+def score_sequences(
+    model: PeftModel,
+    seqs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    mode: str,
+    pad_id: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """(S,) summed completion log-probs of (prompt, completion) sequences under one adapter mode,
+    in eval mode (no dropout) and without grad; on the CPU."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with adapter_mode(model, mode):
+            for i in range(0, len(seqs), batch_size):
+                chunk = seqs[i : i + batch_size]
+                out.append(sequence_logps(model, chunk, pad_id=pad_id, device=device, dtype=dtype).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)

@@ -14,7 +14,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ from tuneloop.server.registry import DEFAULT_CHANNEL, POLICY, AdapterVersion, Re
 
 from .algos import ALGORITHMS, RoundInputs
 from .algos.base import FeedbackSource
-from .config import TrainerConfig
+from .choose import choose_algorithm, feedback_counts
+from .config import AUTO, TrainerConfig
 from .dataset import PointwiseDataset, PreferenceDataset, build_dataset, build_pointwise
 from .metrics import TrainerMetrics
 from .rows import CompletionRow, FeedbackRow
@@ -39,6 +40,7 @@ class BaseModelMismatch(FailedPrecondition):
 class RoundResult:
     outcome: str  # one of metrics.OUTCOMES
     reason: str = ""
+    algorithm: str = ""  # the algorithm the round ran (with --algo auto, the one picked)
     version: str | None = None
     parent_version: str | None = None
     train_pairs: int = 0
@@ -53,6 +55,8 @@ class RoundResult:
     def summary(self) -> str:
         """The one line a run logs."""
         parts = [f"outcome={self.outcome}"]
+        if self.algorithm:
+            parts.append(f"algo={self.algorithm}")
         if self.version:
             parts.append(f"version={self.version}")
         if self.routed:
@@ -62,7 +66,7 @@ class RoundResult:
         if self.train_judgements is not None:
             parts.append(f"judgements={self.train_judgements}+{self.heldout_judgements}")
         for k in (
-            "first_loss", "last_loss", "accuracy", "served_accuracy", "kl", "kl_per_token", "distinct_2",
+            "first_loss", "last_loss", "accuracy", "served_accuracy", "reward_auc", "kl", "kl_per_token", "distinct_2",
             "nll_increase_per_token",
         ):  # fmt: skip
             v = self.metrics.get(k)
@@ -93,11 +97,31 @@ def run_key(base_model: str, parent: str | None, cfg: TrainerConfig, data_digest
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
-def round_pointwise(
+def round_data(
     cfg: TrainerConfig, completions: Sequence[CompletionRow], feedback: Sequence[FeedbackRow]
-) -> PointwiseDataset | None:
-    """The round's thumbs and ratings, when its algorithm learns from them (`uses_pointwise`)."""
-    return build_pointwise(completions, feedback, cfg.data) if ALGORITHMS[cfg.algo].uses_pointwise else None
+) -> tuple[PreferenceDataset, PointwiseDataset | None]:
+    """The round's pairs, and its thumbs and ratings when its algorithm learns from them
+    (`uses_pointwise`), narrowed to what the algorithm trains on (`training_data`)."""
+    algorithm = ALGORITHMS[cfg.algo]
+    pairs = build_dataset(completions, feedback, cfg.data)
+    pointwise = build_pointwise(completions, feedback, cfg.data) if algorithm.uses_pointwise else None
+    return algorithm.training_data(cfg, pairs, pointwise)
+
+
+def pick_algorithm(
+    cfg: TrainerConfig, completions: Sequence[CompletionRow], feedback: Sequence[FeedbackRow]
+) -> tuple[TrainerConfig, dict[str, Any] | None]:
+    """With `--algo auto`, the config with the algorithm `choose_algorithm` picks for this feedback,
+    and the choice as the manifest records it; any other `--algo` comes back as it is, with None."""
+    if cfg.algo != AUTO:
+        return cfg, None
+    counts = feedback_counts(
+        build_dataset(completions, feedback, cfg.data),
+        build_pointwise(completions, feedback, cfg.data),
+        cfg.kto.kto_ratings_as_labels,
+    )
+    algo, reason = choose_algorithm(counts, cfg.auto)
+    return replace(cfg, algo=algo), {"rule": AUTO, "picked": algo, "reason": reason, "counts": asdict(counts)}
 
 
 def data_digest(pairs_digest: str, pointwise: PointwiseDataset | None) -> str:
@@ -172,14 +196,24 @@ def run_round(
     metrics: TrainerMetrics | None = None,
     dataset: PreferenceDataset | None = None,
     pointwise: PointwiseDataset | None = None,
+    choice: dict[str, Any] | None = None,
 ) -> RoundResult:
     """Build, train, gate and publish once. Never raises for a round that cannot or should not
-    train (too little data, another base model): those come back as outcomes with a reason."""
+    train (too little data, another base model): those come back as outcomes with a reason.
+
+    `dataset` and `pointwise`, when given, are `round_data` of the source's rows (the sidecar has
+    them already). With `--algo auto` the round picks its algorithm first (`pick_algorithm`), or
+    the caller did and passes the resolved `cfg` with its `choice`; the manifest records it."""
     start = time.perf_counter()
     metrics = metrics or TrainerMetrics()
     counts: dict[str, int] = {}
     try:
-        result = _run(cfg, source, registry, dataset, pointwise, metrics, counts)
+        if cfg.algo == AUTO:
+            completions, feedback = source.load()
+            cfg, choice = pick_algorithm(cfg, completions, feedback)
+            dataset, pointwise = round_data(cfg, completions, feedback)
+            log.info("trainer round: --algo auto picked %s: %s", cfg.algo, (choice or {}).get("reason", ""))
+        result = _run(cfg, source, registry, dataset, pointwise, metrics, counts, choice)
     except BaseModelMismatch as exc:
         result = RoundResult("refused", reason=str(exc))
     except Exception as exc:  # a round must not take the sidecar down; the reason is logged
@@ -190,6 +224,7 @@ def run_round(
     if "train_judgements" in counts:
         result.train_judgements, result.heldout_judgements = counts["train_judgements"], counts["heldout_judgements"]
     result.seconds = time.perf_counter() - start
+    result.algorithm = cfg.algo
     trained = result.outcome in ("published", "rejected")
     metrics.run_finished(result.outcome, result.seconds if trained else None)
     log.info("%s", result.summary())
@@ -204,14 +239,11 @@ def _run(
     pointwise: PointwiseDataset | None,
     metrics: TrainerMetrics,
     counts: dict[str, int],
+    choice: dict[str, Any] | None,
 ) -> RoundResult:
     algorithm = ALGORITHMS[cfg.algo]
     if dataset is None or (algorithm.uses_pointwise and pointwise is None):
-        completions, feedback = source.load()
-        if dataset is None:
-            dataset = build_dataset(completions, feedback, cfg.data)
-        if pointwise is None:
-            pointwise = round_pointwise(cfg, completions, feedback)
+        dataset, pointwise = round_data(cfg, *source.load())
     n_train, n_held = len(dataset.train), len(dataset.heldout)
     counts["train"], counts["heldout"] = n_train, n_held
     # A thumb or a rating is an example too for an algorithm that learns from them: a team whose
@@ -245,13 +277,14 @@ def _run(
 
     candidate = algorithm.train(RoundInputs(cfg, dataset, source, model_dir, served, registry, metrics, pointwise))
     verdict = candidate.verdict
-    metrics.examples.set(n_train)
+    metrics.examples.set(ex_train)
     manifest = {
         "kind": candidate.kind,
         "parent_version": parent,
         "base_model": base_id,
         "base_model_dir": str(model_dir),
         "algorithm": cfg.algo,
+        **({} if choice is None else {"algorithm_choice": choice}),
         "hyperparameters": algorithm.settings(cfg),
         "data_snapshot": {**snapshot, "builder": asdict(cfg.data)},
         **(

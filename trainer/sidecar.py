@@ -3,10 +3,13 @@
 A round starts when at least N new usable examples arrived since the last round, or every T
 minutes if at least M did. An example is a pair; for an algorithm that also learns from thumbs
 and ratings (the reward model, PPO through it), each of those counts too, so a deployment whose
-users only leave thumbs still trains. The registry is the only state: "new" means an example with
-a feedback event that no published version (accepted or rejected) trained on, and "last round" is
-the newest version's `created_at`, so a restarted sidecar picks up exactly where the last one
-stopped.
+users only leave thumbs still trains; KTO counts its labelled thumbs and ratings alone. With
+`--algo auto` each poll first picks the algorithm from the feedback at hand (`trainer/choose.py`)
+and counts what that algorithm would train on; the log says which it picked and why.
+
+The registry is the only state: "new" means an example with a feedback event that no published
+version (accepted or rejected) trained on, and "last round" is the newest version's `created_at`,
+so a restarted sidecar picks up exactly where the last one stopped.
 
 While a version the sidecar published is on trial as a canary, no round starts: the next round
 trains on top of whatever the live test decides (the canary promoted, or `current` kept).
@@ -24,9 +27,9 @@ from tuneloop.server.registry import Registry
 
 from .algos import ALGORITHMS
 from .config import SidecarConfig, TrainerConfig
-from .dataset import build_dataset, count_new_examples
+from .dataset import count_new_examples
 from .metrics import TrainerMetrics
-from .runner import FeedbackSource, RoundResult, data_digest, round_pointwise, run_round, seen_event_ids
+from .runner import FeedbackSource, RoundResult, data_digest, pick_algorithm, round_data, run_round, seen_event_ids
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +61,14 @@ class Sidecar:
         self._skipped_digest: str | None = None
         self._waiting_on: tuple[str, float] | None = None
 
-    @property
-    def _target(self) -> str:
-        """The registry name this sidecar's rounds publish to (the reward model's for --algo reward)."""
-        return ALGORITHMS[self.cfg.algo].target_name(self.cfg)
+    @staticmethod
+    def _target(cfg: TrainerConfig) -> str:
+        """The registry name a round publishes to (the reward model's for --algo reward); --algo auto
+        picks among policy algorithms, which all publish to the adapter's name."""
+        return ALGORITHMS[cfg.algo].target_name(cfg)
 
-    def _last_round_time(self) -> float | None:
-        times = [float(v.manifest.get("created_at", 0.0)) for v in self.registry.versions(self._target)]
+    def _last_round_time(self, target: str) -> float | None:
+        times = [float(v.manifest.get("created_at", 0.0)) for v in self.registry.versions(target)]
         if self._last_attempt is not None:
             times.append(self._last_attempt)
         return max(times) if times else None
@@ -85,22 +89,25 @@ class Sidecar:
             return None
         self._waiting_on = None
         completions, feedback = self.source.load()
-        dataset = build_dataset(completions, feedback, self.cfg.data)
-        pointwise = round_pointwise(self.cfg, completions, feedback)
-        digest = data_digest(dataset.snapshot()["digest"], pointwise)
+        cfg, choice = pick_algorithm(self.cfg, completions, feedback)
+        dataset, pointwise = round_data(cfg, completions, feedback)
+        digest = f"{cfg.algo}:{data_digest(dataset.snapshot()['digest'], pointwise)}"
         if digest == self._skipped_digest:
             return None  # nothing changed since a round found this data unusable
-        new, unit = count_new_examples(dataset, pointwise, seen_event_ids(self.registry, self._target))
-        last = self._last_round_time()
+        target = self._target(cfg)
+        new, unit = count_new_examples(dataset, pointwise, seen_event_ids(self.registry, target))
+        last = self._last_round_time(target)
         go, why = should_run(new, self.clock() - (self._started if last is None else last), self.cfg.sidecar, unit)
         if not go:
             log.debug("sidecar: %s", why)
             return None
-        log.info("sidecar: starting a round: %s", why)
+        if choice is not None:
+            log.info("sidecar: --algo auto picked %s: %s", cfg.algo, choice["reason"])
+        log.info("sidecar: starting a %s round: %s", cfg.algo, why)
         self._last_attempt = self.clock()
         # The rows are loaded already: hand the round its data rather than have it read the store again.
         result = run_round(
-            self.cfg, self.source, self.registry, metrics=self.metrics, dataset=dataset, pointwise=pointwise
+            cfg, self.source, self.registry, metrics=self.metrics, dataset=dataset, pointwise=pointwise, choice=choice
         )
         self._skipped_digest = digest if result.outcome in ("skipped", "refused") else None
         return result

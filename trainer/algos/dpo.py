@@ -3,14 +3,13 @@ reference (the base model, or the served adapter when rounds chain), gated on he
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ..config import TrainerConfig
+from ..dataset import PointwiseDataset, PreferenceDataset
 from ..dpo import score_pairs, tokenize_pair, train_dpo
-from ..gate import decide, evaluate_candidate
-from ..model import SERVED, TRAINED, build_policy, load_base_model, load_tokenizer, prepare_compute
-from .base import Candidate, RoundInputs, training_figures
+from ..gate import evaluate_candidate
+from .base import Candidate, RoundInputs, gate_verdict, load_policy, training_figures
 
 
 class DPO:
@@ -23,24 +22,21 @@ class DPO:
     def settings(self, cfg: TrainerConfig) -> dict[str, Any]:
         return cfg.dpo.hyperparameters()
 
+    def training_data(
+        self, cfg: TrainerConfig, pairs: PreferenceDataset, pointwise: PointwiseDataset | None
+    ) -> tuple[PreferenceDataset, PointwiseDataset | None]:
+        return pairs, None
+
     def train(self, inputs: RoundInputs) -> Candidate:
-        cfg, dc, served = inputs.cfg, inputs.cfg.dpo, inputs.served
-        device, dtype = prepare_compute(cfg.compute)
-        tokenizer = load_tokenizer(inputs.model_dir)
-        chain = dc.reference == "served" and served is not None
-        model = build_policy(
-            load_base_model(inputs.model_dir, device, dtype, cfg.compute.attn_implementation),
-            dc,
-            served_adapter=served.path if served else None,
-            init_from_served=chain,
-        )
-        reference = SERVED if chain else "base"
+        cfg, dc = inputs.cfg, inputs.cfg.dpo
+        policy = load_policy(inputs, dc)
+        model, tokenizer, reference = policy.model, policy.tokenizer, policy.reference
 
         def tokenize(pairs: Any) -> list[Any]:
             return [tokenize_pair(tokenizer, p, dc.max_prompt_tokens, dc.max_completion_tokens) for p in pairs]
 
         train_items, held_items = tokenize(inputs.dataset.train), tokenize(inputs.dataset.heldout)
-        kw: dict[str, Any] = {"pad_id": tokenizer.pad_token_id, "device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"pad_id": policy.pad_id, "device": policy.device, "dtype": policy.dtype}
         ref_c, ref_r = score_pairs(model, train_items, mode=reference, batch_size=dc.micro_batch_size, **kw)
         metrics = inputs.metrics
         trained = train_dpo(
@@ -61,28 +57,17 @@ class DPO:
             beta=dc.beta,
             reference=reference,
             seed=dc.seed,
-            device=device,
-            dtype=dtype,
+            device=policy.device,
+            dtype=policy.dtype,
         )
-        verdict = decide(gate_metrics, cfg.gate)
         if gate_metrics.accuracy is not None:
             metrics.heldout_accuracy.set(gate_metrics.accuracy)
-        metrics.kl.set(gate_metrics.kl_per_token)
-        metrics.gate_checked(gate_metrics.nll_increase_per_token, verdict.failed_checks)
-
-        def save(out: Path) -> None:
-            model.save_pretrained(str(out), selected_adapters=[TRAINED])
-
         return Candidate(
-            verdict=verdict,
+            verdict=gate_verdict(gate_metrics, inputs),
             metrics={
                 **gate_metrics.to_dict(),
                 **training_figures(trained.steps, trained.seconds, [s.loss for s in trained.log]),
             },
-            save=save,
-            manifest={
-                "reference": f"{cfg.adapter}:{served.version}" if chain and served else "base",
-                "dtype": str(dtype).removeprefix("torch."),
-                "device": device.type,
-            },
+            save=policy.save,
+            manifest=policy.manifest(),
         )

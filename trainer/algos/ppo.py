@@ -17,13 +17,13 @@ from tuneloop.server.errors import FailedPrecondition, NotFound
 from tuneloop.server.registry import REWARD, AdapterVersion
 
 from ..config import DPOConfig, TrainerConfig
-from ..dataset import heldout_score
-from ..gate import GateMetrics, decide, evaluate_samples
+from ..dataset import PointwiseDataset, PreferenceDataset, heldout_score
+from ..gate import GateMetrics, evaluate_samples
 from ..model import SERVED, TRAINED, build_policy, load_base_model, load_tokenizer, prepare_compute
 from ..ppo import PPOResult, RewardScorer, train_ppo
 from ..report import write_ppo_report
 from ..reward_model import load_reward_backbone, load_reward_model, reward_scores
-from .base import Candidate, RoundInputs
+from .base import Candidate, RoundInputs, gate_verdict
 from .reward import reward_name
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,11 @@ class PPO:
 
     def settings(self, cfg: TrainerConfig) -> dict[str, Any]:
         return {"ppo": cfg.ppo.hyperparameters(), "reward": cfg.reward.hyperparameters()}
+
+    def training_data(
+        self, cfg: TrainerConfig, pairs: PreferenceDataset, pointwise: PointwiseDataset | None
+    ) -> tuple[PreferenceDataset, PointwiseDataset | None]:
+        return pairs, pointwise
 
     def train(self, inputs: RoundInputs) -> Candidate:
         cfg, pc = inputs.cfg, inputs.cfg.ppo
@@ -95,9 +100,7 @@ class PPO:
             heldout_pairs=len(held_prompts), accuracy=None, margin=None, served_accuracy=None, served_margin=None,
             reward_gain=cand_score - ref_score, **fields,
         )  # fmt: skip
-        verdict = decide(gate_metrics, cfg.gate)
-        metrics.kl.set(gate_metrics.kl_per_token)
-        metrics.gate_checked(gate_metrics.nll_increase_per_token, verdict.failed_checks)
+        verdict = gate_verdict(gate_metrics, inputs)
 
         def save(out: Path) -> None:
             policy.save_pretrained(str(out), selected_adapters=[TRAINED])

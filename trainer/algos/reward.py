@@ -11,6 +11,7 @@ from typing import Any
 from tuneloop.server.registry import REWARD
 
 from ..config import TrainerConfig
+from ..dataset import PointwiseDataset, PreferenceDataset
 from ..model import load_tokenizer, prepare_compute
 from ..reward_gate import (
     RewardGateMetrics,
@@ -51,6 +52,11 @@ class Reward:
 
     def settings(self, cfg: TrainerConfig) -> dict[str, Any]:
         return cfg.reward.hyperparameters()
+
+    def training_data(
+        self, cfg: TrainerConfig, pairs: PreferenceDataset, pointwise: PointwiseDataset | None
+    ) -> tuple[PreferenceDataset, PointwiseDataset | None]:
+        return pairs, pointwise
 
     def train(self, inputs: RoundInputs) -> Candidate:
         cfg, rc = inputs.cfg, inputs.cfg.reward
