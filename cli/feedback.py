@@ -1,8 +1,10 @@
-"""`tuneloop feedback`: judge a completion by id, or export the stored feedback as training data.
+"""`tuneloop feedback`: judge a completion by id, import many judgements, or export the stored
+feedback as training data.
 
     tuneloop feedback up|down ID            tuneloop feedback comment ID TEXT
     tuneloop feedback rate ID SCORE         tuneloop feedback correct ID TEXT
     tuneloop feedback prefer ID_A ID_B --choice first|second|tie   (or --group-id G)
+    tuneloop feedback import FILE.jsonl [--batch-size N]
     tuneloop feedback export --kind pairs|unpaired|ratings [--store URL] [--out FILE]
 
 The rater defaults to $TUNELOOP_RATER_ID, else the login name.
@@ -11,12 +13,17 @@ The rater defaults to $TUNELOOP_RATER_ID, else the login name.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
+import json
 import os
 import sys
+from collections import Counter
 from typing import Any
 
+from tuneloop.client.errors import InvalidArgumentError
 from tuneloop.client.feedback import (
+    MAX_BATCH_EVENTS,
     Comment,
     Correction,
     FeedbackAck,
@@ -34,6 +41,25 @@ ENV_STORE = "TUNELOOP_STORE_URL"
 EXPORT_KINDS = ("pairs", "unpaired", "ratings")  # tuneloop.trainer.export's, not imported: it pulls SQLAlchemy
 EXPORT_FORMATS = ("jsonl",)
 SQLITE_PREFIX = "sqlite:///"
+# `feedback import`: the "kind" of a line, the SDK type it builds, and the keys every line may have.
+IMPORT_KINDS: dict[str, type[Kind]] = {
+    "thumbs": Thumbs, "rating": Rating, "comment": Comment, "correction": Correction, "pairwise": Preference,
+}  # fmt: skip
+IMPORT_COMMON_KEYS = ("kind", "rater_id", "event_id", "comment", "reasons")
+IMPORT_ERRORS_SHOWN = 10
+IMPORT_HELP = """Send feedback events from a JSONL file, one JSON object per line, stored in the order of the
+lines (in batch calls of up to --batch-size events). Every line is checked before anything is sent.
+
+  {"kind": "thumbs", "completion_id": "cmpl-...", "up": true}
+  {"kind": "rating", "completion_id": "cmpl-...", "score": 4}
+  {"kind": "comment", "completion_id": "cmpl-...", "comment": "Too formal."}
+  {"kind": "correction", "completion_id": "cmpl-...", "text": "Paris is the capital."}
+  {"kind": "pairwise", "choice": "first", "first_completion_id": "cmpl-a", "second_completion_id": "cmpl-b"}
+  {"kind": "pairwise", "choice": "tie", "group_id": "grp-..."}
+
+Any line may also have "rater_id" (else --rater), "event_id" (then running the import again is
+safe: a stored event is answered as a duplicate), "comment" and "reasons" (a list of short tags).
+Refused events are listed on stderr by line number, and the exit status is then 1."""
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -77,6 +103,18 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     prefer.add_argument("--group-id", help="instead of the ids: the group id of an n=2 request")
     prefer.add_argument("--choice", required=True, choices=("first", "second", "tie"), help="which one is better")
     prefer.set_defaults(run=_send, event_kind=_preference)
+
+    imp = actions.add_parser(
+        "import", parents=[common], help="send many feedback events from a JSONL file", description=IMPORT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    imp.add_argument("file", metavar="FILE", help="JSONL file of events ('-' reads standard input)")
+    imp.add_argument("--rater", default=_default_rater(),
+                     help=f"rater of lines without rater_id (default: ${ENV_RATER} or login name)")  # fmt: skip
+    imp.add_argument("--batch-size", type=int, default=MAX_BATCH_EVENTS, metavar="N",
+                     help=f"events per call, 1-{MAX_BATCH_EVENTS} (default: {MAX_BATCH_EVENTS})")  # fmt: skip
+    imp.add_argument("--json", action="store_true", help="print every acknowledgement as a JSON line, with its line")
+    imp.set_defaults(run=_import)
 
     export = actions.add_parser(
         "export", help="export stored feedback as training data",
@@ -164,6 +202,83 @@ def ack_line(ack: FeedbackAck) -> str:
     if ack.superseded_event_id:
         line += f", supersedes {ack.superseded_event_id}"
     return line
+
+
+def event_from_json(obj: Any, default_rater: str | None) -> FeedbackEvent:
+    """The event one line of a `feedback import` file describes; ValueError says what is wrong."""
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    kind_name = obj.get("kind")
+    kind_type = IMPORT_KINDS.get(kind_name) if isinstance(kind_name, str) else None
+    if kind_type is None:
+        raise ValueError(f"kind must be one of {', '.join(IMPORT_KINDS)}, got {kind_name!r}")
+    allowed = {f.name for f in dataclasses.fields(kind_type)}
+    unknown = set(obj) - allowed - set(IMPORT_COMMON_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))} for {kind_name}; "
+                         f"it takes {', '.join(sorted(allowed))}")  # fmt: skip
+    try:
+        kind = kind_type(**{k: v for k, v in obj.items() if k in allowed})
+    except TypeError as exc:  # a required key is missing
+        raise ValueError(f"{kind_name}: {exc}") from None
+    rater = obj.get("rater_id", default_rater)
+    if not rater:
+        raise ValueError(f"no rater_id, and no --rater or ${ENV_RATER}")
+    reasons = obj.get("reasons") or ()
+    event = FeedbackEvent(rater, kind, event_id=obj.get("event_id"), comment=obj.get("comment"), reasons=reasons)
+    try:
+        event.to_pb()  # what the SDK would refuse to send, found before anything is sent
+    except InvalidArgumentError as exc:
+        raise ValueError(exc.message) from None
+    return event
+
+
+def read_import_file(path: str, default_rater: str | None) -> tuple[list[FeedbackEvent], list[int]]:
+    """The events of a JSONL file and the line number of each; UsageError lists bad lines."""
+    try:
+        if path == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    events: list[FeedbackEvent] = []
+    line_numbers: list[int] = []
+    errors: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            events.append(event_from_json(json.loads(line), default_rater))
+            line_numbers.append(number)
+        except ValueError as exc:  # json.JSONDecodeError is one too
+            errors.append(f"line {number}: {exc}")
+    if errors:
+        more = f"\n  ... and {len(errors) - IMPORT_ERRORS_SHOWN} more" if len(errors) > IMPORT_ERRORS_SHOWN else ""
+        shown = "\n  ".join(errors[:IMPORT_ERRORS_SHOWN])
+        raise UsageError(f"{path}: {len(errors)} bad line(s), nothing sent:\n  {shown}{more}")
+    return events, line_numbers
+
+
+def _import(args: argparse.Namespace) -> int:
+    """Send a JSONL file's events in batches; report refused ones by line."""
+    if not 1 <= args.batch_size <= MAX_BATCH_EVENTS:
+        raise UsageError(f"--batch-size must be 1-{MAX_BATCH_EVENTS}, got {args.batch_size}")
+    events, line_numbers = read_import_file(args.file, args.rater)
+    outcomes: Counter[str] = Counter()
+    with connect(args) as client:
+        for ack in client.submit_feedback_bulk(events, batch_size=args.batch_size):
+            line = line_numbers[ack.stream_index or 0]
+            outcomes["refused" if ack.error else "duplicate" if ack.duplicate else "stored"] += 1
+            if args.json:
+                print_json({"line": line, **ack_to_dict(ack)})
+            if ack.error is not None:
+                print(f"line {line} ({ack.event_id or 'no event id'}): {ack.error.code}: {ack.error.message}",
+                      file=sys.stderr)  # fmt: skip
+    print(f"{len(events)} events: {outcomes['stored']} stored, {outcomes['duplicate']} duplicates, "
+          f"{outcomes['refused']} refused", file=sys.stderr)  # fmt: skip
+    return 1 if outcomes["refused"] else 0
 
 
 def _export(args: argparse.Namespace) -> int:

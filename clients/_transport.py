@@ -8,7 +8,7 @@ turn every failed call into a `TuneloopError` subclass.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -19,6 +19,7 @@ from .errors import error_from_rpc, invalid_argument
 
 Resp = TypeVar("Resp")
 T = TypeVar("T")
+C = TypeVar("C")
 StubT = TypeVar("StubT")
 
 DEFAULT_TARGET = "localhost:50051"
@@ -81,31 +82,8 @@ def _read(path: str | None, what: str) -> bytes | None:
         raise invalid_argument(f"cannot read {what} file {path!r}: {exc.strerror}") from None
 
 
-def _capture(requests: Iterable[T], failures: list[Exception]) -> Iterator[T]:
-    """Yields `requests`, remembering an exception they raise.
-
-    grpc reads the request stream itself and turns such an exception into a bare CANCELLED or
-    UNKNOWN status; remembering it lets the caller see the real cause (e.g. a malformed event).
-    """
-    try:
-        yield from requests
-    except Exception as exc:
-        failures.append(exc)
-        raise
-
-
-async def _acapture(requests: AsyncIterable[T], failures: list[Exception]) -> AsyncIterator[T]:
-    try:
-        async for request in requests:
-            yield request
-    except Exception as exc:
-        failures.append(exc)
-        raise
-
-
-def _failure(exc: grpc.RpcError, failures: Sequence[Exception]) -> Exception:
-    """What a failed stream raises: the request stream's own exception if it broke, else the status."""
-    return failures[0] if failures else error_from_rpc(exc)
+def _same(response: T) -> T:
+    return response
 
 
 class Transport(Protocol):
@@ -115,7 +93,8 @@ class Transport(Protocol):
     def stub(self, stub_class: Callable[[Any], StubT]) -> StubT: ...
     def unary(self, method: Callable[..., Any], request: Any, convert: Callable[[Any], T]) -> Any: ...
     def server_stream(self, method: Callable[..., Any], request: Any, convert: Callable[[Any], T]) -> Any: ...
-    def stream_stream(self, method: Callable[..., Any], requests: Any, convert: Callable[[Any], T]) -> Any: ...
+    def unary_each(self, method: Callable[..., Any], calls: Any, convert: Callable[[Any, Any], Iterable[T]]) -> Any: ...
+    def collect(self, items: Any) -> Any: ...
 
 
 class ServiceMethods:
@@ -167,26 +146,33 @@ class SyncTransport(_Transport):
     def server_stream(self, method: Callable[..., Any], request: Any, convert: Callable[[Any], T]) -> Iterator[T]:
         return self._iterate(lambda: method(request, **self._call_kwargs), convert)
 
-    def stream_stream(
-        self, method: Callable[..., Any], requests: Iterable[Any], convert: Callable[[Any], T]
+    def unary_each(
+        self, method: Callable[..., Any], calls: Iterable[tuple[Any, C]], convert: Callable[[Any, C], Iterable[T]]
     ) -> Iterator[T]:
-        if isinstance(requests, AsyncIterable):
-            raise invalid_argument("Client streams from a plain iterable; use AsyncClient for an async iterable")
-        failures: list[Exception] = []
-        # grpc reads `requests` on its own thread, as the server's flow control allows.
-        return self._iterate(lambda: method(_capture(requests, failures), **self._call_kwargs), convert, failures)
+        """One unary call per (request, context) of `calls`, one after another, read lazily; yields
+        what `convert(response, context)` makes of each answer."""
+        if isinstance(calls, AsyncIterable):
+            raise invalid_argument("Client reads a plain iterable; use AsyncClient for an async iterable")
+        return self._each(method, calls, convert)
+
+    def _each(
+        self, method: Callable[..., Any], calls: Iterable[tuple[Any, C]], convert: Callable[[Any, C], Iterable[T]]
+    ) -> Iterator[T]:
+        for request, context in calls:
+            yield from convert(self.unary(method, request, _same), context)
+
+    def collect(self, items: Iterable[T]) -> list[T]:
+        return list(items)
 
     @staticmethod
-    def _iterate(
-        start: Callable[[], Any], convert: Callable[[Any], T], failures: Sequence[Exception] = ()
-    ) -> Iterator[T]:
+    def _iterate(start: Callable[[], Any], convert: Callable[[Any], T]) -> Iterator[T]:
         # The call starts on the first next(), so an iterator that is never consumed costs nothing.
         call = start()
         try:
             for message in call:
                 yield convert(message)
         except grpc.RpcError as exc:
-            raise _failure(exc, failures) from None
+            raise error_from_rpc(exc) from None
         finally:
             # A caller that stops early (break, Ctrl-C) must not leave the server generating;
             # cancelling a finished call is a no-op.
@@ -224,27 +210,34 @@ class AsyncTransport(_Transport):
     def server_stream(self, method: Callable[..., Any], request: Any, convert: Callable[[Any], T]) -> AsyncIterator[T]:
         return self._iterate(lambda: method(request, **self._call_kwargs), convert)
 
-    def stream_stream(
+    async def unary_each(
         self,
         method: Callable[..., Any],
-        requests: Iterable[Any] | AsyncIterable[Any],
-        convert: Callable[[Any], T],
+        calls: Iterable[tuple[Any, C]] | AsyncIterable[tuple[Any, C]],
+        convert: Callable[[Any, C], Iterable[T]],
     ) -> AsyncIterator[T]:
-        failures: list[Exception] = []
-        # grpc.aio takes both plain and async iterables as the request stream.
-        wrapped = _acapture(requests, failures) if isinstance(requests, AsyncIterable) else _capture(requests, failures)
-        return self._iterate(lambda: method(wrapped, **self._call_kwargs), convert, failures)
+        """One unary call per (request, context) of `calls` (plain or async), one after another;
+        yields what `convert(response, context)` makes of each answer."""
+        if isinstance(calls, AsyncIterable):
+            async for request, context in calls:
+                for item in convert(await self._unary(method, request, _same), context):
+                    yield item
+        else:
+            for request, context in calls:
+                for item in convert(await self._unary(method, request, _same), context):
+                    yield item
+
+    async def collect(self, items: AsyncIterable[T]) -> list[T]:
+        return [item async for item in items]
 
     @staticmethod
-    async def _iterate(
-        start: Callable[[], Any], convert: Callable[[Any], T], failures: Sequence[Exception] = ()
-    ) -> AsyncIterator[T]:
+    async def _iterate(start: Callable[[], Any], convert: Callable[[Any], T]) -> AsyncIterator[T]:
         call = start()
         try:
             async for message in call:
                 yield convert(message)
         except grpc.RpcError as exc:  # AioRpcError; asyncio.CancelledError passes through
-            raise _failure(exc, failures) from None
+            raise error_from_rpc(exc) from None
         finally:
             call.cancel()
 

@@ -66,7 +66,7 @@ class _ClientBase(Generic[TransportT]):
 class Client(
     _ClientBase[SyncTransport],
     GenerationMethods[GenerateResult, Iterator[StreamChunk]],
-    FeedbackMethods[FeedbackAck, Iterator[FeedbackAck]],
+    FeedbackMethods[FeedbackAck, Iterator[FeedbackAck], list[FeedbackAck]],
     AdminMethods[AdapterInfo, list[AdapterInfo]],
 ):
     """Blocking client. Use as a context manager, or call `close()`; safe to share across threads."""
@@ -88,7 +88,7 @@ class Client(
 class AsyncClient(
     _ClientBase[AsyncTransport],
     GenerationMethods[Awaitable[GenerateResult], AsyncIterator[StreamChunk]],
-    FeedbackMethods[Awaitable[FeedbackAck], AsyncIterator[FeedbackAck]],
+    FeedbackMethods[Awaitable[FeedbackAck], AsyncIterator[FeedbackAck], Awaitable[list[FeedbackAck]]],
     AdminMethods[Awaitable[AdapterInfo], Awaitable[list[AdapterInfo]]],
 ):
     """asyncio client: the same methods as `Client`, awaitable (streams are async iterators).

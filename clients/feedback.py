@@ -1,4 +1,4 @@
-"""FeedbackService: judge served completions by id, one event at a time or as a bulk stream.
+"""FeedbackService: judge served completions by id, one event at a time or in bulk.
 
 An event is one rater's judgement of one kind (`Thumbs`, `Rating`, `Comment`, `Correction`,
 `Preference`), with an optional comment and reason tags. Give `event_id` to make re-sending safe:
@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
 
 Choice = Literal["first", "second", "tie"]
+# The server's limits on one SubmitFeedbackBatch call: events, and bytes (its default
+# max_message_bytes, less room for the message framing). Bulk methods split their events to fit.
+MAX_BATCH_EVENTS = 1000
+MAX_BATCH_BYTES = 4 * 1024 * 1024 - 64 * 1024
 _CHOICES: dict[str, pb.PairwiseChoice] = {
     "first": pb.PAIRWISE_CHOICE_FIRST,
     "second": pb.PAIRWISE_CHOICE_SECOND,
@@ -104,7 +108,7 @@ Kind = Thumbs | Rating | Comment | Correction | Preference
 
 @dataclass(frozen=True)
 class FeedbackEvent:
-    """One rater's judgement, for `submit_feedback` and `submit_feedback_bulk`."""
+    """One rater's judgement, for `submit_feedback`, `submit_feedback_bulk` and `submit_feedback_many`."""
 
     rater_id: str
     kind: Kind
@@ -139,8 +143,9 @@ class FeedbackEvent:
 class FeedbackAck:
     """The server's answer to one event, sent after the event was committed.
 
-    In a bulk stream a refused event gets an ack with `error` set (the stream goes on) and
-    `stream_index`, its position among the events sent.
+    In bulk (`submit_feedback_bulk`, `submit_feedback_many`) a refused event gets an ack with
+    `error` set while the others are stored all the same, and every ack has `stream_index`, its
+    event's position among the events sent.
     """
 
     event_id: str
@@ -164,7 +169,8 @@ def ack_from_pb(m: pb.FeedbackAck) -> FeedbackAck:
     )
 
 
-def stream_ack_from_pb(m: pb.FeedbackAck) -> FeedbackAck:
+def stream_ack_from_pb(m: pb.FeedbackAck, stream_index: int | None = None) -> FeedbackAck:
+    """An ack of a stream or a batch; `stream_index` replaces the one in the message."""
     error = None
     if m.HasField("error"):
         try:
@@ -177,22 +183,69 @@ def stream_ack_from_pb(m: pb.FeedbackAck) -> FeedbackAck:
         duplicate=m.duplicate,
         sequence=m.sequence,
         superseded_event_id=m.superseded_event_id or None,
-        stream_index=m.stream_index,
+        stream_index=m.stream_index if stream_index is None else stream_index,
         error=error,
     )
 
 
-def _events_to_pb(
-    events: Iterable[FeedbackEvent] | AsyncIterable[FeedbackEvent],
-) -> Iterator[pb.FeedbackEvent] | AsyncIterator[pb.FeedbackEvent]:
-    if isinstance(events, AsyncIterable):
-        return _aevents_to_pb(events)
-    return (e.to_pb() for e in events)
+# (request, index of its first event among all the events sent): what each batch call carries.
+_Batch = tuple[pb.SubmitFeedbackBatchRequest, int]
 
 
-async def _aevents_to_pb(events: AsyncIterable[FeedbackEvent]) -> AsyncIterator[pb.FeedbackEvent]:
-    async for e in events:
-        yield e.to_pb()
+class _Batcher:
+    """Packs events into SubmitFeedbackBatch requests of at most `batch_size` events and
+    MAX_BATCH_BYTES bytes, in order. `add` returns a request as soon as it is full (not when the
+    next event arrives: a slow source's full batch goes out at once) or the event does not fit."""
+
+    def __init__(self, batch_size: int) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_EVENTS:
+            raise invalid_argument(f"batch_size must be an integer from 1 to {MAX_BATCH_EVENTS}, got {batch_size!r}")
+        self._batch_size = batch_size
+        self._events: list[pb.FeedbackEvent] = []
+        self._bytes = 0
+        self._start = 0
+
+    def add(self, event: FeedbackEvent) -> list[_Batch]:
+        msg = event.to_pb()
+        size = msg.ByteSize() + 8  # + its field tag and length prefix in the request
+        ready = []
+        if self._events and self._bytes + size > MAX_BATCH_BYTES and (batch := self.flush()) is not None:
+            ready.append(batch)
+        self._events.append(msg)
+        self._bytes += size
+        if len(self._events) >= self._batch_size and (batch := self.flush()) is not None:
+            ready.append(batch)
+        return ready
+
+    def flush(self) -> _Batch | None:
+        if not self._events:
+            return None
+        batch = (pb.SubmitFeedbackBatchRequest(events=self._events), self._start)
+        self._start += len(self._events)
+        self._events, self._bytes = [], 0
+        return batch
+
+
+def _batches(events: Iterable[FeedbackEvent], batch_size: int) -> Iterator[_Batch]:
+    batcher = _Batcher(batch_size)
+    for event in events:
+        yield from batcher.add(event)
+    if (last := batcher.flush()) is not None:
+        yield last
+
+
+async def _abatches(events: AsyncIterable[FeedbackEvent], batch_size: int) -> AsyncIterator[_Batch]:
+    batcher = _Batcher(batch_size)
+    async for event in events:
+        for batch in batcher.add(event):
+            yield batch
+    if (last := batcher.flush()) is not None:
+        yield last
+
+
+def batch_acks_from_pb(response: pb.SubmitFeedbackBatchResponse, start: int) -> list[FeedbackAck]:
+    """The acks of one batch call, with `stream_index` counted over every event sent."""
+    return [stream_ack_from_pb(m, stream_index=start + i) for i, m in enumerate(response.acks)]
 
 
 class EventOptions(TypedDict, total=False):
@@ -204,9 +257,11 @@ class EventOptions(TypedDict, total=False):
 
 AckT = TypeVar("AckT")
 AckStreamT = TypeVar("AckStreamT")
+AckListT = TypeVar("AckListT")
+DEFAULT_BATCH_SIZE = MAX_BATCH_EVENTS
 
 
-class FeedbackMethods(ServiceMethods, Generic[AckT, AckStreamT]):
+class FeedbackMethods(ServiceMethods, Generic[AckT, AckStreamT, AckListT]):
     """The feedback calls, shared by `Client` (plain results) and `AsyncClient` (awaitables).
 
     Each returns the `FeedbackAck` once the event is committed, and raises `NotFoundError` for an
@@ -220,16 +275,38 @@ class FeedbackMethods(ServiceMethods, Generic[AckT, AckStreamT]):
         ack: AckT = self._transport.unary(stub.SubmitFeedback, request, ack_from_pb)
         return ack
 
-    def submit_feedback_bulk(self, events: Iterable[FeedbackEvent] | AsyncIterable[FeedbackEvent]) -> AckStreamT:
-        """Streams events and yields one ack per event, in order, each after its event is committed.
+    def submit_feedback_bulk(
+        self,
+        events: Iterable[FeedbackEvent] | AsyncIterable[FeedbackEvent],
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> AckStreamT:
+        """Sends events in batches and yields one ack per event, in order, each after its batch is
+        committed.
 
-        A refused event does not stop the stream: its ack has `error` set. Events are read lazily,
-        so a generator can feed any number of them. `AsyncClient` also takes an async iterable.
+        Events are read lazily (a generator can feed any number of them) and sent as
+        SubmitFeedbackBatch calls of up to `batch_size` events (1-1000) and 4 MiB, one call after
+        another, so they are stored in the order given. A refused event does not stop the others:
+        its ack has `error` set. Acks arrive a batch at a time: with a slow source, a smaller
+        `batch_size` gets them sooner. An event the SDK cannot encode raises `InvalidArgumentError`
+        before its batch is sent; a failed call (e.g. `UnavailableError`) raises, and the batches
+        before it are stored: re-sending with the same event ids is safe. `AsyncClient` also takes
+        an async iterable.
         """
         stub = self._transport.stub(FeedbackServiceStub)
-        acks: AckStreamT = self._transport.stream_stream(
-            stub.SubmitFeedbackStream, _events_to_pb(events), stream_ack_from_pb
-        )
+        batches = _abatches(events, batch_size) if isinstance(events, AsyncIterable) else _batches(events, batch_size)
+        acks: AckStreamT = self._transport.unary_each(stub.SubmitFeedbackBatch, batches, batch_acks_from_pb)
+        return acks
+
+    def submit_feedback_many(
+        self,
+        events: Iterable[FeedbackEvent] | AsyncIterable[FeedbackEvent],
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> AckListT:
+        """`submit_feedback_bulk`, answered as one list of acks (in the order of the events) once
+        every batch is committed."""
+        acks: AckListT = self._transport.collect(self.submit_feedback_bulk(events, batch_size=batch_size))
         return acks
 
     def thumbs_up(

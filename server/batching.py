@@ -35,14 +35,27 @@ class BatchThread(Generic[T]):
     `linger_s` > 0 keeps a batch open that long after its first item (fewer, larger transactions
     under light load); 0 takes only what is already queued (lowest latency). `handle` must deal
     with its own errors; an exception escaping it is logged and the items are counted as handled.
+
+    `weight` (default: 1 per item) lets one item stand for many, e.g. a caller's whole batch of
+    rows: a batch then holds items up to `max_batch` in total weight, and an item is never split,
+    so one that weighs `max_batch` or more is a batch of its own.
     """
 
-    def __init__(self, name: str, handle: Callable[[list[T]], None], max_batch: int, linger_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        handle: Callable[[list[T]], None],
+        max_batch: int,
+        linger_s: float = 0.0,
+        weight: Callable[[T], int] | None = None,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self._handle = handle
         self._max_batch = max_batch
         self._linger_s = linger_s
+        self._weight = weight
+        self._carry: list[T] = []  # an item that did not fit the last batch: first of the next one
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._lock = threading.Lock()  # makes "closed?" + put atomic with respect to close()
         self._closed = False
@@ -77,15 +90,17 @@ class BatchThread(Generic[T]):
 
     def _run(self) -> None:
         stop = False
+        weight = self._weight or (lambda _item: 1)
         while not stop:
-            first = self._queue.get()
+            first = self._carry.pop() if self._carry else self._queue.get()
             if first is _STOP:
                 return
             if first is _CUT:
                 continue
             batch: list[T] = [first]  # type: ignore[list-item]
+            size = weight(first)  # type: ignore[arg-type]
             deadline = time.monotonic() + self._linger_s
-            while len(batch) < self._max_batch:
+            while size < self._max_batch:
                 try:
                     remaining = deadline - time.monotonic()
                     item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
@@ -96,7 +111,12 @@ class BatchThread(Generic[T]):
                     break
                 if item is _CUT:
                     break
+                w = weight(item)  # type: ignore[arg-type]
+                if size + w > self._max_batch:
+                    self._carry.append(item)  # type: ignore[arg-type]
+                    break
                 batch.append(item)  # type: ignore[arg-type]
+                size += w
             try:
                 self._handle(batch)
             except Exception:  # a bug in the handler must not kill the writer thread

@@ -52,7 +52,8 @@ TREE = command_tree()
 
 
 def test_the_tree_has_every_command() -> None:
-    for words in [("serve",), ("generate",), ("feedback", "export"), ("adapters", "status"), ("trainer", "once"),
+    for words in [("serve",), ("generate",), ("feedback", "export"), ("feedback", "import"), ("adapters", "status"),
+                  ("trainer", "once"),
                   ("trainer", "run"), ("reward", "score"), ("adapters", "list"), ("adapters", "show")]:  # fmt: skip
         assert words in TREE, f"`tuneloop {' '.join(words)}` was not found from the help texts"
 

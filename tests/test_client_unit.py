@@ -46,7 +46,13 @@ from tuneloop.client import (
 )
 from tuneloop.client._transport import ChannelConfig
 from tuneloop.client.errors import ERROR_CLASSES, error_from_rpc
-from tuneloop.client.feedback import EventOptions, stream_ack_from_pb
+from tuneloop.client.feedback import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_EVENTS,
+    EventOptions,
+    _batches,
+    stream_ack_from_pb,
+)
 from tuneloop.client.generation import (
     GenerateOptions,
     build_generate_request,
@@ -311,18 +317,23 @@ class ScriptedGeneration(pb_grpc.GenerationServiceServicer):
 
 
 class ScriptedFeedback(fpb_grpc.FeedbackServiceServicer):
+    batch_sizes: list[int] = []  # events per SubmitFeedbackBatch call, in order; tests clear it
+
     def SubmitFeedback(self, request: fpb.FeedbackEvent, context: grpc.ServicerContext) -> fpb.FeedbackAck:
         return fpb.FeedbackAck(event_id=request.event_id or "fb-server", sequence=1)
 
-    def SubmitFeedbackStream(
-        self, request_iterator: Iterator[fpb.FeedbackEvent], context: grpc.ServicerContext
-    ) -> Iterator[fpb.FeedbackAck]:
-        for i, event in enumerate(request_iterator):
+    def SubmitFeedbackBatch(
+        self, request: fpb.SubmitFeedbackBatchRequest, context: grpc.ServicerContext
+    ) -> fpb.SubmitFeedbackBatchResponse:
+        self.batch_sizes.append(len(request.events))
+        response = fpb.SubmitFeedbackBatchResponse()
+        for i, event in enumerate(request.events):
             if event.rater_id == "ghost":
                 error = fpb.FeedbackError(code=5, code_name="NOT_FOUND", message="unknown completion")
-                yield fpb.FeedbackAck(event_id=event.event_id, stream_index=i, error=error)
+                response.acks.add(event_id=event.event_id, stream_index=i, error=error)
             else:
-                yield fpb.FeedbackAck(event_id=event.event_id, stream_index=i, sequence=i + 1)
+                response.acks.add(event_id=event.event_id, stream_index=i, sequence=i + 1)
+        return response
 
 
 @pytest.fixture(scope="module")
@@ -365,6 +376,7 @@ def test_sync_stream_and_early_stop_cancels(scripted: tuple[str, ScriptedGenerat
 
 def test_sync_feedback_single_and_bulk(scripted: tuple[str, ScriptedGeneration]) -> None:
     target, _ = scripted
+    ScriptedFeedback.batch_sizes.clear()
     with Client(target) as client:
         assert client.thumbs_up("c1", "alice").event_id == "fb-server"
         assert client.prefer("c1", "c2", choice="first", rater_id="alice", event_id="e7").event_id == "e7"
@@ -373,18 +385,43 @@ def test_sync_feedback_single_and_bulk(scripted: tuple[str, ScriptedGeneration])
         acks = list(client.submit_feedback_bulk(events))
         assert [(a.event_id, a.stream_index, a.ok) for a in acks] == [("e1", 0, True), ("e2", 1, False)]
         assert isinstance(acks[1].error, NotFoundError)
+        assert ScriptedFeedback.batch_sizes == [2]  # one batch call
+        # Split into calls of at most batch_size, answered in order and indexed over all the events.
+        ScriptedFeedback.batch_sizes.clear()
+        many = client.submit_feedback_many(events * 3, batch_size=4)
+        assert ScriptedFeedback.batch_sizes == [4, 2]
+        assert [(a.event_id, a.stream_index, a.ok) for a in many] == [
+            (f"e{1 + i % 2}", i, i % 2 == 0) for i in range(6)
+        ]
+        assert client.submit_feedback_many([]) == [] and ScriptedFeedback.batch_sizes == [4, 2]
+        for bad in (0, MAX_BATCH_EVENTS + 1):
+            with pytest.raises(InvalidArgumentError, match="batch_size must be an integer from 1 to 1000"):
+                client.submit_feedback_many(events, batch_size=bad)
 
 
-def test_bulk_reports_the_request_streams_own_error(scripted: tuple[str, ScriptedGeneration]) -> None:
-    # grpc reads the request stream on its own thread and would report only "cancelled"/"unknown".
+def test_bulk_raises_for_an_event_it_cannot_encode_before_sending_its_batch(
+    scripted: tuple[str, ScriptedGeneration],
+) -> None:
     target, _ = scripted
+    ScriptedFeedback.batch_sizes.clear()
 
     def events() -> Iterator[FeedbackEvent]:
         yield FeedbackEvent("alice", Rating("c1", 5), event_id="e1")
+        yield FeedbackEvent("alice", Rating("c1", 5), event_id="e2")
         yield FeedbackEvent("alice", Preference("best", "c1", "c2"))  # invalid choice
 
     with Client(target) as client, pytest.raises(InvalidArgumentError, match="choice must be one of"):
-        list(client.submit_feedback_bulk(events()))
+        list(client.submit_feedback_bulk(events(), batch_size=2))
+    assert ScriptedFeedback.batch_sizes == [2]  # the batch before it was sent; its own was not
+
+
+def test_bulk_batches_stay_under_the_message_size_limit() -> None:
+    # 90 corrections of 60 KB are 5.4 MB: more than one 4 MiB message, far fewer than 1000 events.
+    events = [FeedbackEvent(f"r{i}", Correction("c1", "x" * 60_000), event_id=f"e{i}") for i in range(90)]
+    batches = list(_batches(events, MAX_BATCH_EVENTS))
+    assert len(batches) == 2 and all(request.ByteSize() <= MAX_BATCH_BYTES for request, _ in batches)
+    assert [start for _, start in batches] == [0, len(batches[0][0].events)]
+    assert [e.event_id for request, _ in batches for e in request.events] == [e.event_id for e in events]
 
 
 async def test_async_client(scripted: tuple[str, ScriptedGeneration]) -> None:
@@ -408,6 +445,12 @@ async def test_async_client(scripted: tuple[str, ScriptedGeneration]) -> None:
 
         assert [a.event_id async for a in client.submit_feedback_bulk(events())] == ["e1"]
         assert (await client.rate("c1", 3, "alice")).event_id == "fb-server"
+        ScriptedFeedback.batch_sizes.clear()
+        many = await client.submit_feedback_many(
+            [FeedbackEvent("ghost", Rating("c1", 5), event_id=f"g{i}") for i in range(3)], batch_size=2
+        )
+        assert [(a.stream_index, type(a.error)) for a in many] == [(i, NotFoundError) for i in range(3)]
+        assert ScriptedFeedback.batch_sizes == [2, 1]
 
 
 # --- CLI --------------------------------------------------------------------------------------
@@ -502,6 +545,61 @@ def test_feedback_arguments_become_events() -> None:
     assert event("comment", "c1", "nice").comment == "nice"
     assert event("correct", "c1", "Paris.").kind == Correction("c1", "Paris.")
     assert event("prefer", "--group-id", "g1", "--choice", "second").kind == Preference("second", group_id="g1")
+
+
+def test_import_lines_become_events() -> None:
+    def event(**line: Any) -> FeedbackEvent:
+        return cli_feedback.event_from_json(line, "bob")
+
+    assert event(kind="thumbs", completion_id="c1", up=False, event_id="e1", reasons=["rude"]) == FeedbackEvent(
+        "bob", Thumbs("c1", up=False), event_id="e1", reasons=["rude"]
+    )
+    assert event(kind="rating", completion_id="c1", score=4, rater_id="amy").rater_id == "amy"
+    assert event(kind="comment", completion_id="c1", comment="Too formal.").comment == "Too formal."
+    assert event(kind="correction", completion_id="c1", text="Paris.").kind == Correction("c1", "Paris.")
+    assert event(kind="pairwise", choice="tie", group_id="g1").kind == Preference("tie", group_id="g1")
+    for line, match in [
+        (dict(kind="like", completion_id="c1"), "kind must be one of thumbs, rating"),
+        (dict(kind="rating", completion_id="c1"), "missing 1 required positional argument: 'score'"),
+        (dict(kind="rating", completion_id="c1", score=4, up=True), r"unknown key\(s\) up for rating"),
+        (dict(kind="rating", completion_id="c1", score="4"), "rating must be an integer"),
+        (dict(kind="pairwise", choice="first", first_completion_id="c1", group_id="g"), "not both"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            event(**line)
+    with pytest.raises(ValueError, match="no rater_id"):
+        cli_feedback.event_from_json({"kind": "rating", "completion_id": "c1", "score": 4}, None)
+
+
+def test_feedback_import_sends_batches_and_reports_refused_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], scripted: tuple[str, ScriptedGeneration]
+) -> None:
+    target, _ = scripted
+    lines = [
+        {"kind": "thumbs", "completion_id": "c1", "up": True, "event_id": "i1"},
+        {"kind": "rating", "completion_id": "c9", "score": 2, "rater_id": "ghost", "event_id": "i2"},
+        {"kind": "pairwise", "choice": "first", "first_completion_id": "c1", "second_completion_id": "c2"},
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join([json.dumps(lines[0]), "", *map(json.dumps, lines[1:])]) + "\n")
+    ScriptedFeedback.batch_sizes.clear()
+    argv = ["feedback", "import", str(path), "--rater", "bob", "--target", target, "--batch-size", "2", "--json"]
+    assert cli.main(argv) == 1  # one refused
+    out, err = capsys.readouterr()
+    assert ScriptedFeedback.batch_sizes == [2, 1]
+    acks = [json.loads(line) for line in out.splitlines()]
+    assert [(a["line"], a["event_id"], "error" in a) for a in acks] == [
+        (1, "i1", False), (3, "i2", True), (4, "", False),
+    ]  # fmt: skip
+    assert "line 3 (i2): NOT_FOUND: unknown completion" in err
+    assert err.splitlines()[-1] == "3 events: 2 stored, 0 duplicates, 1 refused"
+
+    path.write_text(json.dumps(lines[0]) + "\n" + '{"kind": "rating"\n' + json.dumps({"kind": "x"}) + "\n")
+    ScriptedFeedback.batch_sizes.clear()
+    assert cli.main(["feedback", "import", str(path), "--rater", "bob", "--target", target]) == 2
+    err = capsys.readouterr().err
+    assert "2 bad line(s), nothing sent" in err and "line 2: " in err and "line 3: kind must be one of" in err
+    assert ScriptedFeedback.batch_sizes == []
 
 
 def test_feedback_ack_line() -> None:

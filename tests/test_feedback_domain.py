@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import replace
 
 import pytest
 
 from tuneloop.server.feedback import (
+    MAX_BATCH_EVENTS,
     EventIdConflict,
     FeedbackAck,
+    FeedbackBatch,
     FeedbackEvent,
     InvalidFeedback,
     UnknownCompletion,
@@ -50,6 +54,25 @@ def test_content_hash_ignores_the_event_id_only() -> None:
     assert thumbs("a").content_sha256 == thumbs("b").content_sha256
     assert thumbs("a").content_sha256 != thumbs("a", up=False).content_sha256
     assert thumbs("a").judgement_key == thumbs("b", up=False).judgement_key != thumbs("c", rater="s").judgement_key
+
+
+def test_content_hash_and_judgement_key_keep_their_stored_format() -> None:
+    # Both are stored: an event retried after an upgrade must still match its row.
+    e = FeedbackEvent(event_id="x", rater_id="rà", kind="rating", completion_id="c1", rating=4,
+                      comment_text='é "q"\n', reason_tags=("a", "b"))  # fmt: skip
+    fields = ["rà", "rating", "c1", "", "", None, 4, None, None, 'é "q"\n', ["a", "b"]]
+    assert e.content_sha256 == hashlib.sha256(json.dumps(fields, ensure_ascii=False).encode()).hexdigest()
+    assert e.judgement_key == json.dumps(["rating", "c1", "rà"], ensure_ascii=False)
+    assert replace(e, event_id="y").content_sha256 == e.content_sha256  # the cache is not copied stale
+    assert replace(e, rating=5).content_sha256 != e.content_sha256
+
+
+def test_batch_from_pb_counts_the_events_before_converting_them() -> None:
+    full = fpb.SubmitFeedbackBatchRequest(events=[fpb.FeedbackEvent(rater_id="r")] * MAX_BATCH_EVENTS)
+    assert len(FeedbackBatch.from_pb(full).events) == MAX_BATCH_EVENTS
+    over = fpb.SubmitFeedbackBatchRequest(events=[fpb.FeedbackEvent()] * (MAX_BATCH_EVENTS + 1))
+    with pytest.raises(InvalidFeedback, match=f"at most {MAX_BATCH_EVENTS} events, got {MAX_BATCH_EVENTS + 1}"):
+        FeedbackBatch.from_pb(over)
 
 
 def test_pairwise_target_rules() -> None:

@@ -6,23 +6,26 @@ from __future__ import annotations
 
 from .events import (
     KINDS,
+    MAX_BATCH_EVENTS,
     MAX_COMMENT_BYTES,
     MAX_CORRECTION_BYTES,
     Choice,
     EventIdConflict,
     FeedbackAck,
     FeedbackBacklog,
+    FeedbackBatch,
     FeedbackEvent,
     FeedbackRecord,
     InvalidFeedback,
     Kind,
     StoreUnavailable,
     UnknownCompletion,
+    check_batch_size,
     rejection_reason,
 )
 
 __all__ = [
-    "KINDS", "MAX_COMMENT_BYTES", "MAX_CORRECTION_BYTES", "Choice", "EventIdConflict", "FeedbackAck",
-    "FeedbackBacklog", "FeedbackEvent", "FeedbackRecord", "InvalidFeedback", "Kind", "StoreUnavailable",
-    "UnknownCompletion", "rejection_reason",
+    "KINDS", "MAX_BATCH_EVENTS", "MAX_COMMENT_BYTES", "MAX_CORRECTION_BYTES", "Choice", "EventIdConflict",
+    "FeedbackAck", "FeedbackBacklog", "FeedbackBatch", "FeedbackEvent", "FeedbackRecord", "InvalidFeedback", "Kind",
+    "StoreUnavailable", "UnknownCompletion", "check_batch_size", "rejection_reason",
 ]  # fmt: skip

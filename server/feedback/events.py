@@ -7,10 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal, cast
+
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from tuneloop.v1 import feedback_pb2 as fpb
 
@@ -27,10 +28,27 @@ MAX_CORRECTION_BYTES = 64 * 1024
 MAX_RATER_BYTES = 256
 MAX_REASON_TAGS = 16
 MAX_REASON_TAG_BYTES = 64
+# Events per SubmitFeedbackBatch. Large enough that a batch's per-message gRPC cost is small per
+# event, small enough that a batch fits one writer transaction (FeedbackServiceConfig.max_batch)
+# and a full one of ordinary events stays well under the default 4 MiB message limit.
+MAX_BATCH_EVENTS = 1000
 EVENT_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
-# json.dumps(x, ensure_ascii=False) character for character (the stored hashes and judgement keys
-# depend on it), without building an encoder per call: twice per event on the writer's path.
-_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
+def json_dumps_fast(ensure_ascii: bool) -> Callable[[object], str]:
+    """`json.dumps(x, ensure_ascii=...)` character for character, for flat lists of scalars and
+    strings: three times per event on the writer's path. json.dumps builds its C encoder on every
+    call, half of its cost on such a list; this builds it once. No cycle check (there are none)."""
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is None:  # no C accelerator: the plain encoder, built once
+        return json.JSONEncoder(ensure_ascii=ensure_ascii).encode
+    quote = json.encoder.encode_basestring_ascii if ensure_ascii else json.encoder.encode_basestring
+    chunks = c_make_encoder(None, json.JSONEncoder().default, quote, None, ": ", ", ", False, False, True)
+    return lambda value: "".join(chunks(value, 0))
+
+
+# The stored content hashes and judgement keys depend on this being json.dumps(x, ensure_ascii=False).
+_json = json_dumps_fast(ensure_ascii=False)
 
 _THUMB_FROM_PB = {fpb.THUMB_UP: True, fpb.THUMB_DOWN: False}
 _CHOICE_FROM_PB: dict[int, Choice] = {
@@ -72,12 +90,25 @@ def rejection_reason(exc: BaseException) -> str:
     return getattr(exc, "reason", "internal_error")
 
 
+def check_batch_size(n_events: int) -> None:
+    """Raises InvalidFeedback when a batch holds more events than one call may."""
+    if n_events > MAX_BATCH_EVENTS:
+        raise InvalidFeedback(
+            "batch_too_large",
+            f"a batch holds at most {MAX_BATCH_EVENTS} events, got {n_events}; split it into several calls",
+        )
+
+
 # --- domain types ---
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FeedbackEvent:
-    """One event as sent. Exactly the fields of its `kind` are set (from_pb guarantees it)."""
+    """One event as sent. Exactly the fields of its `kind` are set (from_pb guarantees it).
+
+    Slots, not an instance dict: a bulk call makes a thousand of these at once, and each one's
+    dict cost memory, attribute lookups and garbage-collector work.
+    """
 
     rater_id: str
     kind: Kind
@@ -91,6 +122,9 @@ class FeedbackEvent:
     corrected_text: str | None = None  # correction
     comment_text: str = ""
     reason_tags: tuple[str, ...] = ()
+    # content_sha256 and judgement_key once computed (the writer needs each more than once).
+    _content_sha256: str = field(default="", init=False, repr=False, compare=False)
+    _judgement_key: str = field(default="", init=False, repr=False, compare=False)
 
     @classmethod
     def from_pb(cls, msg: fpb.FeedbackEvent) -> FeedbackEvent:
@@ -181,22 +215,27 @@ class FeedbackEvent:
         if self.choice is None:
             raise InvalidFeedback("missing_choice", "pairwise.choice is unset; send FIRST, SECOND or TIE")
 
-    @cached_property
+    @property
     def content_sha256(self) -> str:
         """Hash of everything but the event id: tells a retry (same content) from a reused id."""
-        fields = [
-            self.rater_id, self.kind, self.completion_id, self.second_completion_id, self.group_id,
-            self.thumb_up, self.rating, self.choice, self.corrected_text, self.comment_text, list(self.reason_tags),
-        ]  # fmt: skip
-        return hashlib.sha256(_JSON.encode(fields).encode()).hexdigest()
+        if not self._content_sha256:
+            # A tuple encodes as the same JSON array a list does.
+            fields = (
+                self.rater_id, self.kind, self.completion_id, self.second_completion_id, self.group_id, self.thumb_up,
+                self.rating, self.choice, self.corrected_text, self.comment_text, self.reason_tags,
+            )  # fmt: skip
+            object.__setattr__(self, "_content_sha256", hashlib.sha256(_json(fields).encode()).hexdigest())
+        return self._content_sha256
 
-    @cached_property
+    @property
     def judgement_key(self) -> str | None:
         """For thumbs and ratings, what a newer event must share to supersede this one: the kind,
         the rater and the completion (unique among current rows in the store). None otherwise."""
         if self.kind not in SUPERSEDING_KINDS:
             return None
-        return _JSON.encode([self.kind, self.completion_id, self.rater_id])
+        if not self._judgement_key:
+            object.__setattr__(self, "_judgement_key", _json([self.kind, self.completion_id, self.rater_id]))
+        return self._judgement_key
 
     @property
     def value_label(self) -> str:
@@ -221,14 +260,32 @@ def _check_tags(tags: Sequence[str]) -> None:
 
 
 @dataclass(frozen=True)
+class FeedbackBatch:
+    """The events of one SubmitFeedbackBatch, in the order sent (each validated when submitted)."""
+
+    events: tuple[FeedbackEvent, ...]
+
+    @classmethod
+    def from_pb(cls, msg: fpb.SubmitFeedbackBatchRequest) -> FeedbackBatch:
+        # Counted before any event is converted: a 4 MiB request can hold two million empty events.
+        check_batch_size(len(msg.events))
+        return cls(tuple(map(FeedbackEvent.from_pb, msg.events)))
+
+
+@dataclass(frozen=True, slots=True)
 class FeedbackAck:
     event_id: str
     duplicate: bool
     sequence: int
     superseded_event_id: str = ""
 
-    def to_pb(self, stream_index: int = 0) -> fpb.FeedbackAck:
-        return fpb.FeedbackAck(
+    def to_pb(
+        self, stream_index: int = 0, into: RepeatedCompositeFieldContainer[fpb.FeedbackAck] | None = None
+    ) -> fpb.FeedbackAck:
+        """The wire message; `into` builds it in place at the end of a repeated field (a batch
+        response), which costs half of building one and copying it there."""
+        make = fpb.FeedbackAck if into is None else into.add
+        return make(
             event_id=self.event_id,
             duplicate=self.duplicate,
             sequence=self.sequence,
@@ -237,7 +294,7 @@ class FeedbackAck:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FeedbackRecord:
     """A stored event: the event as sent plus what the server resolved and linked."""
 
@@ -268,5 +325,3 @@ class FeedbackRecord:
     def is_current(self) -> bool:
         """False once a newer thumbs/rating of the same rater on the same completion replaced it."""
         return self.superseded_by is None
-
-

@@ -3,7 +3,8 @@
 An event is accepted exactly once per event id and acknowledged only after it is committed. The
 `FeedbackService` runs a group-commit writer thread: every event queued while one transaction
 commits goes into the next one, so the cost of a durable commit is shared by all concurrent
-callers (a unary call from each of 32 clients, or a whole bulk stream window).
+callers (a unary call from each of 32 clients, a whole bulk stream window, or a few batch calls).
+A caller's batch (`submit_batch`) is queued as one item, so it is never split across transactions.
 
 Rules applied per batch (in `planning.py`), against the store:
 - the same event id with the same content is a no-op that succeeds (`duplicate=True`); with other
@@ -22,6 +23,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 from sqlalchemy.exc import DBAPIError
 
@@ -31,7 +33,15 @@ from ..domain import new_id
 from ..errors import TuneloopError
 from ..metrics import Metrics
 from ..store.base import Store
-from .events import FeedbackAck, FeedbackBacklog, FeedbackEvent, StoreUnavailable, rejection_reason
+from .events import (
+    MAX_BATCH_EVENTS,
+    FeedbackAck,
+    FeedbackBacklog,
+    FeedbackEvent,
+    StoreUnavailable,
+    check_batch_size,
+    rejection_reason,
+)
 from .planning import BatchPlan
 
 log = logging.getLogger(__name__)
@@ -39,30 +49,39 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FeedbackServiceConfig:
-    max_batch: int = 1024  # events per transaction at most
+    max_batch: int = 1024  # events per transaction at most (a caller's batch is never split: fits in one)
     max_backlog: int = 50_000  # queued events beyond which submissions get RESOURCE_EXHAUSTED
     commit_retry_s: float = 10.0  # how long a failing commit is retried before callers get UNAVAILABLE
     completion_log_wait_s: float = 5.0  # longest wait for just-served completions to reach the store
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_backlog < self.max_batch:
-            raise ValueError("need max_batch >= 1 and max_backlog >= max_batch")
+        if self.max_batch < 1 or self.max_backlog < max(self.max_batch, MAX_BATCH_EVENTS):
+            raise ValueError("need max_batch >= 1 and max_backlog >= max_batch and >= MAX_BATCH_EVENTS")
+
+
+# What the writer answers for one event: its ack, or why it was refused.
+Outcome = FeedbackAck | TuneloopError
 
 
 @dataclass(frozen=True)
 class _Job:
-    event: FeedbackEvent
-    future: asyncio.Future[FeedbackAck]
+    """One caller's events, answered together: one future per job, not per event, so a batch of a
+    thousand costs the event loop one callback."""
+
+    events: list[FeedbackEvent]
+    # single: the event's FeedbackAck, or its error raised. Batch: the list of outcomes, in order.
+    future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    single: bool
 
 
 class FeedbackService:
     """Validates feedback, applies exactly-once and supersede rules, and group-commits it.
 
-    `submit`/`enqueue` run on the event loop and only validate and queue; the writer thread does
-    every store read and write, one transaction per batch, and resolves each caller's future after
-    the commit. Call `start()` before submitting and `await close()` on shutdown (it commits and
-    acknowledges everything queued).
+    `submit`/`enqueue`/`submit_batch` run on the event loop and only validate and queue; the
+    writer thread does every store read and write, one transaction per batch, and resolves each
+    caller's future after the commit. Call `start()` before submitting and `await close()` on
+    shutdown (it commits and acknowledges everything queued).
     """
 
     def __init__(
@@ -82,7 +101,9 @@ class FeedbackService:
 
     def start(self) -> None:
         if self._writer is None:
-            self._writer = BatchThread("feedback-writer", self._commit_batch, max_batch=self._config.max_batch)
+            self._writer = BatchThread(
+                "feedback-writer", self._commit_batch, max_batch=self._config.max_batch, weight=_job_weight
+            )
 
     async def close(self, timeout: float = 30.0) -> bool:
         """Stops accepting events and waits (off the loop) until the queued ones are committed."""
@@ -99,34 +120,67 @@ class FeedbackService:
         Static validation errors are raised here, store-dependent ones through the future."""
         try:
             event.validate()
-            if not event.event_id:
-                event = replace(event, event_id=new_id("fb"))
-            loop = asyncio.get_running_loop()
-            job = _Job(event, loop.create_future(), loop)
+            job = _new_job([_with_id(event)], single=True)
             self._queue(job)
         except TuneloopError as exc:
             self._metrics.feedback_rejected.labels(rejection_reason(exc)).inc()
             raise
-        return job.future
+        return cast("asyncio.Future[FeedbackAck]", job.future)
+
+    async def submit_batch(self, events: Sequence[FeedbackEvent]) -> list[Outcome]:
+        """Stores a caller's batch as one unit of the group commit; returns after the commit with one
+        outcome per event, in order: its ack, or its own error (invalid, unknown completion, event id
+        reused), while the other events are stored all the same. Events are decided in order, as if
+        submitted one by one. Raised instead, for the whole batch: InvalidFeedback for more than
+        MAX_BATCH_EVENTS events, FeedbackBacklog when the backlog cannot take it, StoreUnavailable
+        when the store cannot commit (then nothing of the batch is stored).
+        """
+        check_batch_size(len(events))
+        outcomes: list[Outcome | None] = [None] * len(events)
+        accepted: list[FeedbackEvent] = []
+        positions: list[int] = []
+        for i, event in enumerate(events):
+            try:
+                event.validate()
+            except TuneloopError as exc:
+                self._metrics.feedback_rejected.labels(rejection_reason(exc)).inc()
+                outcomes[i] = exc
+                continue
+            accepted.append(_with_id(event))
+            positions.append(i)
+        if accepted:
+            job = _new_job(accepted, single=False)
+            try:
+                self._queue(job)
+            except TuneloopError as exc:
+                self._metrics.feedback_rejected.labels(rejection_reason(exc)).inc(len(accepted))
+                raise
+            results: list[FeedbackAck | BaseException] = await job.future
+            for i, res in zip(positions, results, strict=True):
+                if isinstance(res, StoreUnavailable) or not isinstance(res, (FeedbackAck, TuneloopError)):
+                    raise res  # the transaction failed: the whole batch did, and retrying it is safe
+                outcomes[i] = res
+        return cast("list[Outcome]", outcomes)
 
     def _queue(self, job: _Job) -> None:
+        n = len(job.events)
         with self._backlog_lock:
-            if self._backlog >= self._config.max_backlog:
+            if self._backlog + n > self._config.max_backlog:
                 raise FeedbackBacklog(f"{self._backlog} feedback events are waiting to be stored; retry shortly")
-            self._backlog += 1
+            self._backlog += n
         try:
             if self._writer is None:
                 raise RuntimeError("not started")
             self._writer.put_many([job])
         except RuntimeError:  # not started, or closed
             with self._backlog_lock:
-                self._backlog -= 1
+                self._backlog -= n
             raise StoreUnavailable("the feedback service is not running (starting or shutting down)") from None
 
     # --- writer thread ---
 
     def _commit_batch(self, jobs: list[_Job]) -> None:
-        events = [j.event for j in jobs]
+        events = [e for j in jobs for e in j.events]
         self._wait_for_completion_log(events)
         results: list[FeedbackAck | BaseException]
         try:
@@ -138,7 +192,7 @@ class FeedbackService:
             if isinstance(res, BaseException):
                 self._metrics.feedback_rejected.labels(rejection_reason(res)).inc()
         with self._backlog_lock:
-            self._backlog -= len(jobs)
+            self._backlog -= len(events)
         _deliver(jobs, results)
 
     def _wait_for_completion_log(self, events: Sequence[FeedbackEvent]) -> None:
@@ -207,11 +261,27 @@ class FeedbackService:
             counter.labels(*labels).inc(amount)  # type: ignore[attr-defined]
 
 
+def _with_id(event: FeedbackEvent) -> FeedbackEvent:
+    return event if event.event_id else replace(event, event_id=new_id("fb"))
+
+
+def _new_job(events: list[FeedbackEvent], single: bool) -> _Job:
+    loop = asyncio.get_running_loop()
+    return _Job(events, loop.create_future(), loop, single)
+
+
+def _job_weight(job: _Job) -> int:
+    return len(job.events)
+
+
 def _deliver(jobs: Sequence[_Job], results: Sequence[FeedbackAck | BaseException]) -> None:
     """Resolves the callers' futures on their loops: one thread-safe callback per loop and batch."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[FeedbackAck], object]]] = defaultdict(list)
-    for job, res in zip(jobs, results, strict=True):
-        by_loop[job.loop].append((job.future, res))
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Sequence[object]]]] = defaultdict(list)
+    start = 0
+    for job in jobs:
+        end = start + len(job.events)
+        by_loop[job.loop].append((job, results[start:end]))
+        start = end
     for loop, items in by_loop.items():
         try:
             loop.call_soon_threadsafe(_resolve, items)
@@ -219,11 +289,14 @@ def _deliver(jobs: Sequence[_Job], results: Sequence[FeedbackAck | BaseException
             pass
 
 
-def _resolve(items: Sequence[tuple[asyncio.Future[FeedbackAck], object]]) -> None:
-    for fut, res in items:
-        if fut.done():  # the caller went away (cancelled); the event is stored all the same
+def _resolve(items: Sequence[tuple[_Job, Sequence[object]]]) -> None:
+    for job, results in items:
+        fut = job.future
+        if fut.done():  # the caller went away (cancelled); the events are stored all the same
             continue
-        if isinstance(res, BaseException):
-            fut.set_exception(res)
+        if not job.single:
+            fut.set_result(list(results))
+        elif isinstance(results[0], BaseException):
+            fut.set_exception(results[0])
         else:
-            fut.set_result(res)  # type: ignore[arg-type]
+            fut.set_result(results[0])

@@ -7,13 +7,14 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from tuneloop.v1 import feedback_pb2 as fpb
 from tuneloop.v1 import feedback_pb2_grpc as fpb_grpc
 
 from ..errors import TuneloopError, status_for
-from ..feedback import FeedbackAck, FeedbackEvent
-from ..feedback.service import FeedbackService
+from ..feedback import FeedbackAck, FeedbackBatch, FeedbackEvent
+from ..feedback.service import FeedbackService, Outcome
 from ..metrics import Metrics
 from .rpc import streaming, unary
 
@@ -24,6 +25,7 @@ _SERVICE = "/tuneloop.v1.FeedbackService/"
 REQUIRED_ROLES: dict[str, str] = {
     _SERVICE + "SubmitFeedback": "feedback",
     _SERVICE + "SubmitFeedbackStream": "feedback",
+    _SERVICE + "SubmitFeedbackBatch": "feedback",
 }
 # Events of one stream queued but not yet acknowledged. Bounds the memory a stream can pin while
 # keeping enough events in flight that each commit carries a large batch.
@@ -65,6 +67,17 @@ class FeedbackServicer(fpb_grpc.FeedbackServiceServicer):
         finally:
             reader.cancel()
 
+    @unary("SubmitFeedbackBatch")
+    async def SubmitFeedbackBatch(
+        self, request: fpb.SubmitFeedbackBatchRequest, context: grpc.aio.ServicerContext
+    ) -> fpb.SubmitFeedbackBatchResponse:
+        batch = FeedbackBatch.from_pb(request)
+        outcomes = await self._service.submit_batch(batch.events)
+        response = fpb.SubmitFeedbackBatchResponse()
+        for i, (event, outcome) in enumerate(zip(batch.events, outcomes, strict=True)):
+            _ack_pb(i, event.event_id, outcome, into=response.acks)
+        return response
+
     def _enqueue(self, msg: fpb.FeedbackEvent) -> asyncio.Future[FeedbackAck]:
         try:
             return self._service.enqueue(FeedbackEvent.from_pb(msg))
@@ -76,11 +89,26 @@ class FeedbackServicer(fpb_grpc.FeedbackServiceServicer):
 
 async def _stream_ack(index: int, sent_event_id: str, fut: asyncio.Future[FeedbackAck]) -> fpb.FeedbackAck:
     try:
-        return (await fut).to_pb(stream_index=index)
+        outcome: Outcome | Exception = await fut
     except Exception as exc:
-        code, message = _status(exc)
-        error = fpb.FeedbackError(code=code.value[0], code_name=code.name, message=message)
-        return fpb.FeedbackAck(event_id=sent_event_id, stream_index=index, error=error)
+        outcome = exc
+    return _ack_pb(index, sent_event_id, outcome)
+
+
+def _ack_pb(
+    index: int,
+    sent_event_id: str,
+    outcome: Outcome | Exception,
+    into: RepeatedCompositeFieldContainer[fpb.FeedbackAck] | None = None,
+) -> fpb.FeedbackAck:
+    """The ack of the event at `index` of a stream or batch: stored, or refused with its status.
+    With `into`, it is built in place at the end of that repeated field."""
+    if isinstance(outcome, FeedbackAck):
+        return outcome.to_pb(stream_index=index, into=into)
+    code, message = _status(outcome)
+    error = fpb.FeedbackError(code=code.value[0], code_name=code.name, message=message)
+    make = fpb.FeedbackAck if into is None else into.add
+    return make(event_id=sent_event_id, stream_index=index, error=error)
 
 
 def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:

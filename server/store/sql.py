@@ -14,7 +14,6 @@ and, thanks to WAL, never block or are blocked by the writers.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -38,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..domain import CompletionRecord
-from ..feedback.events import FeedbackEvent, FeedbackRecord
+from ..feedback.events import FeedbackEvent, FeedbackRecord, json_dumps_fast
 from . import live_feedback
 from .base import CanaryEvidence, CompletionRef, StoredEventKey, VersionFeedback
 from .migrations import migrate
@@ -322,14 +321,17 @@ def _completion_row(r: CompletionRecord) -> dict[str, Any]:
     return row
 
 
+_reason_tags_json = json_dumps_fast(ensure_ascii=True)  # json.dumps(tags): what the column always held
+
+
 def _feedback_values(r: FeedbackRecord) -> tuple[Any, ...]:
     """One row's parameters in `_FEEDBACK_INSERT_COLUMNS` order."""
     e = r.event
     return (
         e.event_id, e.content_sha256, e.rater_id, e.kind, r.completion_id, r.second_completion_id, e.group_id,
         r.prompt_sha256, None if e.thumb_up is None else int(e.thumb_up), e.rating, e.choice, e.corrected_text,
-        e.comment_text, json.dumps(list(e.reason_tags)), r.created_at, r.supersedes, r.superseded_by,
-        e.judgement_key,
+        e.comment_text, _reason_tags_json(e.reason_tags) if e.reason_tags else "[]", r.created_at, r.supersedes,
+        r.superseded_by, e.judgement_key,
     )  # fmt: skip
 
 

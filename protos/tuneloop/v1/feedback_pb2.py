@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atuneloop/v1/feedback.proto\x12\x0btuneloop.v1\"J\n\x0eThumbsFeedback\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0e\x32\x12.tuneloop.v1.Thumb\"6\n\x0eRatingFeedback\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\r\"(\n\x0f\x43ommentFeedback\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\"C\n\x12\x43orrectionFeedback\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63orrected_text\x18\x02 \x01(\t\"\x8c\x01\n\x10PairwiseFeedback\x12\x1b\n\x13\x66irst_completion_id\x18\x01 \x01(\t\x12\x1c\n\x14second_completion_id\x18\x02 \x01(\t\x12\x10\n\x08group_id\x18\x03 \x01(\t\x12+\n\x06\x63hoice\x18\x04 \x01(\x0e\x32\x1b.tuneloop.v1.PairwiseChoice\"\xdf\x02\n\rFeedbackEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08rater_id\x18\x02 \x01(\t\x12-\n\x06thumbs\x18\x03 \x01(\x0b\x32\x1b.tuneloop.v1.ThumbsFeedbackH\x00\x12-\n\x06rating\x18\x04 \x01(\x0b\x32\x1b.tuneloop.v1.RatingFeedbackH\x00\x12/\n\x07\x63omment\x18\x05 \x01(\x0b\x32\x1c.tuneloop.v1.CommentFeedbackH\x00\x12\x35\n\ncorrection\x18\x06 \x01(\x0b\x32\x1f.tuneloop.v1.CorrectionFeedbackH\x00\x12\x31\n\x08pairwise\x18\x07 \x01(\x0b\x32\x1d.tuneloop.v1.PairwiseFeedbackH\x00\x12\x14\n\x0c\x63omment_text\x18\x08 \x01(\t\x12\x13\n\x0breason_tags\x18\t \x03(\tB\x06\n\x04kind\"A\n\rFeedbackError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xa2\x01\n\x0b\x46\x65\x65\x64\x62\x61\x63kAck\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x1b\n\x13superseded_event_id\x18\x04 \x01(\t\x12\x14\n\x0cstream_index\x18\x05 \x01(\x04\x12)\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1a.tuneloop.v1.FeedbackError*<\n\x05Thumb\x12\x15\n\x11THUMB_UNSPECIFIED\x10\x00\x12\x0c\n\x08THUMB_UP\x10\x01\x12\x0e\n\nTHUMB_DOWN\x10\x02*\x81\x01\n\x0ePairwiseChoice\x12\x1f\n\x1bPAIRWISE_CHOICE_UNSPECIFIED\x10\x00\x12\x19\n\x15PAIRWISE_CHOICE_FIRST\x10\x01\x12\x1a\n\x16PAIRWISE_CHOICE_SECOND\x10\x02\x12\x17\n\x13PAIRWISE_CHOICE_TIE\x10\x03\x32\xab\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12\x46\n\x0eSubmitFeedback\x12\x1a.tuneloop.v1.FeedbackEvent\x1a\x18.tuneloop.v1.FeedbackAck\x12P\n\x14SubmitFeedbackStream\x12\x1a.tuneloop.v1.FeedbackEvent\x1a\x18.tuneloop.v1.FeedbackAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atuneloop/v1/feedback.proto\x12\x0btuneloop.v1\"J\n\x0eThumbsFeedback\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0e\x32\x12.tuneloop.v1.Thumb\"6\n\x0eRatingFeedback\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\r\"(\n\x0f\x43ommentFeedback\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\"C\n\x12\x43orrectionFeedback\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63orrected_text\x18\x02 \x01(\t\"\x8c\x01\n\x10PairwiseFeedback\x12\x1b\n\x13\x66irst_completion_id\x18\x01 \x01(\t\x12\x1c\n\x14second_completion_id\x18\x02 \x01(\t\x12\x10\n\x08group_id\x18\x03 \x01(\t\x12+\n\x06\x63hoice\x18\x04 \x01(\x0e\x32\x1b.tuneloop.v1.PairwiseChoice\"\xdf\x02\n\rFeedbackEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08rater_id\x18\x02 \x01(\t\x12-\n\x06thumbs\x18\x03 \x01(\x0b\x32\x1b.tuneloop.v1.ThumbsFeedbackH\x00\x12-\n\x06rating\x18\x04 \x01(\x0b\x32\x1b.tuneloop.v1.RatingFeedbackH\x00\x12/\n\x07\x63omment\x18\x05 \x01(\x0b\x32\x1c.tuneloop.v1.CommentFeedbackH\x00\x12\x35\n\ncorrection\x18\x06 \x01(\x0b\x32\x1f.tuneloop.v1.CorrectionFeedbackH\x00\x12\x31\n\x08pairwise\x18\x07 \x01(\x0b\x32\x1d.tuneloop.v1.PairwiseFeedbackH\x00\x12\x14\n\x0c\x63omment_text\x18\x08 \x01(\t\x12\x13\n\x0breason_tags\x18\t \x03(\tB\x06\n\x04kind\"A\n\rFeedbackError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xa2\x01\n\x0b\x46\x65\x65\x64\x62\x61\x63kAck\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x1b\n\x13superseded_event_id\x18\x04 \x01(\t\x12\x14\n\x0cstream_index\x18\x05 \x01(\x04\x12)\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1a.tuneloop.v1.FeedbackError\"H\n\x1aSubmitFeedbackBatchRequest\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.tuneloop.v1.FeedbackEvent\"E\n\x1bSubmitFeedbackBatchResponse\x12&\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x18.tuneloop.v1.FeedbackAck*<\n\x05Thumb\x12\x15\n\x11THUMB_UNSPECIFIED\x10\x00\x12\x0c\n\x08THUMB_UP\x10\x01\x12\x0e\n\nTHUMB_DOWN\x10\x02*\x81\x01\n\x0ePairwiseChoice\x12\x1f\n\x1bPAIRWISE_CHOICE_UNSPECIFIED\x10\x00\x12\x19\n\x15PAIRWISE_CHOICE_FIRST\x10\x01\x12\x1a\n\x16PAIRWISE_CHOICE_SECOND\x10\x02\x12\x17\n\x13PAIRWISE_CHOICE_TIE\x10\x03\x32\x95\x02\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12\x46\n\x0eSubmitFeedback\x12\x1a.tuneloop.v1.FeedbackEvent\x1a\x18.tuneloop.v1.FeedbackAck\x12P\n\x14SubmitFeedbackStream\x12\x1a.tuneloop.v1.FeedbackEvent\x1a\x18.tuneloop.v1.FeedbackAck(\x01\x30\x01\x12h\n\x13SubmitFeedbackBatch\x12\'.tuneloop.v1.SubmitFeedbackBatchRequest\x1a(.tuneloop.v1.SubmitFeedbackBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tuneloop.v1.feedback_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_THUMB']._serialized_start=1015
-  _globals['_THUMB']._serialized_end=1075
-  _globals['_PAIRWISECHOICE']._serialized_start=1078
-  _globals['_PAIRWISECHOICE']._serialized_end=1207
+  _globals['_THUMB']._serialized_start=1160
+  _globals['_THUMB']._serialized_end=1220
+  _globals['_PAIRWISECHOICE']._serialized_start=1223
+  _globals['_PAIRWISECHOICE']._serialized_end=1352
   _globals['_THUMBSFEEDBACK']._serialized_start=43
   _globals['_THUMBSFEEDBACK']._serialized_end=117
   _globals['_RATINGFEEDBACK']._serialized_start=119
@@ -51,6 +51,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEEDBACKERROR']._serialized_end=848
   _globals['_FEEDBACKACK']._serialized_start=851
   _globals['_FEEDBACKACK']._serialized_end=1013
-  _globals['_FEEDBACKSERVICE']._serialized_start=1210
-  _globals['_FEEDBACKSERVICE']._serialized_end=1381
+  _globals['_SUBMITFEEDBACKBATCHREQUEST']._serialized_start=1015
+  _globals['_SUBMITFEEDBACKBATCHREQUEST']._serialized_end=1087
+  _globals['_SUBMITFEEDBACKBATCHRESPONSE']._serialized_start=1089
+  _globals['_SUBMITFEEDBACKBATCHRESPONSE']._serialized_end=1158
+  _globals['_FEEDBACKSERVICE']._serialized_start=1355
+  _globals['_FEEDBACKSERVICE']._serialized_end=1632
 # @@protoc_insertion_point(module_scope)

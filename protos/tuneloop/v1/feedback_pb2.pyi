@@ -116,3 +116,15 @@ class FeedbackAck(_message.Message):
     stream_index: int
     error: FeedbackError
     def __init__(self, event_id: _Optional[str] = ..., duplicate: _Optional[bool] = ..., sequence: _Optional[int] = ..., superseded_event_id: _Optional[str] = ..., stream_index: _Optional[int] = ..., error: _Optional[_Union[FeedbackError, _Mapping]] = ...) -> None: ...
+
+class SubmitFeedbackBatchRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[FeedbackEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[FeedbackEvent, _Mapping]]] = ...) -> None: ...
+
+class SubmitFeedbackBatchResponse(_message.Message):
+    __slots__ = ("acks",)
+    ACKS_FIELD_NUMBER: _ClassVar[int]
+    acks: _containers.RepeatedCompositeFieldContainer[FeedbackAck]
+    def __init__(self, acks: _Optional[_Iterable[_Union[FeedbackAck, _Mapping]]] = ...) -> None: ...

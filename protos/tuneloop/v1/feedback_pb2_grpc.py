@@ -45,6 +45,11 @@ class FeedbackServiceStub:
                 request_serializer=tuneloop_dot_v1_dot_feedback__pb2.FeedbackEvent.SerializeToString,
                 response_deserializer=tuneloop_dot_v1_dot_feedback__pb2.FeedbackAck.FromString,
                 _registered_method=True)
+        self.SubmitFeedbackBatch = channel.unary_unary(
+                '/tuneloop.v1.FeedbackService/SubmitFeedbackBatch',
+                request_serializer=tuneloop_dot_v1_dot_feedback__pb2.SubmitFeedbackBatchRequest.SerializeToString,
+                response_deserializer=tuneloop_dot_v1_dot_feedback__pb2.SubmitFeedbackBatchResponse.FromString,
+                _registered_method=True)
 
 
 class FeedbackServiceServicer:
@@ -69,6 +74,21 @@ class FeedbackServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitFeedbackBatch(self, request, context):
+        """Bulk ingestion in one call: up to 1000 events, answered with one ack per event, in the
+        order sent, once every event of the batch is committed (the batch is one unit of the
+        server's group commit). Each event gets what SubmitFeedback would give it: a refused event
+        gets its ack with `error` set and the others are stored all the same; an event id sent
+        again with the same content is a duplicate, with other content ALREADY_EXISTS. The call
+        itself fails only for what concerns the whole batch: INVALID_ARGUMENT for more than 1000
+        events, RESOURCE_EXHAUSTED for a request larger than the server's max_message_bytes
+        (4 MiB by default) or while its backlog is full, UNAVAILABLE when the store cannot commit
+        (nothing of the batch was stored; retrying with the same event ids is safe).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeedbackServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +101,11 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
                     servicer.SubmitFeedbackStream,
                     request_deserializer=tuneloop_dot_v1_dot_feedback__pb2.FeedbackEvent.FromString,
                     response_serializer=tuneloop_dot_v1_dot_feedback__pb2.FeedbackAck.SerializeToString,
+            ),
+            'SubmitFeedbackBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitFeedbackBatch,
+                    request_deserializer=tuneloop_dot_v1_dot_feedback__pb2.SubmitFeedbackBatchRequest.FromString,
+                    response_serializer=tuneloop_dot_v1_dot_feedback__pb2.SubmitFeedbackBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +163,33 @@ class FeedbackService:
             '/tuneloop.v1.FeedbackService/SubmitFeedbackStream',
             tuneloop_dot_v1_dot_feedback__pb2.FeedbackEvent.SerializeToString,
             tuneloop_dot_v1_dot_feedback__pb2.FeedbackAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitFeedbackBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneloop.v1.FeedbackService/SubmitFeedbackBatch',
+            tuneloop_dot_v1_dot_feedback__pb2.SubmitFeedbackBatchRequest.SerializeToString,
+            tuneloop_dot_v1_dot_feedback__pb2.SubmitFeedbackBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
