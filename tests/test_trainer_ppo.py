@@ -20,7 +20,7 @@ from tuneloop.server.registry import AdapterRegistry
 from tuneloop.trainer.config import ComputeConfig, DPOConfig, GateConfig, PPOConfig, RewardConfig, SidecarConfig
 from tuneloop.trainer.gate import evaluate_samples, sample_completions
 from tuneloop.trainer.metrics import TrainerMetrics
-from tuneloop.trainer.model import build_policy, load_base_model, load_tokenizer, prepare_compute
+from tuneloop.trainer.model import autocast, build_policy, load_base_model, load_tokenizer, prepare_compute
 from tuneloop.trainer.ppo import RewardScorer, completion_grid, train_ppo
 from tuneloop.trainer.reward_gate import auc
 from tuneloop.trainer.reward_model import (
@@ -131,7 +131,7 @@ def test_ppo_against_a_trained_reward_model_raises_the_reward_with_bounded_kl(mo
     def p_the(adapter: bool) -> float:
         ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(p[::-1]) for p in prompts], batch_first=True).flip(1)
         attn = (torch.arange(ids.shape[1]).flip(0)[None, :] < torch.tensor([len(p) for p in prompts])[:, None]).long()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, dtype):  # bf16 weights where the host computes in bf16
             if adapter:
                 logits = policy(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
             else:
