@@ -117,6 +117,9 @@ class FastPath:
                 self._give_up_fold(str(exc))
                 await self.settled()  # the unfold; then this request is translated again
                 continue
+            except BaseException:  # cancelled while its difference LoRA was written: not running
+                self._finished()
+                raise
             try:
                 async for delta in self._inner.generate(dataclasses.replace(request, adapter=adapter)):
                     yield delta
@@ -211,7 +214,7 @@ class FastPath:
                                 f"rank {lora.rank}: the bare base model beside it would need rank {2 * lora.rank}, "
                                 f"above max_lora_rank {self._max_rank}"
                             )
-                    except (NotFoldable, OSError, ValueError) as exc:
+                    except Exception as exc:  # noqa: BLE001 - unreadable or unusual files: serve it through LoRA
                         log.warning("adapter %s stays on the LoRA path: %s", target.key, exc)
                         self._unfoldable[target.key] = str(exc)
                         self._target = None

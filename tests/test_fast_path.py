@@ -176,3 +176,20 @@ async def test_a_request_the_fold_cannot_serve_exactly_unfolds_it_for_good(tmp_p
     fp2.serve_folded(big)
     await fp2.settled()
     assert fp2.folded == ""
+
+
+async def test_a_request_cancelled_before_it_reaches_the_engine_does_not_block_the_next_fold(tmp_path: Path) -> None:
+    fake = FoldingFake()
+    fp = FastPath(fake, max_lora_rank=16)
+    v = LoadedAdapter("a@v1", 1, str(write_lora(tmp_path / "v1", rank=4, seed=1)))
+    fp.serve_folded(v)
+    await fp.settled()
+    # The bare base needs its difference LoRA written first (in a thread): cancel it meanwhile.
+    task = asyncio.create_task(_run(fp, "cancelled", None))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    fp.serve_folded(None)
+    await asyncio.wait_for(fp.settled(), 5)  # a leaked "running" count would hold it for ever
+    assert fp.folded == "" and fake.folds == [v.path, None]
