@@ -122,7 +122,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "the store directly (run it where the store is), not through the server.",
     )  # fmt: skip
     export.add_argument("--kind", required=True, choices=EXPORT_KINDS,
-                        help="pairs: chosen/rejected; unpaired: thumbs-style good/bad; ratings: scored")  # fmt: skip
+                        help="pairs: chosen/rejected; unpaired: good/bad as KTO trains on them (thumbs, "
+                             "ratings 4-5 and 1-2); ratings: scored")  # fmt: skip
     export.add_argument("--format", default="jsonl", choices=EXPORT_FORMATS, help="output format (default: jsonl)")
     export.add_argument("--store", default=os.environ.get(ENV_STORE),
                         help=f"store URL (default: ${ENV_STORE}, else the server's default store)")  # fmt: skip

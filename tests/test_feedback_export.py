@@ -86,10 +86,10 @@ async def test_export_writes_parseable_jsonl_from_the_store(tmp_path: Path) -> N
     assert sorted((r["prompt"], r["chosen"], r["rejected"]) for r in rows("pairs")) == [
         (P, "Hello!", "No."), (P, "Hi, sure.", "No."), (Q, "Bye now.", "Leave."),
     ]  # fmt: skip
-    assert [{k: v for k, v in r.items() if k != "split"} for r in rows("unpaired")] == [
-        {"prompt": P, "completion": "Hello!", "label": True},
-        {"prompt": P, "completion": "No.", "label": False},
-    ]
+    # What KTO trains on: both thumbs (the later one of a changed mind), and the 5 as desirable.
+    assert sorted((r["completion"], r["label"]) for r in rows("unpaired")) == [
+        ("Hello!", True), ("Hello!", True), ("No.", False),
+    ]  # fmt: skip
     assert [{k: v for k, v in r.items() if k != "split"} for r in rows("ratings")] == [
         {"prompt": P, "completion": "Hello!", "rating": 5}
     ]

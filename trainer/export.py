@@ -4,8 +4,9 @@
              TRL's "preference" datasets). Exactly the pairs `build_dataset` gives the trainer (same
              sources, dedupe, contradiction handling, rating gaps, per-rater cap); `split` says
              whether the trainer trains on the pair ("train") or holds it out for the gate.
-- "unpaired" {prompt, completion, label, split}: one thumbs each, label true for up (TRL's
-             "unpaired preference" format, as used by KTO).
+- "unpaired" {prompt, completion, label, split}: exactly the examples `--algo kto` trains on at its
+             defaults (TRL's "unpaired preference" format): each thumb (label true for up), and
+             each rating of 4-5 (true) or 1-2 (false); a 3 is neither.
 - "ratings"  {prompt, completion, rating, split}: one 1-5 rating each, as the reward model reads them.
 
 Both pointwise kinds come from `build_pointwise`, the reward model's source. Superseded events are
@@ -21,8 +22,8 @@ from typing import Literal, TextIO
 from tuneloop.server.store import Store
 
 from .config import DatasetConfig
-from .dataset import build_dataset, build_pointwise
-from .rows import RATING, THUMBS
+from .dataset import build_dataset, build_pointwise, kto_examples, kto_label
+from .rows import RATING
 from .source import StoreSource
 
 ExportKind = Literal["pairs", "unpaired", "ratings"]
@@ -46,10 +47,13 @@ def export_rows(store: Store, kind: str, config: DatasetConfig | None = None) ->
                 yield {"prompt": p.prompt_text, "chosen": p.chosen_text, "rejected": p.rejected_text, "split": split}
         return
     pw = build_pointwise(completions, feedback, cfg)
+    if kind == "unpaired":
+        pw = kto_examples(pw)  # the trainer's own labels: thumbs, and ratings at either end
     for split, examples in (("train", pw.train), ("heldout", pw.heldout)):
         for e in examples:
-            if kind == "unpaired" and e.kind == THUMBS:
-                yield {"prompt": e.prompt_text, "completion": e.completion_text, "label": e.value > 0, "split": split}
+            if kind == "unpaired":
+                label = kto_label(e) is True
+                yield {"prompt": e.prompt_text, "completion": e.completion_text, "label": label, "split": split}
             elif kind == "ratings" and e.kind == RATING:
                 yield {"prompt": e.prompt_text, "completion": e.completion_text, "rating": int(e.value),
                        "split": split}  # fmt: skip
