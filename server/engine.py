@@ -219,9 +219,13 @@ class VllmEngine:
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
     # -- generation ------------------------------------------------------------------------
+    def _samples_seed_here(self, s: SamplingSpec) -> bool:
+        """Whether tuneloop's SeededSampler, not vLLM, samples this request (greedy ignores seeds)."""
+        return self._seeded_here and s.seed is not None and s.temperature > 0
+
     def generate(self, request: EngineRequest) -> AsyncGenerator[EngineDelta, None]:
         s = request.sampling
-        if self._seeded_here and s.seed is not None and s.temperature > 0 and s.n > 1:
+        if self._samples_seed_here(s) and s.n > 1:
             # Each candidate becomes its own request with seed + index (vLLM's rule for the
             # candidates of a seeded request), since the sampler keys its noise by seed alone.
             return merge_candidates(
@@ -230,7 +234,7 @@ class VllmEngine:
                         dataclasses.replace(
                             request,
                             request_id=f"{request.request_id}-{i}",
-                            sampling=dataclasses.replace(s, n=1, seed=(s.seed + i) % (1 << 64)),
+                            sampling=dataclasses.replace(s, n=1, seed=(s.seed + i) % (1 << 64)),  # type: ignore[operator]
                         )
                     )
                     for i in range(s.n)
@@ -288,9 +292,9 @@ class VllmEngine:
         from .seeded_sampling import seeded_extra_args  # noqa: PLC0415 - torch, loaded with vLLM
 
         temperature, top_p, top_k, seed, extra = s.temperature, s.top_p, s.top_k, s.seed, None
-        if self._seeded_here and seed is not None and temperature > 0:
+        if self._samples_seed_here(s):
             # vLLM sees an unseeded request whose every step SeededSampler has already decided.
-            extra = seeded_extra_args(seed, temperature, top_p, top_k)
+            extra = seeded_extra_args(s.seed, temperature, top_p, top_k)  # type: ignore[arg-type]
             temperature, top_p, top_k, seed = 1.0, 1.0, 0, None
         return SamplingParams(
             n=s.n,

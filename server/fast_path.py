@@ -66,7 +66,6 @@ class FastPath:
         self._derived: dict[tuple[str, str], LoadedAdapter] = {}  # (plus key or "", folded key) -> adapter
         self._unfoldable: dict[str, str] = {}  # adapter key -> why it is served through LoRA only
         self._dir = Path(tempfile.mkdtemp(prefix="tuneloop-fold-"))
-        self.folds: list[tuple[str, float]] = []  # (folded key or "", seconds), for logs and tests
         # Told of every reload: (folded key or "", seconds from request to serving again, ok).
         self.on_fold: Callable[[str, float, bool], None] | None = None
         self._broken = False  # a failed fold could not restore the base weights
@@ -244,7 +243,6 @@ class FastPath:
         self._folded = _Fold(target, lora) if target is not None and lora is not None else None
         self._derived.clear()  # they were differences to the old weights
         now = time.perf_counter()
-        self.folds.append((self.folded, now - started))
         log.info(
             "fast path: %s in the base weights (reload %.2f s, %.2f s after it was asked for)",
             self.folded or "nothing", now - started, now - asked_at,
