@@ -132,11 +132,10 @@ class Eval:
 
 
 def sample_heldout(
-    gen: pb_grpc.GenerationServiceStub, prompts: list[str], version: str, samples: int
+    gen: pb_grpc.GenerationServiceStub, prompts: list[str], version: str, samples: int, name: str = ADAPTER
 ) -> list[pb.Completion]:
-    adapter = (
-        pb.AdapterSelector(name="base") if version == "base" else pb.AdapterSelector(name=ADAPTER, version=version)
-    )
+    """`samples` seeded completions per prompt from `name@version` pinned (or the bare base model)."""
+    adapter = pb.AdapterSelector(name="base") if version == "base" else pb.AdapterSelector(name=name, version=version)
 
     def one(i: int) -> list[pb.Completion]:
         r = gen.Generate(

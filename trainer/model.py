@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from tuneloop.server.hardware import fastest_dtype
 
+from .accounting import count_tokens
 from .config import ComputeConfig, DPOConfig
 from .losses import completion_positions, gathered_token_logps, sum_by_row
 
@@ -83,6 +84,7 @@ def load_base_model(
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
+    count_tokens(model)
     return model
 
 

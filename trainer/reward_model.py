@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from .accounting import count_tokens
 from .config import ComputeConfig, RewardConfig
 from .dataset import PointwiseExample
 from .dpo import collate_sequences, encode_completion
@@ -49,6 +50,7 @@ def load_reward_backbone(model_dir: Path, compute: ComputeConfig, dtype: torch.d
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = pad_id
+    count_tokens(model)
     return model
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from tuneloop.server.errors import FailedPrecondition, NotFound
 from tuneloop.server.registry import DEFAULT_CHANNEL, POLICY, AdapterVersion, Registry, base_model_fingerprint
 
+from .accounting import COUNTS
 from .algos import ALGORITHMS, RoundInputs
 from .algos.base import FeedbackSource
 from .choose import choose_algorithm, feedback_counts
@@ -275,7 +276,11 @@ def _run(
         done.train_pairs, done.heldout_pairs = n_train, n_held
         return done
 
+    tokens_before = COUNTS.copy()
     candidate = algorithm.train(RoundInputs(cfg, dataset, source, model_dir, served, registry, metrics, pointwise))
+    # Compute on equal terms across algorithms (a PPO round's include the reward round it ran).
+    tokens = COUNTS.since(tokens_before)
+    candidate.metrics.update(tokens_forward=tokens.forward, tokens_backward=tokens.backward)
     verdict = candidate.verdict
     metrics.examples.set(ex_train)
     manifest = {
