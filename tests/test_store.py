@@ -190,3 +190,7 @@ def test_store_keeps_at_most_one_current_judgement_per_rater_and_completion(tmp_
     with store.feedback_transaction() as tx:
         assert tx.current_judgements([thumbs("x").event.judgement_key]) == {thumbs("x").event.judgement_key: "b"}
     assert [r.event_id for r in store.feedback_since((0, 1))] == ["b"]
+    with store.feedback_transaction() as tx:  # seqs read from the two ends only when consecutive
+        assert tx.insert_feedback([thumbs("d", superseded_by="e"), thumbs("e", superseded_by="f")]) == [3, 4]
+        assert tx._consecutive_seqs(["a", "d"]) is None  # 1 and 3: read row by row instead
+        assert tx._seqs(["a", "d"]) == [1, 3]

@@ -234,10 +234,25 @@ class SqlFeedbackTx:
     def insert_feedback(self, records: Sequence[FeedbackRecord]) -> list[int]:
         if not records:
             return []
-        # A plain executemany, then one SELECT for the sequence numbers: SQLite cannot return
-        # them in parameter order from a multi-row INSERT, and one INSERT per row costs far more.
+        # A plain executemany: SQLite cannot return the sequence numbers in parameter order from
+        # a multi-row INSERT, and one INSERT per row costs far more.
         self._conn.exec_driver_sql(self._sql.insert, [_feedback_values(r) for r in records])
         ids = [r.event.event_id for r in records]
+        return self._consecutive_seqs(ids) or self._seqs(ids)
+
+    def _consecutive_seqs(self, ids: Sequence[str]) -> list[int] | None:
+        """The rows' sequence numbers read from the first and the last row alone, or None when
+        they are not consecutive. The rows were inserted one after another in this transaction,
+        and each insert takes a larger `seq` than any before it (SQLite AUTOINCREMENT, a
+        PostgreSQL identity), so n strictly increasing numbers spanning n - 1 are exactly
+        first..last: two index probes instead of one per row."""
+        ends = tuple(dict.fromkeys((ids[0], ids[-1])))  # one id when one row
+        seq_of = dict(self._conn.exec_driver_sql(self._sql.select_seqs(len(ends)), ends).all())
+        first, last = seq_of[ids[0]], seq_of[ids[-1]]
+        return list(range(first, last + 1)) if last - first == len(ids) - 1 else None
+
+    def _seqs(self, ids: Sequence[str]) -> list[int]:
+        """The rows' sequence numbers, one probe per row (when a concurrent writer's rows interleave)."""
         rows = self._conn.exec_driver_sql(self._sql.select_seqs(len(ids)), tuple(ids)).all()
         seq_of: dict[str, int] = {event_id: seq for event_id, seq in rows}
         return [seq_of[i] for i in ids]
