@@ -62,7 +62,6 @@ class FastPath:
         self._idle.set()
         self._running = 0
         self._worker: asyncio.Task[None] | None = None
-        self._loras: dict[str, Lora] = {}  # adapter path -> its factors
         self._derived: dict[tuple[str, str], LoadedAdapter] = {}  # (plus key or "", folded key) -> adapter
         self._unfoldable: dict[str, str] = {}  # adapter key -> why it is served through LoRA only
         self._dir = Path(tempfile.mkdtemp(prefix="tuneloop-fold-"))
@@ -170,13 +169,10 @@ class FastPath:
             self._derived[key] = derived
         return derived
 
-    def _lora(self, path: str) -> Lora:
-        if path not in self._loras:
-            self._loras[path] = read_lora(path)
-        return self._loras[path]
-
     def _write_derived(self, adapter: LoadedAdapter | None, fold: _Fold) -> LoadedAdapter:
-        plus = self._lora(adapter.path) if adapter is not None else None
+        # Read again for each difference written (once per version and fold): keeping every
+        # version ever published in memory would grow with each publish.
+        plus = read_lora(adapter.path) if adapter is not None else None
         rank = fold.lora.rank + (plus.rank if plus else 0)
         if rank > self._max_rank:
             raise NotFoldable(
@@ -207,7 +203,7 @@ class FastPath:
                 lora: Lora | None = None
                 if target is not None:
                     try:
-                        lora = await asyncio.to_thread(self._lora, target.path)
+                        lora = await asyncio.to_thread(read_lora, target.path)
                         if 2 * lora.rank > self._max_rank:
                             raise NotFoldable(
                                 f"rank {lora.rank}: the bare base model beside it would need rank {2 * lora.rank}, "
@@ -241,7 +237,12 @@ class FastPath:
                 self._broken = True
             target = lora = None
         self._folded = _Fold(target, lora) if target is not None and lora is not None else None
-        self._derived.clear()  # they were differences to the old weights
+        # They were differences to the old weights: no request can use them again (the fold ran
+        # with none running, and later requests are translated against the new weights).
+        # Removed off the event loop and without holding requests any longer.
+        stale, self._derived = list(self._derived.values()), {}
+        if stale:
+            asyncio.get_running_loop().run_in_executor(None, _remove_files, stale)
         now = time.perf_counter()
         log.info(
             "fast path: %s in the base weights (reload %.2f s, %.2f s after it was asked for)",
@@ -249,3 +250,8 @@ class FastPath:
         )  # fmt: skip
         if self.on_fold is not None:
             self.on_fold(self.folded, now - asked_at, ok)
+
+
+def _remove_files(adapters: list[LoadedAdapter]) -> None:
+    for adapter in adapters:
+        shutil.rmtree(adapter.path, ignore_errors=True)

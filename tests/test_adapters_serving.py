@@ -182,5 +182,17 @@ async def test_the_folded_version_and_every_other_path_write_what_the_lora_path_
     metrics = server.metrics
     assert metrics.folded.labels("support", "v1")._value.get() == 1
     assert metrics.folds.labels("folded")._value.get() >= 1
+
+    # A fold reloads only the blocks that change (the last fold's among them): v2 replaces v1.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = pb_grpc.GenerationServiceStub(ch)
+        reg.set_channel("support", "current", "v2")
+        async with asyncio.timeout(60):
+            while engine.folded != "support@v2":
+                await engine.settled()
+                await asyncio.sleep(0.05)
+        v2_folded = await generate(stub)
+    differences = {k: why for k in lora_path if (why := _same_or_near_tie(lora_path[k], v2_folded[k], exact))}
+    assert not differences, differences
     engine.serve_folded(None)
     await engine.settled()

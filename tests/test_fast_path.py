@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from tuneloop.server.domain import SamplingSpec
 from tuneloop.server.engine import EngineDelta, EngineRequest, LoadedAdapter
 from tuneloop.server.fast_path import FastPath
 from tuneloop.server.lora_algebra import NotFoldable, read_lora, weight_deltas, write_difference
+from tuneloop.server.vllm_fold import FoldWorkerExtension
 
 MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj")
 
@@ -193,3 +194,77 @@ async def test_a_request_cancelled_before_it_reaches_the_engine_does_not_block_t
     fp.serve_folded(None)
     await asyncio.wait_for(fp.settled(), 5)  # a leaked "running" count would hold it for ever
     assert fp.folded == "" and fake.folds == [v.path, None]
+
+
+# --------------------------------------------------------------------------- the worker's reload
+class _Runner:
+    """Stands in for vLLM's model runner: records what each reload was given."""
+
+    def __init__(self) -> None:
+        self.reloads: list[dict[str, torch.Tensor]] = []
+
+    def reload_weights(self, weights_iterator: Iterator[tuple[str, torch.Tensor]]) -> None:
+        self.reloads.append(dict(weights_iterator))
+
+
+class _Worker(FoldWorkerExtension):
+    """The fold extension over a two-layer checkpoint of 6x5 weights."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.base = {
+            f"model.layers.{i}.{m}.weight": torch.randn(5, 6, generator=g)
+            for i in range(2)
+            for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj")
+        }
+        self.base["model.norm.weight"] = torch.ones(6)
+        self.model_runner = _Runner()
+
+    def _tuneloop_checkpoint(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self.base.items())
+
+
+Q0, K0, UP1 = (
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.self_attn.k_proj.weight",
+    "model.layers.1.mlp.up_proj.weight",
+)
+
+
+def test_a_fold_reloads_only_the_blocks_whose_weights_change_and_restores_the_last_folds(tmp_path: Path) -> None:
+    worker = _Worker()
+    runner = worker.model_runner
+    attn0 = {f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"}
+    v = write_lora(tmp_path / "v", rank=2, seed=1, modules=("model.layers.0.self_attn.q_proj",))
+    c = write_lora(tmp_path / "c", rank=2, seed=2, modules=("model.layers.1.mlp.up_proj",))
+
+    worker.tuneloop_fold(str(v))
+    # q_proj's siblings come along: vLLM fuses q/k/v into one layer that must be given all parts.
+    assert set(runner.reloads[-1]) == attn0
+    want = worker.base[Q0] + weight_deltas(read_lora(v))[Q0]
+    assert torch.allclose(runner.reloads[-1][Q0], want)
+    assert torch.equal(runner.reloads[-1][K0], worker.base[K0])
+
+    worker.tuneloop_fold(str(c))  # V's block goes back to the base, C's gets C
+    assert set(runner.reloads[-1]) == attn0 | {UP1}
+    assert all(torch.equal(runner.reloads[-1][n], worker.base[n]) for n in attn0)
+
+    worker.tuneloop_fold(None)
+    assert set(runner.reloads[-1]) == {UP1}
+    assert torch.equal(runner.reloads[-1][UP1], worker.base[UP1])
+    worker.tuneloop_fold(None)  # already the base: nothing to reload
+    assert len(runner.reloads) == 3
+
+
+def test_after_a_failed_fold_the_restore_reloads_every_block_it_may_have_changed(tmp_path: Path) -> None:
+    worker = _Worker()
+    runner = worker.model_runner
+    worker.tuneloop_fold(str(write_lora(tmp_path / "v", rank=2, seed=1, modules=("model.layers.0.self_attn.q_proj",))))
+    bad = write_lora(
+        tmp_path / "bad", rank=2, seed=2, modules=("model.layers.1.mlp.up_proj", "model.layers.1.mlp.gone")
+    )
+    with pytest.raises(ValueError, match="does not have"):
+        worker.tuneloop_fold(str(bad))
+    worker.tuneloop_fold(None)
+    assert {n.rsplit(".", 2)[0] for n in runner.reloads[-1]} == {"model.layers.0.self_attn", "model.layers.1.mlp"}
+    assert all(torch.equal(t, worker.base[n]) for n, t in runner.reloads[-1].items())
