@@ -217,6 +217,9 @@ def run_round(
         result = _run(cfg, source, registry, dataset, pointwise, metrics, counts, choice)
     except BaseModelMismatch as exc:
         result = RoundResult("refused", reason=str(exc))
+    except FailedPrecondition as exc:  # cannot run as configured (e.g. PPO with no accepted reward
+        # model): the summary line says why; a traceback would read like a bug
+        result = RoundResult("failed", reason=f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # a round must not take the sidecar down; the reason is logged
         log.exception("trainer round failed")
         result = RoundResult("failed", reason=f"{type(exc).__name__}: {exc}")
