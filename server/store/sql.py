@@ -247,7 +247,8 @@ class SqlFeedbackTx:
         PostgreSQL identity), so n strictly increasing numbers spanning n - 1 are exactly
         first..last: two index probes instead of one per row."""
         ends = tuple(dict.fromkeys((ids[0], ids[-1])))  # one id when one row
-        seq_of = dict(self._conn.exec_driver_sql(self._sql.select_seqs(len(ends)), ends).all())
+        rows = self._conn.exec_driver_sql(self._sql.select_seqs(len(ends)), ends).all()
+        seq_of: dict[str, int] = {event_id: seq for event_id, seq in rows}
         first, last = seq_of[ids[0]], seq_of[ids[-1]]
         return list(range(first, last + 1)) if last - first == len(ids) - 1 else None
 
