@@ -248,9 +248,10 @@ def train(
     registry = AdapterRegistry(Path(env["TUNELOOP_HOME"]) / "adapters")
     versions = registry.versions(run.name) if run.name in registry.names() else []
     if not versions:  # the round's own reason, from its summary line
-        reasons = re.findall(r"outcome=(\w+) .*?reason='(.*)'", log.read_text())
+        # the reason is repr()-quoted: in double quotes when it holds a single one
+        reasons = re.findall(r"outcome=(\w+) .*?reason=(['\"])(.*)\2$", log.read_text(), re.MULTILINE)
         run.outcome = f"no version ({reasons[-1][0]})" if reasons else f"no version (exit {proc.returncode})"
-        run.note = reasons[-1][1] if reasons else f"see {log}"
+        run.note = reasons[-1][2] if reasons else f"see {log}"
         return
     v = versions[-1]
     run.version, run.gate_passed = v.version, v.status == "accepted"
@@ -301,6 +302,7 @@ def main() -> None:
     ap.add_argument(
         "--curve", default="64,128,256", help="learning-curve sizes below --events (VADER only); '' for none"
     )
+    ap.add_argument("--algos", default=",".join(ALGOS), help="methods trained on the full logs")
     ap.add_argument("--curve-algos", default=",".join(ALGOS), help="methods the learning curve trains")
     ap.add_argument(
         "--oracles", default="sentiment,readability", help=f"users' oracles, of {sorted(ORACLES)}; sentiment first"
@@ -319,7 +321,10 @@ def main() -> None:
     curve = sorted({int(x) for x in args.curve.split(",") if x} - {args.events})
     if any(not 0 < n < args.events for n in curve):
         ap.error("--curve sizes must be between 0 and --events")
+    algos = [a for a in args.algos.split(",") if a]
     curve_algos = [a for a in args.curve_algos.split(",") if a]
+    if unknown := sorted(set(algos + curve_algos) - set(ALGOS)):
+        ap.error(f"unknown method(s) {unknown}; choose from {list(ALGOS)}")
     size = {o: args.events if o == "sentiment" else args.other_events for o in oracles}
     mix = tuple(float(x) for x in args.mix.split(","))  # three weights, checked next
     if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
@@ -356,7 +361,7 @@ def main() -> None:
             kinds = Counter(e.kind for e in logs[oracle])
             print(f"[{elapsed()}] {oracle}: {size[oracle]} events logged ({dict(kinds)})", flush=True)
 
-        plan = [(o, a, size[o]) for o in oracles for a in ALGOS]
+        plan = [(o, a, size[o]) for o in oracles for a in algos]
         plan += [("sentiment", a, n) for n in curve for a in curve_algos if "sentiment" in oracles]
         for oracle, algo, n in plan:
             run = Run(oracle, algo, n, f"cmp-{oracle}-{algo}-{n}")
