@@ -62,6 +62,20 @@ def test_kto_and_auto_settings_from_flags_and_toml(tmp_path: Path) -> None:
     assert cfg.auto.auto_ppo_min_ratings == 50 and cfg.auto.auto_min_pair_share == 0.7
 
 
+def test_the_store_comes_from_the_flag_else_the_servers_variable_else_its_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TUNELOOP_HOME", str(tmp_path))
+    monkeypatch.delenv("TUNELOOP_STORE_URL", raising=False)
+    default = config_from_args(build_parser().parse_args(["once"])).resolved_store_url()
+    assert default == f"sqlite:///{(tmp_path / 'tuneloop.db').resolve()}"
+    shared = "postgresql+psycopg://tuneloop:secret@db:5432/tuneloop"
+    monkeypatch.setenv("TUNELOOP_STORE_URL", shared)
+    assert config_from_args(build_parser().parse_args(["once"])).resolved_store_url() == shared
+    flag = f"sqlite:///{tmp_path}/other.db"
+    assert config_from_args(build_parser().parse_args(["once", "--store-url", flag])).resolved_store_url() == flag
+
+
 def test_bad_settings_exit_2_with_the_setting_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["trainer", "once", "--beta", "-1", "--store-url", f"sqlite:///{tmp_path}/s.db"]) == 2
     assert "beta must be > 0" in capsys.readouterr().err

@@ -8,6 +8,7 @@ flat flag (`--beta`, `--min-accuracy`, ...).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -432,7 +433,9 @@ class TrainerConfig:
     )
     model_dir: str = setting("", "Base model: a local Hugging Face directory (default: the built-in SmolLM2).")
     registry_dir: str = setting("", "Adapter registry directory (default $TUNELOOP_HOME/adapters).")
-    store_url: str = setting("", "Feedback store URL (default: the server's default store).")
+    store_url: str = setting(
+        "", "Feedback store URL (default: $TUNELOOP_STORE_URL, the variable the server reads, else its default store)."
+    )
     work_dir: str = setting("", "Scratch directory for candidate adapters (default: a temp dir).")
     # For --algo reward and ppo a thumb or a rating counts as one example beside the pairs; kto
     # counts its labelled thumbs and ratings alone.
@@ -491,9 +494,13 @@ class TrainerConfig:
         return ensure_default_model()
 
     def resolved_store_url(self) -> str:
-        """The server's default store when none is set, so a sidecar beside it needs no flags."""
+        """The server's store when none is set, so a sidecar beside it needs no flags: the
+        server's environment variable (which keeps a database password out of the command line,
+        where `ps` shows it), else its default."""
         if self.store_url:
             return self.store_url
+        if os.environ.get("TUNELOOP_STORE_URL"):
+            return os.environ["TUNELOOP_STORE_URL"]
         from tuneloop.server.config import tuneloop_home  # noqa: PLC0415
 
         return f"sqlite:///{(tuneloop_home() / 'tuneloop.db').resolve()}"
