@@ -188,7 +188,7 @@ _CRASHER = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from tuneloop.server import registry as r
+    from tuneloop.server.registry import local as r
 
     step, root, src = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 

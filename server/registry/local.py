@@ -1,6 +1,6 @@
-"""The adapter registry: versioned LoRA adapters in a directory, with named channels.
+"""The local-directory registry: versioned LoRA adapters in a directory, with named channels.
 
-Layout (an object store can take its place later; the layout maps onto keys one to one):
+Layout:
 
     <root>/<name>/versions/<version>/   adapter_config.json, adapter_model.safetensors, manifest.json
     <root>/<name>/channels/<channel>.json   {"version": "v3", "updated_at": ...}
@@ -12,165 +12,52 @@ Layout (an object store can take its place later; the layout maps onto keys one 
 The trainer publishes and the server reads. Readers take no lock: every write becomes visible by
 one `rename`, so a reader sees a whole version or none, and a channel file is always complete.
 A publisher that dies mid-way leaves at most a hidden `.staging-*` directory, which is never
-listed and is removed by the next publish.
+listed and is removed by the next publish. Processes on one host (or sharing one POSIX
+filesystem) share it; replicas on several hosts share `objectstore.py`'s registry instead.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from functools import cached_property
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-from .errors import FailedPrecondition, InvalidArgument, NotFound
+from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from .base import (
+    ACCEPTED,
+    ADAPTER_FILES,
+    CANARY_CHANNEL,
+    DEFAULT_CHANNEL,
+    KINDS,
+    MANIFEST,
+    NAME_RE,
+    POLICY,
+    REJECTED,
+    REPORT_FILES,
+    VERSION_RE,
+    AdapterVersion,
+    CanaryEntry,
+    CorruptEntry,
+    default_registry_dir,
+    read_json,
+    validate_name,
+    version_number,
+)
 
 log = logging.getLogger(__name__)
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# Copied with a version when the trainer wrote them (a round's report, e.g. PPO's).
-REPORT_FILES = ("report.md", "report.png")
-MANIFEST = "manifest.json"
-DEFAULT_CHANNEL = "current"
-# A version on trial: it takes a share of default traffic until live feedback promotes it to
-# `current` or rolls it back. Its own file (not a plain channel): it carries the share, and ends.
-CANARY_CHANNEL = "canary"
-RESERVED_NAMES = frozenset({"base"})
-ACCEPTED, REJECTED = "accepted", "rejected"
-# What a version is: a LoRA policy the server serves, or a reward model (a LoRA plus a score
-# head) that only the trainer reads. A manifest without a kind is a policy (older versions).
-POLICY, REWARD = "policy", "reward"
-KINDS = (POLICY, REWARD)
-
-_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-_VERSION_RE = re.compile(r"v([1-9][0-9]*)")
 _STAGING_PREFIX = ".staging-"
 _SETTLED_NS = 3_000_000_000  # see AdapterRegistry._channel_cache
 _T = TypeVar("_T")
-
-
-def default_registry_dir() -> Path:
-    """`$TUNELOOP_HOME/adapters` (the server's default too)."""
-    from .config import tuneloop_home  # noqa: PLC0415 - config is only needed for this default
-
-    return (tuneloop_home() / "adapters").resolve()
-
-
-def validate_name(name: str, what: str = "adapter name") -> str:
-    """Refuse names that are not `[a-z0-9][a-z0-9_-]{0,63}`; adapter names may not be "base"."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise InvalidArgument(
-            f"{what} {name!r} is invalid: use 1-64 of a-z, 0-9, '_' and '-', starting with a letter or digit"
-        )
-    if what == "adapter name" and name in RESERVED_NAMES:
-        raise InvalidArgument(f"{what} {name!r} is reserved for the bare base model; pick another name")
-    return name
-
-
-def version_number(version: str) -> int:
-    """`"v12"` -> 12; anything else is refused."""
-    m = _VERSION_RE.fullmatch(version)
-    if not m:
-        raise InvalidArgument(f"version {version!r} is invalid: versions look like v1, v2, ...")
-    return int(m.group(1))
-
-
-def base_model_fingerprint(model_dir: str | Path) -> str:
-    """An identity for a base model directory that survives being copied to another machine.
-
-    `<dir name>@<16 hex>` over config.json and, per weight file, its name, size and first and last
-    MiB. Reading the ends rather than whole files keeps this cheap for multi-GB models while still
-    telling apart two checkpoints of the same architecture (their weights differ at both ends).
-    """
-    d = Path(model_dir)
-    cfg = d / "config.json"
-    if not cfg.is_file():
-        raise InvalidArgument(f"{d} is not a model directory: config.json is missing")
-    h = hashlib.sha256(cfg.read_bytes())
-    weights = sorted(p for p in d.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
-    chunk = 1 << 20
-    for p in weights:
-        size = p.stat().st_size
-        h.update(f"{p.name}:{size}".encode())
-        with p.open("rb") as f:
-            h.update(f.read(chunk))
-            if size > chunk:
-                f.seek(max(chunk, size - chunk))
-                h.update(f.read(chunk))
-    return f"{d.name}@{h.hexdigest()[:16]}"
-
-
-@dataclass(frozen=True)
-class AdapterVersion:
-    """One published version: its directory and manifest, as read (and validated) from disk."""
-
-    name: str
-    version: str
-    path: Path
-    manifest: dict[str, Any]
-
-    @property
-    def status(self) -> str:
-        """Either "accepted" (passed its gate, may be served) or "rejected" (kept for its metrics)."""
-        return ACCEPTED if self.manifest.get("status", ACCEPTED) == ACCEPTED else REJECTED
-
-    @property
-    def kind(self) -> str:
-        return str(self.manifest.get("kind", POLICY))
-
-    @property
-    def base_model(self) -> str:
-        return str(self.manifest.get("base_model", ""))
-
-    @property
-    def parent_version(self) -> str | None:
-        parent = self.manifest.get("parent_version")
-        return str(parent) if parent else None
-
-    @property
-    def number(self) -> int:
-        return version_number(self.version)
-
-    @cached_property
-    def adapter_config(self) -> dict[str, Any]:
-        return _read_json(self.path / "adapter_config.json")
-
-    @property
-    def rank(self) -> int | None:
-        r = self.adapter_config.get("r")
-        return int(r) if isinstance(r, int) else None
-
-
-@dataclass(frozen=True)
-class CanaryEntry:
-    """A running canary, as every replica reads it from the registry."""
-
-    version: str
-    share: float
-    started_at: float  # unix seconds; live feedback on completions served since then is its evidence
-    auto_decide: bool  # let the sequential test promote or roll it back on its own
-
-
-class CorruptEntry(Exception):
-    """A version directory that cannot be trusted (missing files, unparsable manifest)."""
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    with path.open(encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path.name} does not hold a JSON object")
-    return data
 
 
 def _fsync_file(path: Path) -> None:
@@ -200,56 +87,6 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     _fsync_dir(path.parent)
 
 
-class RegistryReader(Protocol):
-    """What a serving replica reads: channels, versions, and each version's files as a local
-    directory vLLM can load (`AdapterVersion.path`). Version names are immutable and never
-    reused for other weights: vLLM caches adapters by name."""
-
-    def names(self) -> list[str]: ...
-
-    def versions(self, name: str) -> list[AdapterVersion]: ...
-
-    def corrupt_versions(self, name: str) -> list[tuple[str, str]]: ...
-
-    def get(self, name: str, version: str) -> AdapterVersion: ...
-
-    def resolve(self, name: str, version: str = "") -> AdapterVersion: ...
-
-    def channel(self, name: str, channel: str = DEFAULT_CHANNEL) -> str | None: ...
-
-    def channel_info(self, name: str, channel: str = DEFAULT_CHANNEL) -> tuple[str, float] | None: ...
-
-    def history(self, name: str, channel: str = DEFAULT_CHANNEL) -> list[str]: ...
-
-    def canary(self, name: str) -> CanaryEntry | None: ...
-
-    def canary_log(self, name: str) -> list[dict[str, Any]]: ...
-
-
-class RegistryWriter(Protocol):
-    """What the trainer and the admin API write: new versions, channel moves, canary starts and ends."""
-
-    def publish(
-        self,
-        name: str,
-        adapter_dir: Path,
-        manifest: dict[str, Any],
-        *,
-        accepted: bool = True,
-        channel: str | None = DEFAULT_CHANNEL,
-    ) -> AdapterVersion: ...
-
-    def set_channel(self, name: str, channel: str, version: str) -> None: ...
-
-    def start_canary(self, name: str, version: str, share: float, *, auto_decide: bool = True) -> CanaryEntry: ...
-
-    def end_canary(self, name: str, outcome: str, *, expected: str = "", detail: str = "") -> CanaryEntry | None: ...
-
-
-class Registry(RegistryReader, RegistryWriter, Protocol):
-    """Both sides: what the server (which also ends canaries) and the trainer hold."""
-
-
 class AdapterRegistry:
     """The local-directory `Registry`; safe for one writer per name at a time across processes
     (fcntl), and for any number of lock-free readers."""
@@ -267,7 +104,7 @@ class AdapterRegistry:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.fullmatch(p.name))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_RE.fullmatch(p.name))
 
     def versions(self, name: str) -> list[AdapterVersion]:
         """All readable versions, oldest first; corrupt ones are logged and skipped."""
@@ -276,7 +113,7 @@ class AdapterRegistry:
             return []
         found: list[AdapterVersion] = []
         for p in vdir.iterdir():
-            if not _VERSION_RE.fullmatch(p.name):
+            if not VERSION_RE.fullmatch(p.name):
                 continue  # staging dirs and stray files are never versions
             try:
                 found.append(self._load(name, p.name))
@@ -290,7 +127,7 @@ class AdapterRegistry:
         bad: list[tuple[str, str]] = []
         if vdir.is_dir():
             for p in sorted(vdir.iterdir(), key=lambda q: q.name):
-                if _VERSION_RE.fullmatch(p.name):
+                if VERSION_RE.fullmatch(p.name):
                     try:
                         self._load(name, p.name)
                     except CorruptEntry as exc:
@@ -319,7 +156,7 @@ class AdapterRegistry:
 
         def parse(data: dict[str, Any]) -> tuple[str, float] | None:
             version, updated_at = data.get("version"), data.get("updated_at")
-            if isinstance(version, str) and _VERSION_RE.fullmatch(version):
+            if isinstance(version, str) and VERSION_RE.fullmatch(version):
                 return version, float(updated_at) if isinstance(updated_at, (int, float)) else 0.0
             return None
 
@@ -337,7 +174,7 @@ class AdapterRegistry:
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("adapter registry: canary file %s is unreadable: %s", path, exc)
                 return None
-            if not _VERSION_RE.fullmatch(entry.version) or not 0.0 < entry.share <= 1.0:
+            if not VERSION_RE.fullmatch(entry.version) or not 0.0 < entry.share <= 1.0:
                 log.warning("adapter registry: canary file %s names no valid version and share: %s", path, data)
                 return None
             return entry
@@ -362,7 +199,7 @@ class AdapterRegistry:
         self._channel_cache.pop(path, None)
         value = None
         try:
-            data = _read_json(path)
+            data = read_json(path)
         except FileNotFoundError:
             return None
         except OSError as exc:  # transient (e.g. permissions being fixed): try again next poll
@@ -428,8 +265,8 @@ class AdapterRegistry:
         if missing:
             raise CorruptEntry(f"missing {', '.join(missing)}")
         try:
-            manifest = _read_json(path / MANIFEST)
-            _read_json(path / "adapter_config.json")
+            manifest = read_json(path / MANIFEST)
+            read_json(path / "adapter_config.json")
         except (OSError, ValueError) as exc:
             raise CorruptEntry(f"unparsable JSON: {exc}") from exc
         if manifest.get("version") != version:
@@ -477,7 +314,7 @@ class AdapterRegistry:
             vdir = ndir / "versions"
             vdir.mkdir(exist_ok=True)
             self._remove_stale_staging(vdir)
-            numbers = [int(m.group(1)) for p in vdir.iterdir() if (m := _VERSION_RE.fullmatch(p.name))]
+            numbers = [int(m.group(1)) for p in vdir.iterdir() if (m := VERSION_RE.fullmatch(p.name))]
             version = f"v{max(numbers, default=0) + 1}"
             full = {
                 **manifest,
