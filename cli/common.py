@@ -36,7 +36,8 @@ def client_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--target",
         default=os.environ.get(ENV_TARGET, DEFAULT_TARGET),
-        help=f"server host:port (default: ${ENV_TARGET} or {DEFAULT_TARGET})",
+        help=f"server host:port, or several replicas joined by commas (h1:50051,h2:50051), balanced "
+        f"round-robin over the healthy ones (default: ${ENV_TARGET} or {DEFAULT_TARGET})",
     )
     # The key's value never appears in --help: the default comes from the environment.
     group.add_argument(

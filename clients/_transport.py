@@ -8,13 +8,14 @@ turn every failed call into a `TuneloopError` subclass.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import grpc
 import grpc.aio
 
+from .balancing import balanced_target, channel_options, split_targets
 from .errors import error_from_rpc, invalid_argument
 
 Resp = TypeVar("Resp")
@@ -29,22 +30,35 @@ DEFAULT_TARGET = "localhost:50051"
 class ChannelConfig:
     """Where and how to connect.
 
+    `target` is one "host:port", or several replicas (a list, or one string joined by commas).
+    Several are balanced (see `balancing`): each call goes to the next healthy replica, and calls
+    safe to repeat are retried on another when one is unavailable. `balance=True` does the same
+    for one target (a DNS name with one address per replica); None balances exactly when there
+    are several targets, so a single target connects as it always has.
+
     TLS is used when `tls` is set or any of `tls_ca`, `tls_cert`, `tls_key` is given; without
     `tls_ca` the system's root certificates verify the server. `tls_cert` + `tls_key` (both or
     neither) present a client certificate for mutual TLS.
     """
 
-    target: str = DEFAULT_TARGET
+    target: str | Sequence[str] = DEFAULT_TARGET
     api_key: str | None = None
     tls: bool = False
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     timeout: float | None = None  # seconds per call; None waits as long as the call takes
+    balance: bool | None = None
+    targets: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.target:
             raise invalid_argument("target is empty; use host:port")
+        object.__setattr__(self, "targets", split_targets(self.target))
+        if self.balance is None:
+            object.__setattr__(self, "balance", len(self.targets) > 1)
+        elif not self.balance and len(self.targets) > 1:
+            raise invalid_argument(f"balance=False needs one target, got {len(self.targets)}: {list(self.targets)}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise invalid_argument("tls_cert and tls_key go together: give both for mutual TLS, or neither")
         if self.timeout is not None and not self.timeout > 0:
@@ -55,6 +69,17 @@ class ChannelConfig:
     @property
     def uses_tls(self) -> bool:
         return self.tls or self.tls_ca is not None or self.tls_cert is not None
+
+    @property
+    def display_target(self) -> str:
+        return ",".join(self.targets)
+
+    def channel_args(self) -> tuple[str, list[tuple[str, object]]]:
+        """The gRPC target and channel options: the target as given for one unbalanced replica,
+        else one naming every replica with the balancing service config."""
+        if not self.balance:
+            return self.targets[0], []
+        return balanced_target(self.targets), channel_options(self.targets, uses_tls=self.uses_tls)
 
     def credentials(self) -> grpc.ChannelCredentials | None:
         """TLS credentials read from the configured files, or None for a plaintext channel."""
@@ -90,6 +115,8 @@ class Transport(Protocol):
     """What the service mixins call. Results are `Any` because they are values for `Client` and
     awaitables / async iterators for `AsyncClient`; each mixin's type parameters say which."""
 
+    @property
+    def retries(self) -> bool: ...
     def stub(self, stub_class: Callable[[Any], StubT]) -> StubT: ...
     def unary(self, method: Callable[..., Any], request: Any, convert: Callable[[Any], T]) -> Any: ...
     def server_stream(self, method: Callable[..., Any], request: Any, convert: Callable[[Any], T]) -> Any: ...
@@ -113,6 +140,12 @@ class _Transport:
         self._call_kwargs: dict[str, Any] = {"timeout": config.timeout, "metadata": config.metadata()}
         self._stubs: dict[type, Any] = {}
 
+    @property
+    def retries(self) -> bool:
+        """Whether the channel may send a call again (see `balancing`): then requests must be
+        safe to repeat, e.g. feedback events carry their id."""
+        return bool(self.config.balance)
+
     def stub(self, stub_class: Callable[[Any], StubT]) -> StubT:
         """The generated stub of a service over this channel (built once)."""
         key: Any = stub_class
@@ -130,7 +163,8 @@ class SyncTransport(_Transport):
     def __init__(self, config: ChannelConfig) -> None:
         super().__init__(config)
         creds = config.credentials()
-        self._channel = grpc.secure_channel(config.target, creds) if creds else grpc.insecure_channel(config.target)
+        target, options = config.channel_args()
+        self._channel = grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)
 
     @property
     def channel(self) -> grpc.Channel:
@@ -186,6 +220,7 @@ class AsyncTransport(_Transport):
     def __init__(self, config: ChannelConfig) -> None:
         super().__init__(config)
         self._credentials = config.credentials()  # read now, so a bad file fails at construction
+        self._target, self._options = config.channel_args()  # a name that does not resolve fails now too
         self._channel: grpc.aio.Channel | None = None
 
     @property
@@ -193,8 +228,10 @@ class AsyncTransport(_Transport):
         # An aio channel binds to the running event loop, so it is opened on first use, inside
         # the loop, letting an AsyncClient be built anywhere (module level, a sync factory).
         if self._channel is None:
-            creds, target = self._credentials, self.config.target
-            self._channel = grpc.aio.secure_channel(target, creds) if creds else grpc.aio.insecure_channel(target)
+            creds, target, options = self._credentials, self._target, self._options
+            self._channel = (
+                grpc.aio.secure_channel(target, creds, options) if creds else grpc.aio.insecure_channel(target, options)
+            )
         return self._channel
 
     def unary(self, method: Callable[..., Any], request: Any, convert: Callable[[Any], T]) -> Awaitable[T]:

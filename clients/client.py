@@ -7,7 +7,7 @@ its mixin to both base lists.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from types import TracebackType
 from typing import Generic, TypeVar
 
@@ -24,7 +24,7 @@ class _ClientBase(Generic[TransportT]):
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         api_key: str | None = None,
         tls: bool = False,
@@ -32,8 +32,13 @@ class _ClientBase(Generic[TransportT]):
         tls_cert: str | None = None,
         tls_key: str | None = None,
         timeout: float | None = None,
+        balance: bool | None = None,
     ) -> None:
         """Connects lazily to `target` ("host:port"); the first call opens the connection.
+
+        `target` may name several replicas: `["h1:50051", "h2:50051"]` or "h1:50051,h2:50051".
+        Calls are then balanced round-robin over the replicas whose health is SERVING, and the
+        calls safe to repeat are retried on another replica after UNAVAILABLE (docs/client.md).
 
         Args:
             api_key: sent as `authorization: Bearer <key>` on every call.
@@ -41,12 +46,21 @@ class _ClientBase(Generic[TransportT]):
             tls_ca: PEM file of the root certificate(s) that verify the server (implies TLS).
             tls_cert, tls_key: PEM client certificate and key for mutual TLS (both or neither).
             timeout: seconds each call may take (a whole stream counts as one call); None: no limit.
+            balance: balance even one target (a DNS name that resolves to every replica); None
+                balances when several targets are given, False refuses several.
 
         Raises:
             InvalidArgumentError: inconsistent settings or an unreadable certificate file.
         """
         config = ChannelConfig(
-            target=target, api_key=api_key, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, timeout=timeout
+            target=target,
+            api_key=api_key,
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            timeout=timeout,
+            balance=balance,
         )
         self._channel_transport: TransportT = self._transport_class(config)
 
@@ -56,7 +70,8 @@ class _ClientBase(Generic[TransportT]):
 
     @property
     def target(self) -> str:
-        return self._transport.config.target
+        """The replica(s) connected to, as "host:port" joined by commas."""
+        return self._transport.config.display_target
 
     def __repr__(self) -> str:
         tls = "tls" if self._transport.config.uses_tls else "plaintext"

@@ -2,11 +2,14 @@
 
 An event is one rater's judgement of one kind (`Thumbs`, `Rating`, `Comment`, `Correction`,
 `Preference`), with an optional comment and reason tags. Give `event_id` to make re-sending safe:
-the server stores an id once and answers a repeat with `duplicate=True`.
+the server stores an id once and answers a repeat with `duplicate=True`. On a balanced channel
+(several replicas), which may send a call again, the SDK gives an event without one its own id.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Literal, TypedDict, TypeVar
@@ -33,6 +36,21 @@ _CHOICES: dict[str, pb.PairwiseChoice] = {
     "second": pb.PAIRWISE_CHOICE_SECOND,
     "tie": pb.PAIRWISE_CHOICE_TIE,
 }
+
+
+def client_event_id() -> str:
+    """A fresh event id, shaped as the server's own (`fb-` + 12 hex digits of ms time + 20 random
+    hex): time-ordered ids keep the store's index append-mostly."""
+    return f"fb-{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
+
+
+def event_pb(event: FeedbackEvent, *, assign_id: bool) -> pb.FeedbackEvent:
+    """`event.to_pb()`, with an id of the SDK's when `assign_id` and the event has none: a call
+    the channel may repeat must carry ids, or a repeat would store the events again."""
+    msg = event.to_pb()
+    if assign_id and not msg.event_id:
+        msg.event_id = client_event_id()
+    return msg
 
 
 @dataclass(frozen=True)
@@ -197,16 +215,17 @@ class _Batcher:
     MAX_BATCH_BYTES bytes, in order. `add` returns a request as soon as it is full (not when the
     next event arrives: a slow source's full batch goes out at once) or the event does not fit."""
 
-    def __init__(self, batch_size: int) -> None:
+    def __init__(self, batch_size: int, *, assign_ids: bool = False) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_EVENTS:
             raise invalid_argument(f"batch_size must be an integer from 1 to {MAX_BATCH_EVENTS}, got {batch_size!r}")
         self._batch_size = batch_size
+        self._assign_ids = assign_ids
         self._events: list[pb.FeedbackEvent] = []
         self._bytes = 0
         self._start = 0
 
     def add(self, event: FeedbackEvent) -> list[_Batch]:
-        msg = event.to_pb()
+        msg = event_pb(event, assign_id=self._assign_ids)
         size = msg.ByteSize() + 8  # + its field tag and length prefix in the request
         ready = []
         if self._events and self._bytes + size > MAX_BATCH_BYTES and (batch := self.flush()) is not None:
@@ -226,16 +245,18 @@ class _Batcher:
         return batch
 
 
-def _batches(events: Iterable[FeedbackEvent], batch_size: int) -> Iterator[_Batch]:
-    batcher = _Batcher(batch_size)
+def _batches(events: Iterable[FeedbackEvent], batch_size: int, *, assign_ids: bool = False) -> Iterator[_Batch]:
+    batcher = _Batcher(batch_size, assign_ids=assign_ids)
     for event in events:
         yield from batcher.add(event)
     if (last := batcher.flush()) is not None:
         yield last
 
 
-async def _abatches(events: AsyncIterable[FeedbackEvent], batch_size: int) -> AsyncIterator[_Batch]:
-    batcher = _Batcher(batch_size)
+async def _abatches(
+    events: AsyncIterable[FeedbackEvent], batch_size: int, *, assign_ids: bool = False
+) -> AsyncIterator[_Batch]:
+    batcher = _Batcher(batch_size, assign_ids=assign_ids)
     async for event in events:
         for batch in batcher.add(event):
             yield batch
@@ -270,7 +291,7 @@ class FeedbackMethods(ServiceMethods, Generic[AckT, AckStreamT, AckListT]):
     """
 
     def submit_feedback(self, event: FeedbackEvent) -> AckT:
-        request = event.to_pb()
+        request = event_pb(event, assign_id=self._transport.retries)
         stub = self._transport.stub(FeedbackServiceStub)
         ack: AckT = self._transport.unary(stub.SubmitFeedback, request, ack_from_pb)
         return ack
@@ -294,7 +315,12 @@ class FeedbackMethods(ServiceMethods, Generic[AckT, AckStreamT, AckListT]):
         an async iterable.
         """
         stub = self._transport.stub(FeedbackServiceStub)
-        batches = _abatches(events, batch_size) if isinstance(events, AsyncIterable) else _batches(events, batch_size)
+        ids = self._transport.retries
+        batches = (
+            _abatches(events, batch_size, assign_ids=ids)
+            if isinstance(events, AsyncIterable)
+            else _batches(events, batch_size, assign_ids=ids)
+        )
         acks: AckStreamT = self._transport.unary_each(stub.SubmitFeedbackBatch, batches, batch_acks_from_pb)
         return acks
 
