@@ -67,6 +67,23 @@ def postgres() -> Iterator[object]:
     server.stop()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store on each backend in turn: a SQLite file, a database on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/tuneloop.db"
+    return request.getfixturevalue("postgres").create_database()
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[object]:
+    from tuneloop.server.store import open_store
+
+    s = open_store(store_url)
+    yield s
+    s.close()
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     from tuneloop.server.model_cache import ensure_default_model

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from completion_factory import make_completion, make_group
@@ -17,20 +15,6 @@ from tuneloop.server.metrics import Metrics
 from tuneloop.server.store import Store, open_store, prompt_sha256
 from tuneloop.server.store.migrations import LATEST_VERSION
 from tuneloop.server.store.schema import metadata
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/tuneloop.db"
-    return request.getfixturevalue("postgres").create_database()
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    s = open_store(store_url)
-    yield s
-    s.close()
 
 
 def _thumbs(rec_id: str, prompt: str, event_id: str, superseded_by: str | None = None) -> FeedbackRecord:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import CanaryEvidence, CompletionRef, FeedbackTx, Store, StoredEventKey, VersionFeedback
+from .base import CanaryEvidence, CompletionRef, FeedbackTx, Lease, Store, StoredEventKey, VersionFeedback
 from .migrations import SchemaTooNew
 from .schema import prompt_sha256
 
@@ -33,6 +33,7 @@ __all__ = [
     "CanaryEvidence",
     "CompletionRef",
     "FeedbackTx",
+    "Lease",
     "SchemaTooNew",
     "Store",
     "StoredEventKey",

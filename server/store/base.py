@@ -60,6 +60,17 @@ class CanaryEvidence:
     head_to_head: list[bool]  # pairwise choices between a canary and a stable completion; True: canary chosen
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A named lease as its holder got it. Times are the database's clock (unix seconds)."""
+
+    name: str
+    holder: str
+    token: int  # fencing token: grows each time the lease is taken anew, never on a renewal
+    expires_at: float  # 0 once released
+    acquired_at: float  # when this holder's term began
+
+
 class FeedbackTx(Protocol):
     """Reads and writes of one feedback batch, all inside one transaction (committed on exit)."""
 
@@ -136,5 +147,27 @@ class Store(Protocol):
         ...
 
     def count_feedback(self) -> int: ...
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> Lease | None:
+        """Takes the lease `name` for `holder` until `ttl_s` from now (database clock), or renews
+        it when `holder` already holds it; None while another holder's lease runs. One atomic
+        conditional write: among concurrent callers at most one holds it at any instant. The
+        fencing token grows when the lease is taken anew (new holder, or a lapsed or released
+        term of the same one) and stays the same on a renewal."""
+        ...
+
+    def lease_is_current(self, lease: Lease) -> bool:
+        """True while `lease` (its holder and token) is unexpired: an act guarded by the lease
+        checks this right before it happens."""
+        ...
+
+    def release_lease(self, lease: Lease) -> bool:
+        """Ends `lease` now so another holder can take it at once; False if it was no longer
+        current (lapsed, or taken over). The row and its token stay: tokens never go back."""
+        ...
+
+    def get_lease(self, name: str) -> Lease | None:
+        """The lease's row as it stands (possibly expired or released), None if never taken."""
+        ...
 
     def close(self) -> None: ...

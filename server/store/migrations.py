@@ -137,10 +137,28 @@ def _v3_feedback_txid(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_feedback_txid_seq ON feedback (txid, seq)"))
 
 
+def _v4_leases(conn: Connection) -> None:
+    """Named leases: which replica holds a role that only one may play at a time (the canary
+    decider). The row outlives its holders, so its fencing token only ever grows."""
+    md = MetaData()
+    Table(
+        "leases",
+        md,
+        Column("name", String(128), primary_key=True),
+        Column("holder", String(256), nullable=False),
+        Column("token", BigInteger, nullable=False),
+        Column("expires_at", Double, nullable=False),
+        Column("acquired_at", Double, nullable=False),
+        Column("renewed_at", Double, nullable=False),
+    )
+    md.create_all(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "completion log", _v1_completions),
     Migration(2, "feedback events", _v2_feedback),
     Migration(3, "feedback commit order for incremental readers", _v3_feedback_txid),
+    Migration(4, "leases for single-replica roles", _v4_leases),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -83,3 +83,18 @@ feedback = Table(
     Column("txid", BigInteger, nullable=False, server_default="0"),
     sqlite_autoincrement=True,
 )
+
+# One row per named lease (migration 4). Times are the database's clock (unix seconds), so
+# replicas on hosts whose clocks disagree still agree on when a lease expires.
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("holder", String(256), nullable=False),  # the replica holding it now, or that held it last
+    # Fencing token: grows by one each time the lease is taken anew (another holder, or the same
+    # one after it lapsed), never on a renewal; an act checks it is still the current one.
+    Column("token", BigInteger, nullable=False),
+    Column("expires_at", Double, nullable=False),  # 0 once released
+    Column("acquired_at", Double, nullable=False),  # when this holder's term began
+    Column("renewed_at", Double, nullable=False),
+)

@@ -38,8 +38,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ..domain import CompletionRecord
 from ..feedback.events import FeedbackEvent, FeedbackRecord, json_dumps_fast
-from . import live_feedback
-from .base import CanaryEvidence, CompletionRef, StoredEventKey, VersionFeedback
+from . import leases, live_feedback
+from .base import CanaryEvidence, CompletionRef, Lease, StoredEventKey, VersionFeedback
 from .migrations import migrate
 from .schema import completions, feedback, prompt_sha256
 
@@ -183,6 +183,24 @@ class SqlStore:
     ) -> CanaryEvidence:
         with self._read() as conn:
             return live_feedback.canary_evidence(conn, adapter_name, canary_version, stable_version, since)
+
+    # --- leases ---
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> Lease | None:
+        with self._write() as conn:
+            return leases.acquire(conn, name, holder, ttl_s)
+
+    def lease_is_current(self, lease: Lease) -> bool:
+        with self._read() as conn:
+            return leases.is_current(conn, lease)
+
+    def release_lease(self, lease: Lease) -> bool:
+        with self._write() as conn:
+            return leases.release(conn, lease)
+
+    def get_lease(self, name: str) -> Lease | None:
+        with self._read() as conn:
+            return leases.get(conn, name)
 
     def close(self) -> None:
         self._engine.dispose()
