@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .adapters import AdapterManager
 from .canary import CONTINUE, PROMOTE, ROLL_BACK, CanaryPolicy, Verdict, judge
+from .decider import Decider
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .metrics import Metrics
 from .registry import ACCEPTED, DEFAULT_CHANNEL, Registry, validate_name, version_number
 from .store.base import Store, VersionFeedback
 
 log = logging.getLogger(__name__)
+
+# Asked right before an automatic canary decision is acted on; False vetoes it.
+Fence = Callable[[], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -186,17 +191,24 @@ class AdminService:
         return (await self.list(name))[0]
 
     # -- the canary monitor --------------------------------------------------------------------
-    async def check_canaries(self) -> None:
-        """One pass of the monitor: update each running canary's verdict; act on it when allowed."""
+    async def check_canaries(self, fence: Fence | None = None) -> None:
+        """One pass of the monitor: update each running canary's verdict; act on it when allowed.
+
+        `fence`, when given, is awaited right before each act and vetoes it by returning False
+        (this replica is no longer the one that decides)."""
         for name in self.adapters.canaries():
             try:
-                await self._check_canary(name)
+                await self._check_canary(name, fence)
             except Exception:  # noqa: BLE001 - one canary's trouble must not stop the others' checks
                 log.exception("canary monitor: checking %s failed", name)
         for name in set(self._watches) - set(self.adapters.canaries()):
             self._watches.pop(name, None)
 
-    async def _check_canary(self, name: str) -> None:
+    def forget_verdicts(self) -> None:
+        """Drop the verdicts held here: another replica judges the canaries now, so these go stale."""
+        self._watches.clear()
+
+    async def _check_canary(self, name: str, fence: Fence | None) -> None:
         route = self.adapters.route(name)
         if route is None or route.canary is None or route.canary_started_at is None:
             return
@@ -219,34 +231,76 @@ class AdminService:
         v = watch.verdict = judge(evidence.canary_thumbs, evidence.stable_thumbs, evidence.head_to_head, self.policy)
         if not route.canary_auto_decide or v.decision == CONTINUE:
             return
+        if fence is not None and not await fence():
+            log.info("canary %s@%s: verdict %s left to the canary decider", name, canary, v.decision)
+            return
+        # This server follows the registry with a lag: the run judged must still be the one there.
+        entry = await asyncio.to_thread(self.registry.canary, name)
+        if entry is None or (entry.version, entry.started_at) != (canary, started):
+            return
         self._watches.pop(name, None)
         against = f"{stable or 'base'} (LLR {v.llr:.2f}, {v.wins}/{v.losses})"
         if v.decision == ROLL_BACK:
-            log.warning("canary %s@%s is worse than %s: rolled back", name, canary, against)
-            await self._end(name, canary, "rolled_back", f"worse than {against}")
+            if await self._end(name, canary, "rolled_back", f"worse than {against}"):
+                log.warning("canary %s@%s is worse than %s: rolled back", name, canary, against)
         elif v.decision == PROMOTE:
-            try:
-                await self.promote(name, canary)
-            except Exception as exc:
-                # It cannot be served any more (e.g. its files went away): stop sending users to it.
-                log.exception("canary %s@%s passed its test but could not be promoted; ending the canary", name, canary)
-                await self._end(name, canary, "promote_failed", f"{type(exc).__name__}: {exc}")
-                return
-            log.info("canary %s@%s is not worse than %s: promoted", name, canary, against)
-            self.metrics.canary_decisions.labels(name, "promoted").inc()
+            await self._promote_canary(name, canary, f"not worse than {against}")
 
-    async def _end(self, name: str, canary: str, outcome: str, detail: str) -> None:
+    async def _promote_canary(self, name: str, canary: str, detail: str) -> None:
+        """Promote a canary that passed its test. Unlike `promote` (an operator's call, which
+        moves `current` first), the canary's trial is ended first: ending it is the registry's
+        compare-and-set, so of two replicas that ever both try, only one moves `current`."""
+        try:
+            await self.adapters.prepare(name, canary)
+        except Exception as exc:
+            # It cannot be served any more (e.g. its files went away): stop sending users to it.
+            log.exception("canary %s@%s passed its test but could not be promoted; ending the canary", name, canary)
+            await self._end(name, canary, "promote_failed", f"{type(exc).__name__}: {exc}")
+            return
+        if not await self._claim(name, canary, "promoted", detail):
+            return
+        try:
+            await asyncio.to_thread(self.registry.set_channel, name, DEFAULT_CHANNEL, canary)
+        except Exception:
+            log.exception(
+                "canary %s@%s passed its test and its trial ended, but 'current' could not be moved to it; "
+                "promote it by hand (tuneloop adapters promote)",
+                name,
+                canary,
+            )
+            await self.adapters.end_canary(name, expected=canary)
+            self.metrics.canary_decisions.labels(name, "promote_failed").inc()
+            return
+        await self.adapters.switch(name, canary)
+        log.info("canary %s@%s is %s: promoted", name, canary, detail)
+        self.metrics.canary_decisions.labels(name, "promoted").inc()
+
+    async def _end(self, name: str, canary: str, outcome: str, detail: str) -> bool:
         """End a canary everywhere: in the registry (so every replica and the trainer see the
-        verdict), then on this server."""
-        await asyncio.to_thread(self.registry.end_canary, name, outcome, expected=canary, detail=detail)
+        verdict), then on this server. False if the registry's canary was no longer `canary`."""
+        ended = await self._claim(name, canary, outcome, detail)
         await self.adapters.end_canary(name, expected=canary)
-        self.metrics.canary_decisions.labels(name, outcome).inc()
+        if ended:
+            self.metrics.canary_decisions.labels(name, outcome).inc()
+        return ended
+
+    async def _claim(self, name: str, canary: str, outcome: str, detail: str) -> bool:
+        """Record `outcome` for the running canary in the registry, only if it still is `canary`."""
+        ended = await asyncio.to_thread(self.registry.end_canary, name, outcome, expected=canary, detail=detail)
+        if ended is None:
+            log.info("canary %s@%s had already ended in the registry; %s not recorded", name, canary, outcome)
+        return ended is not None
 
 
-async def monitor_canaries(admin: AdminService, every_s: float) -> None:
+async def monitor_canaries(admin: AdminService, every_s: float, decider: Decider) -> None:
+    """Run the canary test every `every_s` while this replica is the canary decider; the other
+    replicas only follow the registry, where the decider's verdicts land."""
     while True:
         await asyncio.sleep(every_s)
+        if not decider.holds():
+            admin.forget_verdicts()
+            continue
         try:
-            await admin.check_canaries()
+            await admin.check_canaries(fence=decider.confirm)
         except Exception:  # noqa: BLE001 - the monitor must outlive one bad pass
             log.exception("canary monitor pass failed")

@@ -24,6 +24,7 @@ from .admin import AdminService, monitor_canaries
 from .auth import ApiKeyInterceptor
 from .completion_log import CompletionLog
 from .config import ServerConfig, read_api_keys
+from .decider import Decider
 from .decoding import DecodeGuardInterceptor
 from .domain import CompletionRecord
 from .engine import Engine, start_engine
@@ -63,6 +64,8 @@ class TuneloopServer:
         self.feedback = FeedbackService(self.store, self.metrics, completion_log=self.completion_log)
         self.adapters: AdapterManager | None = None
         self.admin: AdminService | None = None
+        # Replicas sharing the store elect one to decide canaries; the others follow the registry.
+        self.decider = Decider(self.store, self.metrics, config.canary_lease())
         self.generation = GenerationService(
             record=self.completion_log.submit if config.completion_log else _discard,
             metrics=self.metrics,
@@ -196,8 +199,12 @@ class TuneloopServer:
         self._tasks.append(
             asyncio.create_task(follow_registry(self.adapters, self.config.registry_poll_s), name="registry-watch")
         )
+        # Cancelled at stop, the decider releases its lease so another replica takes over at once.
+        self._tasks.append(asyncio.create_task(self.decider.run(), name="canary-decider"))
         self._tasks.append(
-            asyncio.create_task(monitor_canaries(self.admin, self.config.canary_check_s), name="canary-monitor")
+            asyncio.create_task(
+                monitor_canaries(self.admin, self.config.canary_check_s, self.decider), name="canary-monitor"
+            )
         )
 
     async def _set_serving(self, serving: bool) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .canary import CanaryPolicy
+from .decider import LeaseTiming
 from .settings import add_flags, field_type, parse_value, setting
 
 ROLES = ("generate", "feedback", "admin")
@@ -126,6 +127,17 @@ class ServerConfig:
         "Canary test: a thumb on a canary completion is paired with one on a current completion served within "
         "this many seconds of it (closer pairs resist drift; wider ones find partners at low traffic).",
     )
+    # Among replicas sharing a store only the holder of the canary-decider lease runs the test above.
+    canary_lease_renew_s: float = setting(
+        2.0,
+        "How often the replica deciding canaries renews its lease in the store, and how often the others "
+        "try to take it over (seconds).",
+    )
+    canary_lease_ttl_s: float = setting(
+        6.0,
+        "How long the canary-decider lease outlives its last renewal (seconds, at least 3x "
+        "canary_lease_renew_s): a replica that dies without releasing it is replaced after this long.",
+    )
     completion_log: bool = setting(
         True,
         "Record every served completion in the store. Feedback and training need it; turn it off only "
@@ -207,6 +219,10 @@ class ServerConfig:
             self.canary_policy()
         except ValueError as exc:
             raise ConfigError(f"canary settings: {exc}") from None
+        try:
+            self.canary_lease()
+        except ValueError as exc:
+            raise ConfigError(f"canary lease (--canary-lease-renew-s, --canary-lease-ttl-s): {exc}") from None
         need(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together")
         need(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca needs tls_cert and tls_key")
         for path_field in ("tls_cert", "tls_key", "tls_client_ca", "api_keys_file"):
@@ -227,6 +243,9 @@ class ServerConfig:
             max_observations=self.canary_max_observations,
             pair_window_s=self.canary_pair_window_s,
         )
+
+    def canary_lease(self) -> LeaseTiming:
+        return LeaseTiming(renew_s=self.canary_lease_renew_s, ttl_s=self.canary_lease_ttl_s)
 
     @property
     def tls(self) -> bool:

@@ -177,6 +177,18 @@ class Metrics:
             ("adapter", "decision"),
             registry=r,
         )
+        self.canary_decider = Gauge(
+            "tuneloop_canary_decider",
+            "1 while this replica holds the canary-decider lease (runs the canary test and acts on it), else 0.",
+            registry=r,
+        )
+        self.canary_decider_handovers = Counter(
+            "tuneloop_canary_decider_handovers",
+            "Changes of this replica's hold on the canary-decider lease: acquired (a new fencing token), released "
+            "(clean shutdown), lost (a renewal failed or another replica took over).",
+            ("change",),
+            registry=r,
+        )
 
     def rpc_done(self, method: str, code: str) -> None:
         self.requests.labels(method, code).inc()
