@@ -222,6 +222,7 @@ class TuneloopServer:
             except Exception:  # noqa: BLE001 - any failure means the engine cannot serve
                 log.error("the inference engine died; health is now NOT_SERVING")
                 await self._set_serving(False)
+                await self.decider.retire("its inference engine died")
                 return
 
     async def wait_ready(self, timeout: float | None = None) -> None:

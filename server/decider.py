@@ -76,6 +76,7 @@ class Decider:
         self._lease: Lease | None = None
         self._valid_until = 0.0  # on `clock`
         self._store_failing = False
+        self._retired = False
         self._held = asyncio.Event()
         # Read at scrape time, so a renewal loop stuck in a hung database call cannot leave it at 1.
         metrics.canary_decider.set_function(lambda: float(self.holds()))
@@ -110,6 +111,8 @@ class Decider:
 
     async def keep(self) -> None:
         """One attempt: take the lease if it is free, renew it if this replica holds it."""
+        if self._retired:
+            return
         sent_at = self._clock()
         held = self._lease
         try:
@@ -143,12 +146,18 @@ class Decider:
         finally:
             await self.release()
 
-    async def release(self) -> None:
+    async def retire(self, why: str) -> None:
+        """Hand the role over for good: this replica can no longer act on a verdict (its engine
+        died, so it cannot load a canary to promote it) and must not keep others from deciding."""
+        self._retired = True
+        await self.release(why)
+
+    async def release(self, why: str = "it is shutting down") -> None:
         """Stop deciding at once, then free the lease so another replica takes over without the TTL."""
         lease = self._lease
         if lease is None:
             return
-        self._drop(lease, "it is shutting down and released the lease", "released")
+        self._drop(lease, f"{why}; released the lease", "released")
         try:
             await asyncio.to_thread(self._store.release_lease, lease)
         except Exception as exc:  # noqa: BLE001 - the lease then ends by its TTL instead

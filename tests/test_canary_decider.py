@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -236,6 +236,22 @@ async def test_a_failed_renewal_stops_deciding_at_once_and_a_late_one_at_its_loc
     assert not decider.holds() and not await decider.confirm()
     assert metrics.registry.get_sample_value("tuneloop_canary_decider_handovers_total", {"change": "lost"}) == 1.0
     assert metrics.registry.get_sample_value("tuneloop_canary_decider") == 0.0
+
+
+async def test_a_retired_replica_hands_over_at_once_and_no_longer_contends(sqlite_store: Store) -> None:
+    """A replica whose engine died cannot promote a canary (it cannot load it): it must not hold
+    the role, nor keep the others from it."""
+    dying, other = (Decider(sqlite_store, Metrics(CollectorRegistry()), TIMING, holder=h) for h in ("dying", "other"))
+    await dying.keep()
+    assert dying.holds()
+    await dying.retire("its inference engine died")
+    assert not dying.holds()
+    await other.keep()
+    taken = other.lease
+    assert other.holds() and taken is not None and taken.token == 2
+    await other.release()
+    await dying.keep()  # the lease is free, but not for a retired replica
+    assert not dying.holds() and sqlite_store.get_lease(dying.name) == replace(taken, expires_at=0.0)
 
 
 def test_the_lease_settings_are_validated_with_the_flags_named() -> None:
