@@ -7,10 +7,11 @@
     tuneloop adapters canary NAME --share 0               end the canary
     tuneloop adapters unload NAME VERSION                 free a version that serves nothing
 
-    tuneloop adapters list [NAME]                         versions in the registry directory
+    tuneloop adapters list [NAME]                         versions in the registry
     tuneloop adapters show NAME [VERSION]                 one version's manifest
 
-`list` and `show` read the registry directory itself (no server needed).
+`list` and `show` read the registry itself (its directory, or the object store --registry-url
+names; no server needed).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
 
 from tuneloop.client.admin import AdapterInfo
-from tuneloop.server.registry import DEFAULT_CHANNEL, AdapterRegistry, Registry
+from tuneloop.server.registry import DEFAULT_CHANNEL, Registry, default_registry_dir, open_registry
 
 from .common import connect, print_json
 
@@ -68,6 +70,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     # Registry reads: the files themselves, no server needed.
     p.add_argument("--registry-dir", default="", help="registry directory (default $TUNELOOP_HOME/adapters)")
+    p.add_argument("--registry-url", default="", help=REGISTRY_URL_HELP)
     ls = actions.add_parser("list", help="versions in the registry directory, with status and gate metrics")
     ls.add_argument("name", nargs="?", default="", help="only this adapter")
     ls.add_argument("--json", action="store_true", help="one JSON object per version")
@@ -79,6 +82,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     show.set_defaults(run=_show_version)
     for sp in (ls, show):
         sp.add_argument("--registry-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sp.add_argument("--registry-url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def _show(args: argparse.Namespace, call: Any) -> int:
@@ -121,9 +125,20 @@ def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
 
 
+REGISTRY_URL_HELP = (
+    "shared registry on an object store, e.g. s3://BUCKET/PREFIX (default $TUNELOOP_REGISTRY_URL; empty: the "
+    "directory); endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"
+)
+
+
+def registry_location(args: argparse.Namespace) -> str:
+    """The registry URL the flags or the server's variable name, else "" (the directory)."""
+    return str(args.registry_url or os.environ.get("TUNELOOP_REGISTRY_URL", ""))
+
+
 def _registry(args: argparse.Namespace) -> Registry:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    return AdapterRegistry(args.registry_dir)
+    return open_registry(registry_location(args), args.registry_dir)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -150,7 +165,7 @@ def _list(args: argparse.Namespace) -> int:
             print(json.dumps(r))
         return 0
     if not rows:
-        print(f"no adapter versions in {registry.root}")
+        print(f"no adapter versions in {registry_location(args) or args.registry_dir or default_registry_dir()}")
         return 0
     header = ("NAME", "VERSION", "STATUS", "PARENT", "ALGO", "PAIRS", "ACCURACY", "KL/TOKEN", "CREATED")
     table = [header] + [
@@ -191,7 +206,3 @@ def _show_version(args: argparse.Namespace) -> int:
     out = {"path": str(v.path), "rank": v.rank, "kind": v.kind, **manifest, **extra}
     print(json.dumps(out, indent=2, sort_keys=True, default=str))
     return 0
-
-
-
-

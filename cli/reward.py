@@ -11,7 +11,9 @@ import sys
 from typing import Any
 
 from tuneloop.server.errors import FailedPrecondition, InvalidArgument
-from tuneloop.server.registry import REWARD, AdapterRegistry, base_model_fingerprint
+from tuneloop.server.registry import REWARD, base_model_fingerprint, open_registry
+
+from .adapters import REGISTRY_URL_HELP, registry_location
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -32,6 +34,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     score.add_argument("--adapter", default="default", help="Policy adapter whose reward model to use.")
     score.add_argument("--version", default="", help="Reward model version (default: its current one).")
     score.add_argument("--registry-dir", default="", help="Registry directory (default $TUNELOOP_HOME/adapters).")
+    score.add_argument("--registry-url", default="", help=REGISTRY_URL_HELP[0].upper() + REGISTRY_URL_HELP[1:] + ".")
     score.add_argument("--model-dir", default="", help="Base model directory (default: the built-in SmolLM2).")
     score.add_argument("--json", action="store_true", help="One JSON object per reply.")
     score.set_defaults(run=score_replies)
@@ -47,7 +50,7 @@ def score_replies(args: argparse.Namespace) -> int:
 
     if not args.prompt.strip() or not all(c.strip() for c in args.completion):
         raise InvalidArgument("--prompt and every --completion must be non-empty")
-    registry = AdapterRegistry(args.registry_dir)
+    registry = open_registry(registry_location(args), args.registry_dir)
     version = registry.resolve(reward_name(args.adapter), args.version)
     if version.kind != REWARD:
         raise InvalidArgument(f"{version.name}@{version.version} is a {version.kind} adapter, not a reward model")

@@ -20,7 +20,7 @@ from typing import Any
 
 from tuneloop.server.config import is_loopback_host
 from tuneloop.server.errors import TuneloopError
-from tuneloop.server.registry import AdapterRegistry, Registry
+from tuneloop.server.registry import Registry
 from tuneloop.server.settings import add_flags
 from tuneloop.trainer.config import SECTIONS, TrainerConfig, leaf_fields
 
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from tuneloop.trainer.source import StoreSource  # noqa: PLC0415
 
     hf_logging.disable_progress_bar()  # our own bar shows the steps; weight loading needs none
-    registry = AdapterRegistry(cfg.registry_dir)
+    registry = cfg.open_registry()
     source = StoreSource.open(cfg.resolved_store_url())
     metrics = TrainerMetrics()
     try:

@@ -124,7 +124,8 @@ class AdapterManager:
                 raise InvalidArgument("the base model has no versions; leave adapter.version empty")
             return Lease(AdapterRef(), None, "base")
         if name and version:
-            found = self._registry.get(name, version)
+            # In a thread: a version not yet on this host is fetched from a shared registry first.
+            found = await asyncio.to_thread(self._registry.get, name, version)
             return Lease(AdapterRef(found.name, found.version), await self._ensure_loaded(found), "pinned")
         explicit = bool(name)
         name = name or self.default_adapter
@@ -150,7 +151,7 @@ class AdapterManager:
         if name in self._routes:
             return self._routes[name]
         try:
-            found = self._registry.resolve(name)
+            found = await asyncio.to_thread(self._registry.resolve, name)
         except NotFound:
             if explicit:
                 raise
@@ -286,7 +287,7 @@ class AdapterManager:
         key = f"{name}@{version}"
         found: AdapterVersion | None = None
         try:
-            found = self._registry.get(name, version)
+            found = await asyncio.to_thread(self._registry.get, name, version)
             if found.status != ACCEPTED:
                 raise FailedPrecondition(f"adapter {key} was rejected by its gate and cannot be served")
             adapter = await self._ensure_loaded(found)
@@ -333,7 +334,7 @@ class AdapterManager:
         `started_at` dates the canary's evidence; the registry's start time, when it came from there."""
         if not 0.0 <= share <= 1.0:
             raise InvalidArgument(f"canary share must be in [0, 1], got {share}")
-        self._registry.get(name, version)  # NOT_FOUND before anything else
+        await asyncio.to_thread(self._registry.get, name, version)  # NOT_FOUND before anything else
         async with self._swap_lock:
             # First use of this name: its registry `current` version is the stable side.
             route = await self._adopt_locked(name, explicit=False)
@@ -392,7 +393,8 @@ class AdapterManager:
         self._update_fast_path()
 
     async def _follow_current(self, name: str) -> None:
-        info = self._registry.channel_info(name, DEFAULT_CHANNEL)
+        # In a thread: on a shared registry a poll is a request to the object store.
+        info = await asyncio.to_thread(self._registry.channel_info, name, DEFAULT_CHANNEL)
         if info is None:
             return
         version, updated_at = info

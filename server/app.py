@@ -33,7 +33,7 @@ from .feedback.service import FeedbackService
 from .generation import GenerationService
 from .metrics import Metrics
 from .model_cache import ensure_default_model
-from .registry import AdapterRegistry, Registry, base_model_fingerprint
+from .registry import Registry, base_model_fingerprint, open_registry
 from .servicers import admin as admin_servicer
 from .servicers import feedback as feedback_servicer
 from .servicers import generation as generation_servicer
@@ -60,7 +60,7 @@ class TuneloopServer:
         self.store = open_store(config.store_url)
         journal = None if config.journal_dir == "off" else Path(config.journal_dir)
         self.completion_log = CompletionLog(self.store, self.metrics, journal_dir=journal)
-        self.registry: Registry = AdapterRegistry(config.adapter_dir)
+        self.registry: Registry = open_registry(config.registry_url, config.adapter_dir)
         self.feedback = FeedbackService(self.store, self.metrics, completion_log=self.completion_log)
         self.adapters: AdapterManager | None = None
         self.admin: AdminService | None = None

@@ -96,7 +96,18 @@ class ServerConfig:
     )
     # --- data ---
     store_url: str = setting("", "Completion and feedback store. Default sqlite:///$TUNELOOP_HOME/tuneloop.db.")
-    adapter_dir: str = setting("", "Adapter registry directory. Default $TUNELOOP_HOME/adapters.")
+    adapter_dir: str = setting(
+        "",
+        "Adapter registry directory. Default $TUNELOOP_HOME/adapters. With registry_url set: where this host keeps "
+        "the versions it fetched from there (vLLM loads adapters from local files).",
+    )
+    registry_url: str = setting(
+        "",
+        "Shared adapter registry on an object store, e.g. s3://BUCKET/PREFIX, for several replicas and trainers. "
+        "Empty: the local directory adapter_dir. Endpoint and credentials come from the standard AWS environment "
+        "(AWS_ENDPOINT_URL for an S3-compatible store, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+        "AWS_DEFAULT_REGION), never from this file.",
+    )
     journal_dir: str = setting(
         "",
         "Local directory served completions spill to while the store is unreachable, written to the store in "
@@ -109,7 +120,11 @@ class ServerConfig:
         "(the trainer publishes to `default`). Empty or 'base': always the base model.",
     )
     registry_poll_s: float = setting(
-        0.05, "How often the registry's channels are checked for a new version (seconds; a check is one stat)."
+        0.0,
+        "How often the registry's channels are checked for a new version (seconds). 0: 0.05 for a directory "
+        "(a check is one stat per channel); 0.5 with registry_url (a check is one HEAD request per channel, "
+        "current and canary: 4 requests/s per followed adapter per replica), so a publish is served by every "
+        "replica within about a second.",
     )
     canary_check_s: float = setting(2.0, "How often a canary's sequential test re-reads live feedback (seconds).")
     canary_alpha: float = setting(0.05, "Canary test: chance of rolling back a canary that is not worse.")
@@ -167,6 +182,9 @@ class ServerConfig:
             self.store_url = f"sqlite:///{(home / 'tuneloop.db').resolve()}"
         if not self.adapter_dir:
             self.adapter_dir = str((home / "adapters").resolve())
+        if not self.registry_poll_s:
+            # An object store bills and rate-limits requests; a stat is free.
+            self.registry_poll_s = 0.5 if self.registry_url else 0.05
         if not self.journal_dir:
             # One journal per store: replicas on one host that share a store still each need their
             # own (the journal is locked); they set --journal-dir.
@@ -213,7 +231,12 @@ class ServerConfig:
         )
         need(self.kv_cache_gib > 0, "kv_cache_gib must be > 0")
         need(self.max_message_bytes >= 1024, "max_message_bytes must be >= 1024")
-        need(0.01 <= self.registry_poll_s <= 1.0, "registry_poll_s must be between 0.01 and 1 second")
+        need(0.01 <= self.registry_poll_s <= 10.0, "registry_poll_s must be between 0.01 and 10 seconds (0: auto)")
+        need(
+            not self.registry_url or "://" in self.registry_url,
+            f"registry_url {self.registry_url!r} is not a URL: use s3://BUCKET/PREFIX, or leave it empty "
+            "for the directory adapter_dir",
+        )
         need(self.canary_check_s > 0, "canary_check_s must be > 0")
         try:
             self.canary_policy()

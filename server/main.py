@@ -26,8 +26,12 @@ def _warn_if_exposed(config: ServerConfig) -> None:
 
 async def serve(config: ServerConfig) -> None:
     from .app import TuneloopServer  # noqa: PLC0415 - keeps `--help` fast
+    from .registry import RegistryUnavailable  # noqa: PLC0415
 
-    server = TuneloopServer(config)
+    try:
+        server = TuneloopServer(config)
+    except RegistryUnavailable as exc:  # a bucket missing, unreachable or refusing us: one line, not a traceback
+        raise SystemExit(f"tuneloop serve: {exc}") from None
     try:
         await server.start()
     except OSError as exc:  # a port in use: say so in one line, not a traceback

@@ -85,6 +85,44 @@ def store(store_url: str) -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """An S3 API on loopback for the session (moto's server), with the standard AWS variables
+    pointing at it, as a deployment sets them for the shared adapter registry."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "tuneloop-test",
+        "AWS_SECRET_ACCESS_KEY": "tuneloop-test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str) -> str:
+    """`s3://<a new bucket>/registry` on the session's S3 server."""
+    import uuid
+
+    import s3fs
+
+    bucket = f"tuneloop-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem().mkdir(bucket)  # fsspec keeps one instance for the session
+    return f"s3://{bucket}/registry"
+
+
+@pytest.fixture(scope="session")
 def model_dir() -> Path:
     from tuneloop.server.model_cache import ensure_default_model
 

@@ -11,10 +11,13 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.server.errors import InvalidArgument
 from tuneloop.server.settings import setting
+
+if TYPE_CHECKING:
+    from tuneloop.server.registry import Registry
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -432,7 +435,18 @@ class TrainerConfig:
         "(dpo, kto or ppo, picked each round from the feedback at hand).",
     )
     model_dir: str = setting("", "Base model: a local Hugging Face directory (default: the built-in SmolLM2).")
-    registry_dir: str = setting("", "Adapter registry directory (default $TUNELOOP_HOME/adapters).")
+    registry_dir: str = setting(
+        "",
+        "Adapter registry directory (default $TUNELOOP_HOME/adapters); with registry_url, where this host keeps "
+        "the versions it fetched from there.",
+    )
+    registry_url: str = setting(
+        "",
+        "Shared adapter registry on an object store, e.g. s3://BUCKET/PREFIX: the server's registry_url (default: "
+        "$TUNELOOP_REGISTRY_URL, the variable the server reads; empty: the directory registry_dir). Endpoint and "
+        "credentials come from the standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, AWS_DEFAULT_REGION).",
+    )
     store_url: str = setting(
         "", "Feedback store URL (default: $TUNELOOP_STORE_URL, the variable the server reads, else its default store)."
     )
@@ -504,6 +518,13 @@ class TrainerConfig:
         from tuneloop.server.config import tuneloop_home  # noqa: PLC0415
 
         return f"sqlite:///{(tuneloop_home() / 'tuneloop.db').resolve()}"
+
+    def open_registry(self) -> Registry:
+        """The server's registry when none is set, as with the store: `registry_url`, else
+        $TUNELOOP_REGISTRY_URL, else the directory. Raises RegistryUnavailable naming the setting."""
+        from tuneloop.server.registry import open_registry  # noqa: PLC0415 - keeps import order simple
+
+        return open_registry(self.registry_url or os.environ.get("TUNELOOP_REGISTRY_URL", ""), self.registry_dir)
 
 
 SECTIONS = ("data", "dpo", "kto", "reward", "ppo", "compute", "gate", "sidecar", "auto")
