@@ -114,25 +114,31 @@ class Decider:
         if self._retired:
             return
         sent_at = self._clock()
-        held = self._lease
         try:
             lease = await asyncio.to_thread(self._store.acquire_lease, self.name, self.holder, self._timing.ttl_s)
         except Exception as exc:  # noqa: BLE001 - any store failure: stop deciding, try again next time
-            if held is not None:
-                self._drop(held, f"renewing its lease failed ({type(exc).__name__}: {exc})", "lost")
+            if self._lease is not None:
+                self._drop(self._lease, f"renewing its lease failed ({type(exc).__name__}: {exc})", "lost")
             elif not self._store_failing:
                 log.warning("canary decider: cannot reach the store to take the lease: %s", exc)
             self._store_failing = True
             return
         self._store_failing = False
+        if self._retired:  # retired while the call ran: whatever it renewed or took goes straight back
+            if lease is not None:
+                await asyncio.to_thread(self._store.release_lease, lease)
+            return
+        # Compared with what this replica holds now: confirm() may have dropped it meanwhile.
+        held = self._lease
         if lease is None:
             if held is not None:
                 self._drop(held, "another replica holds the lease", "lost")
             return
         if held is not None and held.token != lease.token:
             self._drop(held, f"its term {held.token} lapsed before the renewal", "lost")
+            held = None
         self._lease, self._valid_until = lease, sent_at + self._timing.ttl_s - self._timing.renew_s
-        if held is None or held.token != lease.token:
+        if held is None:
             log.info("canary decider: this replica (%s) is now the decider, fencing token %d", self.holder, lease.token)
             self._metrics.canary_decider_handovers.labels("acquired").inc()
         self._held.set()
