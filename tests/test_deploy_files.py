@@ -61,11 +61,16 @@ def yaml_docs(path: Path) -> list[Any]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
 
 
+# Kustomize overlays: patches over base plus their own objects, checked by their own tests.
+OVERLAYS = ("gpu", "replicas")
+REPLICAS = K8S / "replicas"
+
+
 def k8s_objects() -> dict[tuple[str, str], dict[str, Any]]:
-    """Every Kubernetes object under deploy/k8s by (kind, name); kustomizations and patches excluded."""
+    """Every Kubernetes object of the base and optional/ by (kind, name); overlays excluded."""
     objects: dict[tuple[str, str], dict[str, Any]] = {}
     for path in sorted(K8S.rglob("*.yaml")):
-        if path.name == "kustomization.yaml" or path.parent.name == "gpu":
+        if path.name == "kustomization.yaml" or path.parent.name in OVERLAYS:
             continue
         for doc in yaml_docs(path):
             objects[(doc["kind"], doc["metadata"]["name"])] = doc
@@ -351,3 +356,92 @@ def test_healthcheck_http_sees_a_metrics_endpoint() -> None:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+# --- the scale-out stack: N replicas on PostgreSQL and an object-store registry ------------------
+
+
+def overlay_objects() -> dict[tuple[str, str], dict[str, Any]]:
+    """The replicas overlay's own objects (not its patches), by (kind, name)."""
+    spec = yaml_docs(REPLICAS / "kustomization.yaml")[0]
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for entry in spec["resources"]:
+        if not entry.startswith(".."):
+            for doc in yaml_docs(REPLICAS / entry):
+                found[(doc["kind"], doc["metadata"]["name"])] = doc
+    return found
+
+
+def test_replicas_overlay_patches_base_objects_and_shares_one_state_secret() -> None:
+    base, own = k8s_objects(), overlay_objects()
+    spec = yaml_docs(REPLICAS / "kustomization.yaml")[0]
+    for patch in spec["patches"]:
+        doc = yaml_docs(REPLICAS / patch["path"])[0]
+        assert (doc["kind"], doc["metadata"]["name"]) in base, f"{patch['path']} patches nothing in base"
+    secret = own[("Secret", "tuneloop-shared-state")]["stringData"]
+    server = yaml_docs(REPLICAS / "server.yaml")[0]["spec"]
+    assert server["replicas"] > 1 and server["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    trainer = own[("Deployment", "tuneloop-trainer")]["spec"]
+    assert trainer["replicas"] == 1
+    pods = [server["template"]["spec"], trainer["template"]["spec"]]
+    pods += [own[("StatefulSet", n)]["spec"]["template"]["spec"] for n in ("tuneloop-postgres", "tuneloop-objects")]
+    pods.append(own[("Job", "tuneloop-bucket")]["spec"]["template"]["spec"])
+    for pod in pods:
+        for c in pod["containers"]:
+            for src in c.get("envFrom", []):
+                assert src["secretRef"]["name"] == "tuneloop-shared-state"
+            for env in c.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref and ref["name"] == "tuneloop-shared-state":
+                    assert ref["key"] in secret, f"{c['name']} reads {ref['key']}, which the Secret lacks"
+    # Every replica and the trainer reach the in-cluster database and object store by Service name.
+    services = {name for kind, name in own if kind == "Service"}
+    assert "@tuneloop-postgres:5432/" in secret["TUNELOOP_STORE_URL"] and "tuneloop-postgres" in services
+    assert secret["AWS_ENDPOINT_URL"] == "http://tuneloop-objects:9000" and "tuneloop-objects" in services
+    headless = own[("Service", "tuneloop-replicas")]["spec"]
+    assert headless["clusterIP"] == "None"
+    assert headless["selector"].items() <= base[("Deployment", "tuneloop")]["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_shared_state_from_compose_and_k8s_is_what_server_and_trainer_read() -> None:
+    from tuneloop.cli.trainer import build_parser, config_from_args
+
+    compose = yaml_docs(DEPLOY / "compose.replicas.yaml")[0]["services"]
+    secret = overlay_objects()[("Secret", "tuneloop-shared-state")]["stringData"]
+    compose_env = {k: str(v) for k, v in compose["tuneloop"]["environment"].items()}
+    assert compose_env == {k: str(v) for k, v in compose["trainer"]["environment"].items()}
+    for env in (compose_env, secret):
+        cfg = load_config(["--config", str(CONFIG)], env=env)
+        assert cfg.store_url.startswith("postgresql+psycopg://") and cfg.registry_url.startswith("s3://")
+    trainers = [compose["trainer"]["command"], overlay_objects()[("Deployment", "tuneloop-trainer")]]
+    trainers[1] = trainers[1]["spec"]["template"]["spec"]["containers"][0]["args"]
+    for args in trainers:
+        # No store or registry flags: the trainer reads the same variables as the server.
+        assert args[:2] == ["trainer", "run"] and "--store-url" not in args and "--registry-url" not in args
+        config_from_args(build_parser().parse_args(args[1:]))
+
+
+def test_compose_replicas_stack_wires_balancer_and_prometheus() -> None:
+    compose = yaml_docs(DEPLOY / "compose.replicas.yaml")[0]
+    services = compose["services"]
+    assert "ports" not in services["tuneloop"], "replicas are reached through the balancer, not a host port"
+    assert services["balancer"]["ports"] == ["50051:50051"]
+    mount = next(v for v in services["balancer"]["volumes"] if v.endswith(":/usr/local/etc/haproxy:ro"))
+    assert (DEPLOY / mount.split(":")[0] / "haproxy.cfg").is_file()
+    config = next(a for a in services["prometheus"]["command"] if a.startswith("--config.file="))
+    replicas_prom = yaml_docs(PROMETHEUS / Path(config.split("=", 1)[1]).name)[0]["scrape_configs"]
+    single = yaml_docs(PROMETHEUS / "prometheus.yml")[0]["scrape_configs"]
+    assert [j["job_name"] for j in replicas_prom] == [j["job_name"] for j in single], "the alerts match these jobs"
+    server_job = next(j for j in replicas_prom if j["job_name"] == "tuneloop")
+    assert server_job["dns_sd_configs"][0]["names"] == ["tuneloop"] and server_job["dns_sd_configs"][0]["port"] == 9400
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders kustomizations when present")
+def test_kubectl_renders_the_replicas_overlay() -> None:
+    out = subprocess.run(["kubectl", "kustomize", str(REPLICAS)], capture_output=True, text=True, check=True).stdout
+    rendered = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+    assert ("PersistentVolumeClaim", "tuneloop-data") not in rendered
+    pod = rendered[("Deployment", "tuneloop")]["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["server"]
+    assert next(v for v in pod["volumes"] if v["name"] == "data") == {"name": "data", "emptyDir": {}}
+    assert 9401 not in {p["port"] for p in rendered[("Service", "tuneloop")]["spec"]["ports"]}
