@@ -400,7 +400,8 @@ def test_replicas_overlay_patches_base_objects_and_shares_one_state_secret() -> 
     assert secret["AWS_ENDPOINT_URL"] == "http://tuneloop-objects:9000" and "tuneloop-objects" in services
     headless = own[("Service", "tuneloop-replicas")]["spec"]
     assert headless["clusterIP"] == "None"
-    assert headless["selector"].items() <= base[("Deployment", "tuneloop")]["spec"]["template"]["metadata"]["labels"].items()
+    server_labels = base[("Deployment", "tuneloop")]["spec"]["template"]["metadata"]["labels"]
+    assert headless["selector"].items() <= server_labels.items()
 
 
 def test_shared_state_from_compose_and_k8s_is_what_server_and_trainer_read() -> None:
