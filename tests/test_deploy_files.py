@@ -410,10 +410,13 @@ def test_shared_state_from_compose_and_k8s_is_what_server_and_trainer_read() -> 
     compose = yaml_docs(DEPLOY / "compose.replicas.yaml")[0]["services"]
     secret = overlay_objects()[("Secret", "tuneloop-shared-state")]["stringData"]
     compose_env = {k: str(v) for k, v in compose["tuneloop"]["environment"].items()}
-    assert compose_env == {k: str(v) for k, v in compose["trainer"]["environment"].items()}
-    for env in (compose_env, secret):
+    assert {k: str(v) for k, v in compose["trainer"]["environment"].items()}.items() <= compose_env.items()
+    server_patch = yaml_docs(REPLICAS / "server.yaml")[0]["spec"]["template"]["spec"]["containers"]
+    k8s_env = secret | {e["name"]: e["value"] for c in server_patch for e in c.get("env", [])}
+    for env in (compose_env, k8s_env):
         cfg = load_config(["--config", str(CONFIG)], env=env)
         assert cfg.store_url.startswith("postgresql+psycopg://") and cfg.registry_url.startswith("s3://")
+        assert cfg.durable_completions, "feedback sent to another replica must find its completion"
     trainers = [compose["trainer"]["command"], overlay_objects()[("Deployment", "tuneloop-trainer")]]
     trainers[1] = trainers[1]["spec"]["template"]["spec"]["containers"][0]["args"]
     for args in trainers:
