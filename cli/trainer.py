@@ -53,13 +53,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ONCE_EPILOG = """\
+Several processes or GPUs (--algo dpo): start one process per CPU socket or GPU with torchrun,
+  torchrun --nproc_per_node 2 -m tuneloop.cli trainer once --algo dpo [flags as above]
+Each process trains its share of every batch (gloo between CPU processes, NCCL between GPUs); the
+batch size, and so the result, are those of one process. Rank 0 alone reads the store, gates and
+publishes; the others exit 0 when its round succeeds.
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag defaults in the help, and the epilog's command lines kept as written."""
+
+
 def add_commands(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, help_ in (
-        ("once", "Run one round: build the dataset, train, gate, publish."),
-        ("run", "Run the sidecar: start a round whenever enough new feedback arrived."),
+    for name, help_, epilog in (
+        ("once", "Run one round: build the dataset, train, gate, publish.", ONCE_EPILOG),
+        ("run", "Run the sidecar: start a round whenever enough new feedback arrived.", None),
     ):
-        p = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_, description=help_, epilog=epilog, formatter_class=_HelpFormatter)
         p.add_argument("--config", help="TOML file with any of the settings (flags win).")
         p.add_argument("--log-level", default="INFO", help="Log level.")
         _add_fields(p, TrainerConfig, "")
@@ -93,25 +106,42 @@ def config_from_args(args: argparse.Namespace) -> TrainerConfig:
         raise TuneloopError(f"bad trainer config: {exc}") from exc
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(level: str, rank: int | None = None) -> None:
+    where = "" if rank is None else f"rank {rank} "
+    if rank:  # the other ranks of a torchrun launch log what goes wrong; rank 0 tells the story
+        level = logging.getLevelName(max(logging.getLevelName(level.upper()), logging.WARNING))
+    logging.basicConfig(level=level.upper(), format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def run(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    from tuneloop.trainer.distributed import LaunchError, detect_launch  # noqa: PLC0415 - torch after parsing
+
+    try:
+        launch = detect_launch()
+    except LaunchError as exc:
+        print(f"tuneloop trainer: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(args.log_level, None if launch is None else launch.rank)
     try:
         cfg = config_from_args(args)
-    except (TuneloopError, OSError, tomllib.TOMLDecodeError) as exc:
+        if launch is not None:
+            from tuneloop.trainer.parallel_round import check_supported  # noqa: PLC0415
+
+            check_supported(cfg, args.action)
+    except (TuneloopError, OSError, tomllib.TOMLDecodeError, LaunchError) as exc:
         print(f"tuneloop trainer: {exc}", file=sys.stderr)
         return 2
     from transformers.utils import logging as hf_logging  # noqa: PLC0415 - torch-heavy imports after parsing
 
     from tuneloop.trainer.metrics import TrainerMetrics  # noqa: PLC0415
+
+    hf_logging.disable_progress_bar()  # our own bar shows the steps; weight loading needs none
+    if launch is not None:
+        return _run_data_parallel(cfg, launch, TrainerMetrics())
     from tuneloop.trainer.runner import run_round  # noqa: PLC0415
     from tuneloop.trainer.source import StoreSource  # noqa: PLC0415
 
-    hf_logging.disable_progress_bar()  # our own bar shows the steps; weight loading needs none
     registry = cfg.open_registry()
     source = StoreSource.open(cfg.resolved_store_url())
     metrics = TrainerMetrics()
@@ -119,10 +149,42 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "once":
             result = run_round(cfg, source, registry, metrics=metrics)
             print(result.summary())
-            return 1 if result.outcome in ("failed", "refused") else 0
+            return 0 if result.succeeded else 1
         return _run_sidecar(cfg, source, registry, metrics)
     finally:
         source.close()
+
+
+def _run_data_parallel(cfg: TrainerConfig, launch: Any, metrics: Any) -> int:
+    """`trainer once` as one rank of a torchrun launch: rank 0 runs the round, the others train
+    beside it (`tuneloop.trainer.parallel_round`)."""
+    from tuneloop.trainer.distributed import shutdown  # noqa: PLC0415
+    from tuneloop.trainer.parallel_round import follow_round, join, lead_round  # noqa: PLC0415
+    from tuneloop.trainer.runner import run_round  # noqa: PLC0415
+    from tuneloop.trainer.source import StoreSource  # noqa: PLC0415
+
+    parallel = join(cfg, launch)
+    try:
+        if not parallel.is_main:
+            try:
+                return follow_round(parallel)
+            except Exception:
+                log.exception("rank %d of %d failed; the round fails with it", parallel.rank, parallel.world_size)
+                return 1
+        registry = cfg.open_registry()
+
+        def round_() -> Any:
+            source = StoreSource.open(cfg.resolved_store_url())
+            try:
+                return run_round(cfg, source, registry, metrics=metrics, parallel=parallel)
+            finally:
+                source.close()
+
+        result = lead_round(parallel, round_)
+        print(result.summary())
+        return 0 if result.succeeded else 1
+    finally:
+        shutdown(parallel)
 
 
 def _run_sidecar(cfg: TrainerConfig, source: Any, registry: Registry, metrics: Any) -> int:

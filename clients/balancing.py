@@ -151,7 +151,14 @@ def balanced_target(targets: Sequence[str]) -> str:
 
 def channel_options(targets: Sequence[str], *, uses_tls: bool) -> list[tuple[str, object]]:
     """The options a balanced channel is opened with."""
-    options: list[tuple[str, object]] = [("grpc.service_config", service_config()), ("grpc.enable_retries", 1)]
+    options: list[tuple[str, object]] = [
+        ("grpc.service_config", service_config()),
+        ("grpc.enable_retries", 1),
+        # gRPC backs off reconnecting to an address that refused, up to two minutes by default: a
+        # replica restarted after a minute down would wait as long again to get calls. Five seconds
+        # at most brings it back soon after it serves, for a few refused connection attempts.
+        ("grpc.max_reconnect_backoff_ms", 5000),
+    ]
     if uses_tls and len(targets) > 1:
         # An address list has no host name to verify the certificate against: verify against the
         # first target's host, so the replicas' certificates must all name it (e.g. a shared name).

@@ -14,18 +14,20 @@ for arg in "$@"; do
 done
 
 # Services the tests need, from Debian's packages, installed when missing and we may (root with
-# apt-get): the PostgreSQL server (the store tests run a throwaway one, tests/postgres_server.py)
-# and Prometheus (promtool checks the shipped scrape config, alert rules and their unit tests).
-# Debian's postgresql package also creates and starts a default cluster and prometheus starts a
-# server where it can; the tests use neither, so both are stopped again.
+# apt-get): the PostgreSQL server (the store tests run a throwaway one, tests/postgres_server.py),
+# Prometheus (promtool checks the shipped scrape config, alert rules and their unit tests) and
+# HAProxy (tests/test_replicas.py runs deploy/haproxy/haproxy.cfg in front of two replicas).
+# Debian's postgresql package also creates and starts a default cluster, and prometheus and haproxy
+# start a server where they can; the tests use none of them, so they are stopped again.
 missing=()
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
 command -v promtool >/dev/null || missing+=(prometheus)
+[ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null || missing+=(haproxy)
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "tuneloop: installing ${missing[*]} (Debian packages) for the tests" >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
     || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; }
-  for svc in postgresql prometheus; do service "$svc" stop >/dev/null 2>&1 || true; done
+  for svc in postgresql prometheus haproxy; do service "$svc" stop >/dev/null 2>&1 || true; done
 fi
 
 python=${PYTHON:-python3}

@@ -292,6 +292,13 @@ class ComputeConfig:
     attn_implementation: str = setting(
         "sdpa", "Attention kernel: 'sdpa' (memory-efficient) or 'eager' (~10% faster on a CPU at a few hundred tokens)."
     )
+    # The longest wait is the other ranks' while rank 0 reads the store before training and runs
+    # the gate after it; torch's own default is 30 minutes too.
+    collective_timeout_minutes: float = setting(
+        30.0,
+        "torchrun launches: how long a rank waits for the others at a collective before the round fails "
+        "(cover rank 0's store read and gate, during which the other ranks wait).",
+    )
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -300,6 +307,10 @@ class ComputeConfig:
         _check(
             self.attn_implementation in ATTENTION,
             f"attn_implementation must be one of {ATTENTION}, got {self.attn_implementation!r}",
+        )
+        _check(
+            self.collective_timeout_minutes > 0,
+            f"collective_timeout_minutes must be > 0, got {self.collective_timeout_minutes}",
         )
 
 

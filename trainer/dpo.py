@@ -13,14 +13,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from .config import DPOConfig
+from .distributed import DataParallel
 from .losses import preference_loss
-from .model import adapter_mode, collate_sequences, completion_logps, encode_completion, encode_prompt
+from .model import (
+    adapter_mode,
+    collate_sequences,
+    completion_logps,
+    encode_completion,
+    encode_prompt,
+    trainable_parameters,
+)
 from .optim import TrainResult, apply_gradients, run_epochs
 from .rows import PreferencePair
 
@@ -91,8 +100,17 @@ def score_pairs(
     device: torch.device,
     dtype: torch.dtype,
     batch_size: int = 8,
+    parallel: DataParallel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected log-probs, (M,) each, of M pairs under one adapter mode (no grad)."""
+    """Chosen and rejected log-probs, (M,) each, of M pairs under one adapter mode (no grad).
+
+    With `parallel`, every rank passes the same items, scores its share, and gets all M (a few
+    floats per pair cross the wire, not a forward pass)."""
+    if parallel is not None:
+        kw: dict[str, Any] = {"mode": mode, "pad_id": pad_id, "device": device, "dtype": dtype}
+        mine = torch.stack(score_pairs(model, parallel.shard(items), batch_size=batch_size, **kw))
+        full = parallel.gather_shards(mine, len(items))
+        return full[0], full[1]
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
@@ -124,13 +142,19 @@ def dpo_step(
     micro_batches: Sequence[tuple[PairBatch, torch.Tensor, torch.Tensor]],
     cfg: DPOConfig,
     dtype: torch.dtype,
+    *,
+    parallel: DataParallel | None = None,
+    total: int | None = None,
 ) -> StepLog:
     """One optimizer step over micro-batches `(batch, ref_chosen (b,), ref_rejected (b,))`.
 
     Each micro-batch's mean loss is weighted by its share of the step's pairs, so accumulation
-    gives the same gradient as one big batch.
+    gives the same gradient as one big batch. With `parallel` the micro-batches are this rank's
+    share of a global batch of `total` pairs: every pair's loss is divided by `total` (not by the
+    rank's own count, which differs when the batch does not split evenly), and summing the ranks'
+    gradients gives the single-process gradient of the global batch.
     """
-    total = sum(b.n_pairs for b, _, _ in micro_batches)
+    total = sum(b.n_pairs for b, _, _ in micro_batches) if total is None else total
     loss_sum, correct, margin_sum = 0.0, 0.0, 0.0
     for batch, ref_c, ref_r in micro_batches:
         chosen, rejected = pair_logps(model, batch, dtype)
@@ -150,6 +174,10 @@ def dpo_step(
         loss_sum += float(out.losses.detach().sum())
         correct += float((out.margins > 0).sum())
         margin_sum += float(out.margins.sum())
+    if parallel is not None:
+        parallel.sum_gradients(trainable_parameters(model))
+        sums = torch.tensor([loss_sum, correct, margin_sum], dtype=torch.float64)
+        loss_sum, correct, margin_sum = parallel.sum(sums).tolist()
     apply_gradients(model, optimizer, cfg.max_grad_norm)
     return StepLog(step=0, loss=loss_sum / total, accuracy=correct / total, margin=margin_sum / total)
 
@@ -166,6 +194,7 @@ def train_dpo(
     dtype: torch.dtype,
     progress: bool = True,
     on_step: Callable[[StepLog], None] | None = None,
+    parallel: DataParallel | None = None,
 ) -> TrainResult[StepLog]:
     """Train the active adapter of `model` in place.
 
@@ -173,6 +202,8 @@ def train_dpo(
         items:        M tokenized training pairs.
         ref_chosen:   (M,) reference log-probs of the chosen completions (computed once).
         ref_rejected: (M,) same for the rejected completions.
+        parallel:     data-parallel ranks, each holding the same items: every rank draws the same
+                      global batches from the seeded order and trains its share of each.
     """
     if len(items) == 0:
         raise ValueError("no training pairs")
@@ -184,12 +215,13 @@ def train_dpo(
         return [order[s : s + cfg.batch_size] for s in range(0, len(items), cfg.batch_size)]
 
     def step(optimizer: torch.optim.Optimizer, idx: Sequence[int]) -> StepLog:
+        mine = idx if parallel is None else parallel.shard(idx)
         micro = []
-        for m in range(0, len(idx), cfg.micro_batch_size):
-            sub = list(idx[m : m + cfg.micro_batch_size])
+        for m in range(0, len(mine), cfg.micro_batch_size):
+            sub = list(mine[m : m + cfg.micro_batch_size])
             batch = collate_pairs([items[i] for i in sub], pad_id).to(device)
             micro.append((batch, ref_chosen[sub].to(device), ref_rejected[sub].to(device)))
-        return dpo_step(model, optimizer, micro, cfg, dtype)
+        return dpo_step(model, optimizer, micro, cfg, dtype, parallel=parallel, total=len(idx))
 
     return run_epochs(
         model, cfg, examples=len(items), batches=batches, step=step, desc="dpo", progress=progress, on_step=on_step,

@@ -27,6 +27,7 @@ from .algos.base import FeedbackSource
 from .choose import choose_algorithm, feedback_counts
 from .config import AUTO, TrainerConfig
 from .dataset import PointwiseDataset, PreferenceDataset, build_dataset, build_pointwise
+from .distributed import DataParallel
 from .metrics import TrainerMetrics
 from .rows import CompletionRow, FeedbackRow
 
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 
 class BaseModelMismatch(FailedPrecondition):
     """The served adapter was trained on another base model than the one this trainer loads."""
+
+
+def succeeded(outcome: str) -> bool:
+    """A round ended as it should, whatever it decided; "failed" and "refused" did not."""
+    return outcome not in ("failed", "refused")
 
 
 @dataclass
@@ -52,6 +58,11 @@ class RoundResult:
     seconds: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
     routed: str = ""  # where a published version's traffic comes from ("current", "canary at 10%")
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether `trainer once` exits 0: a gate's rejection or a skip is a round that worked."""
+        return succeeded(self.outcome)
 
     def summary(self) -> str:
         """The one line a run logs."""
@@ -198,13 +209,17 @@ def run_round(
     dataset: PreferenceDataset | None = None,
     pointwise: PointwiseDataset | None = None,
     choice: dict[str, Any] | None = None,
+    parallel: DataParallel | None = None,
 ) -> RoundResult:
     """Build, train, gate and publish once. Never raises for a round that cannot or should not
     train (too little data, another base model): those come back as outcomes with a reason.
 
     `dataset` and `pointwise`, when given, are `round_data` of the source's rows (the sidecar has
     them already). With `--algo auto` the round picks its algorithm first (`pick_algorithm`), or
-    the caller did and passes the resolved `cfg` with its `choice`; the manifest records it."""
+    the caller did and passes the resolved `cfg` with its `choice`; the manifest records it.
+
+    `parallel`: this is rank 0 of a torchrun launch (`trainer/parallel_round.py`); the algorithm
+    trains with the other ranks."""
     start = time.perf_counter()
     metrics = metrics or TrainerMetrics()
     counts: dict[str, int] = {}
@@ -214,7 +229,7 @@ def run_round(
             cfg, choice = pick_algorithm(cfg, completions, feedback)
             dataset, pointwise = round_data(cfg, completions, feedback)
             log.info("trainer round: --algo auto picked %s: %s", cfg.algo, (choice or {}).get("reason", ""))
-        result = _run(cfg, source, registry, dataset, pointwise, metrics, counts, choice)
+        result = _run(cfg, source, registry, dataset, pointwise, metrics, counts, choice, parallel)
     except BaseModelMismatch as exc:
         result = RoundResult("refused", reason=str(exc))
     except FailedPrecondition as exc:  # cannot run as configured (e.g. PPO with no accepted reward
@@ -244,6 +259,7 @@ def _run(
     metrics: TrainerMetrics,
     counts: dict[str, int],
     choice: dict[str, Any] | None,
+    parallel: DataParallel | None,
 ) -> RoundResult:
     algorithm = ALGORITHMS[cfg.algo]
     if dataset is None or (algorithm.uses_pointwise and pointwise is None):
@@ -280,7 +296,9 @@ def _run(
         return done
 
     tokens_before = COUNTS.copy()
-    candidate = algorithm.train(RoundInputs(cfg, dataset, source, model_dir, served, registry, metrics, pointwise))
+    candidate = algorithm.train(
+        RoundInputs(cfg, dataset, source, model_dir, served, registry, metrics, pointwise, parallel)
+    )
     # Compute on equal terms across algorithms (a PPO round's include the reward round it ran).
     tokens = COUNTS.since(tokens_before)
     candidate.metrics.update(tokens_forward=tokens.forward, tokens_backward=tokens.backward)

@@ -24,6 +24,7 @@ from tuneloop.server.registry import POLICY, AdapterVersion, Registry
 
 from ..config import DPOConfig, TrainerConfig
 from ..dataset import PointwiseDataset, PreferenceDataset
+from ..distributed import DataParallel
 from ..gate import GateMetrics, GateResult, decide
 from ..metrics import TrainerMetrics
 from ..model import SERVED, TRAINED, build_policy, load_base_model, load_tokenizer, prepare_compute
@@ -49,6 +50,8 @@ class RoundInputs:
     metrics: TrainerMetrics
     # The round's thumbs and ratings, for algorithms with `uses_pointwise` (then in the run key too).
     pointwise: PointwiseDataset | None = None
+    # The ranks of a torchrun launch, for algorithms with `data_parallel`; None in one process.
+    parallel: DataParallel | None = None
 
 
 @dataclass
@@ -69,6 +72,8 @@ class Algorithm(Protocol):
     # Whether it learns from thumbs and ratings as well as pairs: then the round builds them and a
     # change in them alone makes a new run, not a duplicate.
     uses_pointwise: bool
+    # Whether it trains across the processes of a torchrun launch (`RoundInputs.parallel`).
+    data_parallel: bool
 
     def target_name(self, cfg: TrainerConfig) -> str:
         """The registry name the algorithm publishes under."""
@@ -131,17 +136,21 @@ def load_policy(inputs: RoundInputs, lora: DPOConfig) -> Policy:
     """The base model with a trainable adapter shaped by `lora` (a copy of the served one when
     `lora.reference` is "served" and one is served: rounds chain), and the served adapter
     read-only beside it when there is one."""
-    cfg, served = inputs.cfg, inputs.served
+    return round_policy(inputs.cfg, inputs.model_dir, inputs.served, lora)
+
+
+def round_policy(cfg: TrainerConfig, model_dir: Path, served: AdapterVersion | None, lora: DPOConfig) -> Policy:
+    """`load_policy` from its parts (the other ranks of a data-parallel round have no RoundInputs)."""
     device, dtype = prepare_compute(cfg.compute)
     chain = lora.reference == "served" and served is not None
     model = build_policy(
-        load_base_model(inputs.model_dir, device, dtype, cfg.compute.attn_implementation),
+        load_base_model(model_dir, device, dtype, cfg.compute.attn_implementation),
         lora,
         served_adapter=served.path if served else None,
         init_from_served=chain,
     )
     name = f"{cfg.adapter}:{served.version}" if chain and served else "base"
-    return Policy(model, load_tokenizer(inputs.model_dir), device, dtype, SERVED if chain else "base", name)
+    return Policy(model, load_tokenizer(model_dir), device, dtype, SERVED if chain else "base", name)
 
 
 def gate_verdict(m: GateMetrics, inputs: RoundInputs) -> GateResult:

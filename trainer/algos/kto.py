@@ -19,6 +19,7 @@ _DPO_ONLY = ("loss_type", "beta", "label_smoothing")
 class KTO:
     name = "kto"
     uses_pointwise = True
+    data_parallel = False
 
     def target_name(self, cfg: TrainerConfig) -> str:
         return cfg.adapter

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 class PPO:
     name = "ppo"
     uses_pointwise = True  # through its reward model
+    data_parallel = False
 
     def target_name(self, cfg: TrainerConfig) -> str:
         return cfg.adapter

@@ -46,6 +46,7 @@ def reward_name(adapter: str) -> str:
 class Reward:
     name = "reward"
     uses_pointwise = True
+    data_parallel = False
 
     def target_name(self, cfg: TrainerConfig) -> str:
         return reward_name(cfg.adapter)
