@@ -134,3 +134,62 @@ async def test_two_processes_train_the_round_one_process_trains_and_rank_0_alone
     diff = torch.sqrt(sum(((w_two[k] - w_one[k]) ** 2).sum() for k in w_one))
     update = torch.sqrt(sum((w_one[k] ** 2).sum() for k in b_keys))
     assert update > 0 and diff <= 1e-3 * update, (float(diff), float(update))
+
+
+def torchrun(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`script` run by two CPU processes under torchrun (a free local port; one thread each)."""
+    path = cwd / "launch.py"
+    path.write_text(script)
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(path), *args],
+        capture_output=True, text=True, timeout=480, env=env, cwd=cwd,
+    )  # fmt: skip
+
+
+# Rank 1 never reaches the collective rank 0 waits in (it waits on an event nobody sets, until
+# torchrun stops it when rank 0 exits).
+_ABSENT_PEER = """
+import sys, threading, torch
+from tuneloop.trainer.distributed import CollectiveFailed, detect_launch, init_data_parallel, shutdown
+parallel = init_data_parallel(detect_launch(), torch.device("cpu"), timeout_minutes=0.05)
+if parallel.rank == 1:
+    threading.Event().wait()
+try:
+    parallel.sum(torch.ones(3))
+except CollectiveFailed as exc:
+    print(exc, flush=True)
+    shutdown(parallel)
+    sys.exit(3)
+"""
+
+
+def test_a_rank_that_does_not_arrive_fails_the_collective_after_the_timeout(tmp_path: Path) -> None:
+    proc = torchrun(_ABSENT_PEER, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "rank 0 of 2: all_reduce with the other ranks failed" in proc.stdout, proc.stderr[-3000:]
+    assert "did not arrive within --collective-timeout-minutes" in proc.stdout
+
+
+# Rank 1 fails once the ranks have exchanged the reference log-probs, as an out-of-memory would.
+_FAILING_RANK = """
+import os, sys
+from tuneloop.trainer.algos import dpo
+if os.environ["RANK"] == "1":
+    def out_of_memory(*_a, **_k):
+        raise MemoryError("rank 1 ran out of memory")
+    dpo.train_dpo = out_of_memory
+from tuneloop.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+async def test_a_failing_rank_fails_the_round_and_nothing_is_published(tmp_path: Path, model_dir: Path) -> None:
+    store_url = f"sqlite:///{tmp_path}/store.db"
+    await write_pairs(store_url)
+    proc = torchrun(_FAILING_RANK, *round_args(store_url, tmp_path / "reg", model_dir), cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "rank 1 of 2 failed; the round fails with it" in proc.stderr
+    assert "MemoryError: rank 1 ran out of memory" in proc.stderr
+    assert "outcome=published" not in proc.stdout
+    assert AdapterRegistry(tmp_path / "reg").versions("toy") == []
