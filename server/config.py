@@ -122,9 +122,9 @@ class ServerConfig:
     registry_poll_s: float = setting(
         0.0,
         "How often the registry's channels are checked for a new version (seconds). 0: 0.05 for a directory "
-        "(a check is one stat per channel); 0.5 with registry_url (a check is one HEAD request per channel, "
-        "current and canary: 4 requests/s per followed adapter per replica), so a publish is served by every "
-        "replica within about a second.",
+        "(a check is one stat per channel); 0.25 with registry_url (a check is one HEAD request for each of an "
+        "adapter's current and canary: 8 requests/s per followed adapter per replica); every replica then sees a "
+        "publish within 0.25 s.",
     )
     canary_check_s: float = setting(2.0, "How often a canary's sequential test re-reads live feedback (seconds).")
     canary_alpha: float = setting(0.05, "Canary test: chance of rolling back a canary that is not worse.")
@@ -184,7 +184,7 @@ class ServerConfig:
             self.adapter_dir = str((home / "adapters").resolve())
         if not self.registry_poll_s:
             # An object store bills and rate-limits requests; a stat is free.
-            self.registry_poll_s = 0.5 if self.registry_url else 0.05
+            self.registry_poll_s = 0.25 if self.registry_url else 0.05
         if not self.journal_dir:
             # One journal per store: replicas on one host that share a store still each need their
             # own (the journal is locked); they set --journal-dir.

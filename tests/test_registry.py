@@ -1,4 +1,5 @@
-"""The adapter registry: layout, validation, channels, corrupt entries, and atomic publish under a crash."""
+"""The directory registry: its layout on disk, corrupt files, the stat-keyed channel cache, and
+atomic publish under a crash. What every registry does is in test_registry_contract.py."""
 
 from __future__ import annotations
 
@@ -7,24 +8,13 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
+from test_registry_contract import MANIFEST, make_adapter
 
-from tuneloop.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from tuneloop.server.errors import InvalidArgument, NotFound
 from tuneloop.server.registry import AdapterRegistry, base_model_fingerprint
-
-
-def make_adapter(tmp: Path, rank: int = 8, payload: bytes = b"weights") -> Path:
-    d = tmp / f"adapter-{rank}-{payload.hex()[:8]}"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 16, "peft_type": "LORA"}))
-    (d / "adapter_model.safetensors").write_bytes(payload)
-    return d
-
-
-MANIFEST = {"base_model": "m@1", "algorithm": "dpo", "parent_version": None, "metrics": {"accuracy": 0.9}}
 
 
 def test_publish_lays_out_versions_and_moves_current(tmp_path: Path) -> None:
@@ -48,80 +38,6 @@ def test_publish_lays_out_versions_and_moves_current(tmp_path: Path) -> None:
     assert reg.history("support") == ["v1"]
     assert reg.names() == ["support"]
     assert v2.manifest["created_at"] > 0 and v2.manifest["name"] == "support"
-
-
-def test_rejected_version_is_kept_and_never_served(tmp_path: Path) -> None:
-    reg = AdapterRegistry(tmp_path)
-    reg.publish("a", make_adapter(tmp_path), MANIFEST)
-    bad = reg.publish("a", make_adapter(tmp_path), {**MANIFEST, "metrics": {"accuracy": 0.1}}, accepted=False)
-    assert bad.status == "rejected" and bad.manifest["metrics"]["accuracy"] == 0.1
-    assert reg.channel("a") == "v1"
-    with pytest.raises(FailedPrecondition, match="rejected"):
-        reg.set_channel("a", "current", "v2")
-
-
-def test_set_channel_and_history_for_rollback(tmp_path: Path) -> None:
-    reg = AdapterRegistry(tmp_path)
-    for _ in range(3):
-        reg.publish("a", make_adapter(tmp_path), MANIFEST)
-    reg.set_channel("a", "current", "v1")
-    reg.set_channel("a", "beta", "v3")
-    assert reg.channel("a") == "v1" and reg.channel("a", "beta") == "v3"
-    assert reg.history("a") == ["v1", "v2", "v3"]
-    assert reg.history("a", "beta") == []
-    with pytest.raises(InvalidArgument, match="start_canary"):
-        reg.set_channel("a", "canary", "v3")
-
-
-def test_a_canary_starts_is_replaced_and_ends_with_its_verdict_logged(tmp_path: Path) -> None:
-    reg = AdapterRegistry(tmp_path)
-    for accepted in (True, True, True, False):
-        reg.publish("a", make_adapter(tmp_path), MANIFEST, accepted=accepted)
-    assert reg.channel("a") == "v3" and reg.canary("a") is None
-    reg.set_channel("a", "current", "v1")
-    entry = reg.start_canary("a", "v2", 0.1)
-    assert reg.canary("a") == entry and (entry.version, entry.share, entry.auto_decide) == ("v2", 0.1, True)
-    assert reg.channel("a") == "v1"  # a canary never moves `current`
-    with pytest.raises(FailedPrecondition, match="already current"):
-        reg.start_canary("a", "v1", 0.1)
-    with pytest.raises(FailedPrecondition, match="rejected"):
-        reg.start_canary("a", "v4", 0.1)
-    for bad in (0.0, -0.1, 1.5):
-        with pytest.raises(InvalidArgument, match="share"):
-            reg.start_canary("a", "v2", bad)
-    replaced = reg.start_canary("a", "v3", 0.5, auto_decide=False)
-    assert reg.canary("a") == replaced
-    assert reg.end_canary("a", "rolled_back", expected="v2") is None  # no longer the canary: untouched
-    assert reg.end_canary("a", "rolled_back", expected="v3", detail="worse") == replaced
-    assert reg.canary("a") is None and reg.end_canary("a", "stopped") is None
-    assert [(e["event"], e["version"]) for e in reg.canary_log("a")] == [
-        ("started", "v2"), ("started", "v3"), ("rolled_back", "v3"),
-    ]  # fmt: skip
-    (tmp_path / "a" / "channels" / "canary.json").write_text("{not json")
-    assert reg.canary("a") is None  # unreadable: no canary, and a warning
-
-
-def test_not_found_and_bad_names(tmp_path: Path) -> None:
-    reg = AdapterRegistry(tmp_path)
-    with pytest.raises(NotFound, match="no adapter named ghost"):
-        reg.resolve("ghost")
-    reg.publish("a", make_adapter(tmp_path), MANIFEST, accepted=False)
-    with pytest.raises(NotFound, match="no 'current' version"):
-        reg.resolve("a")
-    with pytest.raises(NotFound, match=r"no version v9 \(known versions: v1\)"):
-        reg.get("a", "v9")
-    with pytest.raises(InvalidArgument, match="reserved"):
-        reg.publish("base", make_adapter(tmp_path), MANIFEST)
-    for bad in ("", "Upper", "-x", "a" * 65, "a/b", "../x"):
-        with pytest.raises(InvalidArgument):
-            reg.versions(bad)
-    with pytest.raises(InvalidArgument, match="versions look like"):
-        reg.get("a", "1")
-    with pytest.raises(InvalidArgument, match="missing adapter_model.safetensors"):
-        empty = tmp_path / "empty"
-        empty.mkdir()
-        (empty / "adapter_config.json").write_text("{}")
-        reg.publish("a", empty, MANIFEST)
 
 
 def test_corrupt_entries_are_reported_and_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -170,18 +86,6 @@ def test_channel_reads_follow_every_move_and_log_a_bad_file_once(
     assert reg.channel("a") == "v2"
     channel.unlink()
     assert reg.channel("a") is None
-
-
-def test_concurrent_publishers_get_distinct_versions(tmp_path: Path) -> None:
-    reg = AdapterRegistry(tmp_path)
-    src = make_adapter(tmp_path)
-    got: list[str] = []
-    threads = [threading.Thread(target=lambda: got.append(reg.publish("a", src, MANIFEST).version)) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(got, key=lambda v: int(v[1:])) == [f"v{i}" for i in range(1, 7)]
 
 
 _CRASHER = textwrap.dedent(

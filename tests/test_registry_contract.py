@@ -239,6 +239,13 @@ def test_an_unreadable_channel_state_reads_as_unset_until_the_next_move(backend:
     assert reader.channel("a") is None
     reg.set_channel("a", "current", "v1")  # repaired by the next move
     assert reader.channel("a") == "v1"
+    reg.start_canary("a", "v2", 0.5)
+    if isinstance(reg, ObjectStoreRegistry):
+        state = json.loads(reg.blobs.read("a/state.json").data)  # type: ignore[union-attr]
+        reg.blobs.write("a/state.json", json.dumps({**state, "canary": {"version": "v2"}}).encode())
+    else:
+        (tmp_path / "reg" / "a" / "channels" / "canary.json").write_text("{not json")
+    assert reader.canary("a") is None and reader.channel("a") == "v1"
 
 
 # -- the object store only: the local cache of fetched versions -----------------------------

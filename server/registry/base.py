@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Copied with a version when the trainer wrote them (a round's report, e.g. PPO's).
@@ -153,6 +156,60 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path.name} does not hold a JSON object")
     return data
+
+
+def check_publish(
+    name: str, adapter_dir: Path, manifest: dict[str, Any], channel: str | None
+) -> tuple[Path, list[str]]:
+    """Refuse a publish that cannot succeed, before anything is written; returns the source
+    directory and the files a version copies from it (the adapter's, and a round's report)."""
+    validate_name(name)
+    if channel is not None:
+        validate_name(channel, "channel")
+    kind = manifest.get("kind", POLICY)
+    if kind not in KINDS:
+        raise InvalidArgument(f"manifest kind must be one of {KINDS}, got {kind!r}")
+    src = Path(adapter_dir)
+    missing = [f for f in ADAPTER_FILES if not (src / f).is_file()]
+    if missing:
+        raise InvalidArgument(f"{src} is not a peft adapter directory: missing {', '.join(missing)}")
+    return src, [*ADAPTER_FILES, *(r for r in REPORT_FILES if (src / r).is_file())]
+
+
+def check_settable(channel: str) -> None:
+    validate_name(channel, "channel")
+    if channel == CANARY_CHANNEL:
+        raise InvalidArgument(f"'{CANARY_CHANNEL}' is set with start_canary (it carries a traffic share)")
+
+
+def check_share(share: float) -> None:
+    if not 0.0 < share <= 1.0:
+        raise InvalidArgument(f"canary share must be in (0, 1], got {share}")
+
+
+def parse_channel(data: Any) -> tuple[str, float] | None:
+    """A channel's stored `{"version", "updated_at"}` as (version, unix seconds), or None."""
+    if not isinstance(data, dict):
+        return None
+    version, updated_at = data.get("version"), data.get("updated_at")
+    if isinstance(version, str) and VERSION_RE.fullmatch(version):
+        return version, float(updated_at) if isinstance(updated_at, (int, float)) else 0.0
+    return None
+
+
+def parse_canary(data: Any, where: str) -> CanaryEntry | None:
+    """A stored canary entry, or None (with a warning naming `where` if it is malformed)."""
+    try:
+        entry = CanaryEntry(
+            str(data["version"]), float(data["share"]), float(data["started_at"]), bool(data["auto_decide"])
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        log.warning("adapter registry: canary %s is unreadable: %s", where, exc)
+        return None
+    if not VERSION_RE.fullmatch(entry.version) or not 0.0 < entry.share <= 1.0:
+        log.warning("adapter registry: canary %s names no valid version and share: %s", where, data)
+        return None
+    return entry
 
 
 class RegistryUnavailable(Unavailable):

@@ -196,20 +196,17 @@ class S3Blobs(Blobs):
         self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def create(self, key: str, data: bytes) -> bool:
-        try:
-            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
-        except FileExistsError:  # s3fs's name for 412 PreconditionFailed on If-None-Match
-            return False
-        except OSError as exc:
-            if _lost_race(exc):
-                return False
-            raise
-        return True
+        return self._put_if(key, data, IfNoneMatch="*")
 
     def replace(self, key: str, data: bytes, etag: str) -> bool:
+        return self._put_if(key, data, IfMatch=etag)
+
+    def _put_if(self, key: str, data: bytes, **condition: str) -> bool:
         try:
-            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._key(key), Body=data, IfMatch=etag)
-        except FileNotFoundError:  # deleted meanwhile
+            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+        except FileExistsError:  # s3fs's name for 412 PreconditionFailed on If-None-Match
+            return False
+        except FileNotFoundError:  # If-Match on an object deleted meanwhile
             return False
         except OSError as exc:
             if _lost_race(exc):

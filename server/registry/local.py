@@ -31,23 +31,25 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from ..errors import FailedPrecondition, NotFound
 from .base import (
     ACCEPTED,
     ADAPTER_FILES,
     CANARY_CHANNEL,
     DEFAULT_CHANNEL,
-    KINDS,
     MANIFEST,
     NAME_RE,
-    POLICY,
     REJECTED,
-    REPORT_FILES,
     VERSION_RE,
     AdapterVersion,
     CanaryEntry,
     CorruptEntry,
+    check_publish,
+    check_settable,
+    check_share,
     default_registry_dir,
+    parse_canary,
+    parse_channel,
     read_json,
     validate_name,
     version_number,
@@ -154,32 +156,13 @@ class AdapterRegistry:
         """The channel's version and when it was last moved (unix seconds), or None if unset."""
         path = self.root / validate_name(name) / "channels" / f"{validate_name(channel, 'channel')}.json"
 
-        def parse(data: dict[str, Any]) -> tuple[str, float] | None:
-            version, updated_at = data.get("version"), data.get("updated_at")
-            if isinstance(version, str) and VERSION_RE.fullmatch(version):
-                return version, float(updated_at) if isinstance(updated_at, (int, float)) else 0.0
-            return None
-
-        return self._read_channel_file(path, parse)
+        return self._read_channel_file(path, parse_channel)
 
     def canary(self, name: str) -> CanaryEntry | None:
         """The running canary of `name`, or None."""
         path = self.root / validate_name(name) / "channels" / f"{CANARY_CHANNEL}.json"
 
-        def parse(data: dict[str, Any]) -> CanaryEntry | None:
-            try:
-                entry = CanaryEntry(
-                    str(data["version"]), float(data["share"]), float(data["started_at"]), bool(data["auto_decide"])
-                )
-            except (KeyError, TypeError, ValueError) as exc:
-                log.warning("adapter registry: canary file %s is unreadable: %s", path, exc)
-                return None
-            if not VERSION_RE.fullmatch(entry.version) or not 0.0 < entry.share <= 1.0:
-                log.warning("adapter registry: canary file %s names no valid version and share: %s", path, data)
-                return None
-            return entry
-
-        return self._read_channel_file(path, parse)
+        return self._read_channel_file(path, lambda data: parse_canary(data, f"file {path}"))
 
     def _read_channel_file(self, path: Path, parse: Callable[[dict[str, Any]], _T | None]) -> _T | None:
         """Parse a channel's JSON file, or return what it parsed to while its (inode, mtime, size)
@@ -300,16 +283,7 @@ class AdapterRegistry:
         name's lock, so the number is never reused and a crash leaves no visible half-version.
         A rejected version is stored with its manifest and never moves a channel.
         """
-        validate_name(name)
-        if channel is not None:
-            validate_name(channel, "channel")
-        kind = manifest.get("kind", POLICY)
-        if kind not in KINDS:
-            raise InvalidArgument(f"manifest kind must be one of {KINDS}, got {kind!r}")
-        src = Path(adapter_dir)
-        missing = [f for f in ADAPTER_FILES if not (src / f).is_file()]
-        if missing:
-            raise InvalidArgument(f"{src} is not a peft adapter directory: missing {', '.join(missing)}")
+        src, files = check_publish(name, adapter_dir, manifest, channel)
         with self._locked(name) as ndir:
             vdir = ndir / "versions"
             vdir.mkdir(exist_ok=True)
@@ -323,7 +297,7 @@ class AdapterRegistry:
                 "status": ACCEPTED if accepted else REJECTED,
                 "created_at": time.time(),
             }
-            staging = self._stage(vdir, src, full)
+            staging = self._stage(vdir, src, files, full)
             self._commit(staging, vdir / version)
             published = self._load(name, version)
             if accepted and channel is not None:
@@ -334,9 +308,7 @@ class AdapterRegistry:
     def set_channel(self, name: str, channel: str, version: str) -> None:
         """Point `channel` at an accepted version, atomically."""
         validate_name(name)
-        validate_name(channel, "channel")
-        if channel == CANARY_CHANNEL:
-            raise InvalidArgument(f"'{CANARY_CHANNEL}' is set with start_canary (it carries a traffic share)")
+        check_settable(channel)
         target = self.get(name, version)
         if target.status != ACCEPTED:
             raise FailedPrecondition(f"adapter {name} version {version} was rejected by its gate and cannot be served")
@@ -347,8 +319,7 @@ class AdapterRegistry:
         """Put an accepted version on trial with `share` of default traffic (replacing any
         running canary). Every replica that follows the registry starts routing to it."""
         validate_name(name)
-        if not 0.0 < share <= 1.0:
-            raise InvalidArgument(f"canary share must be in (0, 1], got {share}")
+        check_share(share)
         target = self.get(name, version)
         if target.status != ACCEPTED:
             raise FailedPrecondition(f"adapter {name} version {version} was rejected by its gate and cannot be served")
@@ -396,10 +367,10 @@ class AdapterRegistry:
                 shutil.rmtree(p, ignore_errors=True)
 
     @staticmethod
-    def _stage(vdir: Path, src: Path, manifest: dict[str, Any]) -> Path:
+    def _stage(vdir: Path, src: Path, files: list[str], manifest: dict[str, Any]) -> Path:
         staging = vdir / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
         staging.mkdir()
-        for name in (*ADAPTER_FILES, *(r for r in REPORT_FILES if (src / r).is_file())):
+        for name in files:
             shutil.copyfile(src / name, staging / name)
             _fsync_file(staging / name)
         with (staging / MANIFEST).open("w", encoding="utf-8") as f:

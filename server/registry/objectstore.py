@@ -47,22 +47,24 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ..errors import FailedPrecondition, NotFound, Unavailable
 from .base import (
     ACCEPTED,
     ADAPTER_FILES,
-    CANARY_CHANNEL,
     DEFAULT_CHANNEL,
-    KINDS,
     MANIFEST,
     NAME_RE,
-    POLICY,
     REJECTED,
     REPORT_FILES,
     VERSION_RE,
     AdapterVersion,
     CanaryEntry,
     CorruptEntry,
+    check_publish,
+    check_settable,
+    check_share,
+    parse_canary,
+    parse_channel,
     validate_name,
     version_number,
 )
@@ -368,17 +370,7 @@ class ObjectStoreRegistry:
         publisher that dies leaves a claimed number with no manifest, which is skipped by readers
         and never reused. A rejected version is stored with its manifest and never moves a channel.
         """
-        validate_name(name)
-        if channel is not None:
-            validate_name(channel, "channel")
-        kind = manifest.get("kind", POLICY)
-        if kind not in KINDS:
-            raise InvalidArgument(f"manifest kind must be one of {KINDS}, got {kind!r}")
-        src = Path(adapter_dir)
-        missing = [f for f in ADAPTER_FILES if not (src / f).is_file()]
-        if missing:
-            raise InvalidArgument(f"{src} is not a peft adapter directory: missing {', '.join(missing)}")
-        files = [*ADAPTER_FILES, *(r for r in REPORT_FILES if (src / r).is_file())]
+        src, files = check_publish(name, adapter_dir, manifest, channel)
         listed = {}
         for f in files:
             size, digest = _file_digest(src / f)
@@ -422,9 +414,7 @@ class ObjectStoreRegistry:
     def set_channel(self, name: str, channel: str, version: str) -> None:
         """Point `channel` at an accepted version."""
         validate_name(name)
-        validate_name(channel, "channel")
-        if channel == CANARY_CHANNEL:
-            raise InvalidArgument(f"'{CANARY_CHANNEL}' is set with start_canary (it carries a traffic share)")
+        check_settable(channel)
         self._require_accepted(name, version)
         self._update(name, lambda state: _move(state, channel, version))
 
@@ -443,8 +433,7 @@ class ObjectStoreRegistry:
         """Put an accepted version on trial with `share` of default traffic (replacing any
         running canary). Every replica that follows the registry starts routing to it."""
         validate_name(name)
-        if not 0.0 < share <= 1.0:
-            raise InvalidArgument(f"canary share must be in (0, 1], got {share}")
+        check_share(share)
         self._require_accepted(name, version)
         entry = CanaryEntry(version, share, time.time(), auto_decide)
 
@@ -511,13 +500,8 @@ def _copier(src: Path) -> Callable[[str, Path], None]:
 
 
 def _channel_of(state: State, channel: str) -> tuple[str, float] | None:
-    data = state.get("channels", {}).get(channel)
-    if not isinstance(data, dict):
-        return None
-    version, updated_at = data.get("version"), data.get("updated_at")
-    if isinstance(version, str) and VERSION_RE.fullmatch(version):
-        return version, float(updated_at) if isinstance(updated_at, (int, float)) else 0.0
-    return None
+    channels = state.get("channels")
+    return parse_channel(channels.get(channel)) if isinstance(channels, dict) else None
 
 
 def _channel_version(state: State, channel: str) -> str | None:
@@ -527,19 +511,7 @@ def _channel_version(state: State, channel: str) -> str | None:
 
 def _canary_of(name: str, state: State) -> CanaryEntry | None:
     data = state.get("canary")
-    if data is None:
-        return None
-    try:
-        entry = CanaryEntry(
-            str(data["version"]), float(data["share"]), float(data["started_at"]), bool(data["auto_decide"])
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        log.warning("adapter registry: canary of %s is unreadable: %s", name, exc)
-        return None
-    if not VERSION_RE.fullmatch(entry.version) or not 0.0 < entry.share <= 1.0:
-        log.warning("adapter registry: canary of %s names no valid version and share: %s", name, data)
-        return None
-    return entry
+    return None if data is None else parse_canary(data, f"of {name}")
 
 
 def _move(state: State, channel: str, version: str) -> bool:
