@@ -16,13 +16,18 @@ import sys
 import threading
 import tomllib
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.server.config import is_loopback_host
 from tuneloop.server.errors import TuneloopError
 from tuneloop.server.registry import Registry
 from tuneloop.server.settings import add_flags
 from tuneloop.trainer.config import SECTIONS, TrainerConfig, leaf_fields
+
+if TYPE_CHECKING:  # torch-heavy modules: imported at run time only once the arguments are parsed
+    from tuneloop.trainer.distributed import Launch
+    from tuneloop.trainer.metrics import TrainerMetrics
+    from tuneloop.trainer.runner import RoundResult
 
 log = logging.getLogger("tuneloop.trainer")
 
@@ -155,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         source.close()
 
 
-def _run_data_parallel(cfg: TrainerConfig, launch: Any, metrics: Any) -> int:
+def _run_data_parallel(cfg: TrainerConfig, launch: Launch, metrics: TrainerMetrics) -> int:
     """`trainer once` as one rank of a torchrun launch: rank 0 runs the round, the others train
     beside it (`tuneloop.trainer.parallel_round`)."""
     from tuneloop.trainer.distributed import shutdown  # noqa: PLC0415
@@ -171,9 +176,9 @@ def _run_data_parallel(cfg: TrainerConfig, launch: Any, metrics: Any) -> int:
             except Exception:
                 log.exception("rank %d of %d failed; the round fails with it", parallel.rank, parallel.world_size)
                 return 1
-        registry = cfg.open_registry()
 
-        def round_() -> Any:
+        def round_() -> RoundResult:  # opening the registry or the store can fail: the others hear of it
+            registry = cfg.open_registry()
             source = StoreSource.open(cfg.resolved_store_url())
             try:
                 return run_round(cfg, source, registry, metrics=metrics, parallel=parallel)

@@ -16,7 +16,9 @@ from trainer_fixtures import BAD, GOOD, QUESTIONS, chat_prompt
 
 from tuneloop.cli.main import main
 from tuneloop.server.registry import AdapterRegistry
-from tuneloop.trainer.distributed import Launch, LaunchError, detect_launch, shard_bounds
+from tuneloop.trainer.distributed import DataParallel, Launch, LaunchError, detect_launch, shard_bounds
+from tuneloop.trainer.parallel_round import RoundOver, follow_round, lead_round
+from tuneloop.trainer.runner import RoundResult
 
 TORCHRUN_ENV = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
 
@@ -55,6 +57,70 @@ def test_a_torchrun_launch_refuses_what_does_not_run_across_processes(
     code = main(["trainer", *argv, "--store-url", f"sqlite:///{tmp_path}/s.db", "--registry-dir", str(tmp_path)])
     assert code == 2 and message in capsys.readouterr().err
     assert not torch.distributed.is_initialized()  # refused before joining: no peer waits for this one
+
+
+class Wire(DataParallel):
+    """The broadcasts of a two-rank group, without a process group: what rank 0 sent, and what a
+    follower receives, in order."""
+
+    def __init__(self, rank: int, inbox: list[object] | None = None) -> None:
+        super().__init__(Launch(rank, 2, rank), torch.device("cpu"))
+        self.sent: list[object] = []
+        self.inbox = list(inbox or [])
+
+    def broadcast(self, obj: object = None) -> object:
+        if self.is_main:
+            self.sent.append(obj)
+            return obj
+        return self.inbox.pop(0)
+
+
+class Work:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.ran = fail, 0
+
+    def run(self, parallel: DataParallel) -> None:
+        self.ran += 1
+        if self.fail:
+            raise MemoryError("out of memory")
+
+
+@pytest.mark.parametrize(("outcome", "status"), [("published", 0), ("rejected", 0), ("skipped", 0), ("failed", 1)])
+def test_a_follower_does_its_work_then_exits_as_rank_0s_round_ended(outcome: str, status: int) -> None:
+    work = Work()
+    assert follow_round(Wire(1, [work, RoundOver(outcome)])) == status and work.ran == 1
+
+
+def test_a_follower_whose_work_fails_makes_no_further_collective() -> None:
+    wire = Wire(1, [Work(fail=True), RoundOver("published")])
+    with pytest.raises(MemoryError):
+        follow_round(wire)
+    assert not wire.usable and len(wire.inbox) == 1
+
+
+def test_rank_0_tells_the_others_how_the_round_ended_unless_it_left_the_lockstep() -> None:
+    wire = Wire(0)
+    assert lead_round(wire, lambda: RoundResult("rejected")).outcome == "rejected"
+    assert wire.sent == [RoundOver("rejected")]
+
+    def store_down() -> RoundResult:
+        raise OSError("store unreachable")
+
+    wire = Wire(0)
+    with pytest.raises(OSError):
+        lead_round(wire, store_down)
+    assert wire.sent == [RoundOver("failed")]  # the others exit 1 rather than wait for a timeout
+
+    def failed_mid_training() -> RoundResult:
+        try:
+            with wire.lockstep():
+                raise MemoryError("out of memory")
+        except MemoryError:  # run_round turns it into a failed round
+            return RoundResult("failed", reason="MemoryError: out of memory")
+
+    wire = Wire(0)
+    assert lead_round(wire, failed_mid_training).outcome == "failed"
+    assert wire.sent == []  # the others wait in a collective rank 0 will not make: torchrun stops them
 
 
 async def write_pairs(store_url: str) -> None:
