@@ -302,3 +302,26 @@ def test_an_unreachable_endpoint_is_named(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     with pytest.raises(RegistryUnavailable, match=r"endpoint http://127.0.0.1:9\) cannot be reached.*AWS_ENDPOINT_URL"):
         open_registry("s3://bucket/prefix", tmp_path)
+
+
+def test_the_cli_reads_the_shared_registry(
+    s3_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tuneloop.cli.main import main
+
+    trainer = ObjectStoreRegistry.open(s3_url, tmp_path / "trainer")
+    trainer.publish("a", make_adapter(tmp_path), MANIFEST)
+    trainer.publish("a", make_adapter(tmp_path), MANIFEST, accepted=False)
+    cache = str(tmp_path / "cli")
+    assert main(["adapters", "list", "--registry-url", s3_url, "--registry-dir", cache, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["version"], r["status"], r["current"]) for r in rows] == [
+        ("v1", "accepted", True),
+        ("v2", "rejected", False),
+    ]
+    monkeypatch.setenv("TUNELOOP_REGISTRY_URL", s3_url)  # the server's variable is the default
+    assert main(["adapters", "show", "a", "--registry-dir", cache]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["version"] == "v1" and Path(shown["path"]).is_relative_to(cache_root(Path(cache), s3_url))
+    assert main(["adapters", "list", "--registry-url", "s3://no-such-bucket/x"]) == 1
+    assert "registry_url 's3://no-such-bucket/x'" in capsys.readouterr().err

@@ -220,7 +220,10 @@ class RegistryUnavailable(Unavailable):
 class RegistryReader(Protocol):
     """What a serving replica reads: channels, versions, and each version's files as a local
     directory vLLM can load (`AdapterVersion.path`). Version names are immutable and never
-    reused for other weights: vLLM caches adapters by name."""
+    reused for other weights: vLLM caches adapters by name.
+
+    `get` and `resolve` return a version whose files are at `path`; `versions` lists what the
+    manifests say, and a registry that fetches files from elsewhere fetches them only on `get`."""
 
     def names(self) -> list[str]: ...
 

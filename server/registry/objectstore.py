@@ -32,7 +32,6 @@ again only when its ETag changed.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -324,11 +323,20 @@ class ObjectStoreRegistry:
 
     @staticmethod
     def _parse_state(name: str, data: bytes) -> State:
+        """The state with any malformed part dropped (and logged here, once per write of it,
+        not on every poll): a bad canary reads as none, a bad channel table as no channels."""
         try:
-            return _parse_json(data, f"{name}/{STATE}")
+            state = _parse_json(data, f"{name}/{STATE}")
         except CorruptEntry as exc:
             log.warning("adapter registry: %s; its channels read as unset until the next move", exc)
             return {}
+        for part, kind in (("channels", dict), ("history", dict), ("canary_log", list)):
+            if part in state and not isinstance(state[part], kind):
+                log.warning("adapter registry: %s/%s: %r is not a JSON %s; ignored", name, STATE, part, kind.__name__)
+                del state[part]
+        if state.get("canary") is not None and parse_canary(state["canary"], f"of {name}") is None:
+            del state["canary"]
+        return state
 
     def channel(self, name: str, channel: str = DEFAULT_CHANNEL) -> str | None:
         info = self.channel_info(name, channel)
@@ -347,7 +355,9 @@ class ObjectStoreRegistry:
     def history(self, name: str, channel: str = DEFAULT_CHANNEL) -> list[str]:
         """The versions the channel pointed to before its present one, oldest first."""
         validate_name(name)
-        moves = self._polled_state(name).get("history", {}).get(validate_name(channel, "channel"), [])
+        moves = self._polled_state(name).get("history", {}).get(validate_name(channel, "channel"))
+        if not isinstance(moves, list):
+            return []
         return [m["previous"] for m in moves if isinstance(m, dict) and isinstance(m.get("previous"), str)]
 
     def canary_log(self, name: str) -> list[dict[str, Any]]:
@@ -479,7 +489,7 @@ class ObjectStoreRegistry:
         key = f"{name}/{STATE}"
         for attempt in range(_UPDATE_ATTEMPTS):
             blob = self.blobs.read(key)
-            state = copy.deepcopy(self._parse_state(name, blob.data)) if blob is not None else {}
+            state = self._parse_state(name, blob.data) if blob is not None else {}
             if not change(state):
                 return
             data = json.dumps(state, indent=1, sort_keys=True).encode()
