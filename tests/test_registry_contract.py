@@ -15,7 +15,8 @@ import pytest
 
 from tuneloop.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from tuneloop.server.registry import AdapterRegistry, Registry, RegistryUnavailable, open_registry
-from tuneloop.server.registry.objectstore import ObjectStoreRegistry, cache_root
+from tuneloop.server.registry.cache import cache_root
+from tuneloop.server.registry.objectstore import ObjectStoreRegistry
 
 MANIFEST = {"base_model": "m@1", "algorithm": "dpo", "parent_version": None, "metrics": {"accuracy": 0.9}}
 

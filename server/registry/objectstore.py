@@ -20,10 +20,8 @@ Why it is safe with many writers and no lock service:
   only if nobody wrote it meanwhile (else it reads again and retries), so concurrent writers
   serialise as the local registry's fcntl lock makes them, with no lost update.
 
-Reading a version (`get`, `resolve`) fetches its files into a local cache directory that vLLM
-loads from: downloaded into a temporary directory, each file checked against the manifest's size
-and sha256, then renamed into place, so the cache holds whole verified versions or nothing.
-Versions are immutable, so a fetched one is reused for good, across processes sharing the cache.
+Reading a version (`get`, `resolve`) fetches its files into a local directory vLLM loads from
+(`cache.py`: verified against the manifest, whole or not at all, reused for good).
 
 Polling is cheap: `channel_info` and `canary` cost one HEAD request each and parse `state.json`
 again only when its ETag changed.
@@ -31,8 +29,6 @@ again only when its ETag changed.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -40,7 +36,6 @@ import random
 import shutil
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -68,45 +63,18 @@ from .base import (
     version_number,
 )
 from .blobs import Blobs, open_blobs
+from .cache import VersionCache, cache_root, file_digest
 
 log = logging.getLogger(__name__)
 
 CLAIM = "claim.json"
 STATE = "state.json"
-# Where fetched versions live under the cache directory: one subdirectory per registry URL, so a
-# directory that also held a local registry (or another bucket's cache) never mixes versions.
-CACHE_SUBDIR = ".fetched"
-_FETCH_PREFIX = ".fetch-"
-# A temporary fetch directory this old belongs to a process that died mid-download.
-_STALE_FETCH_S = 3600.0
 # Publishers claim the next free number; each lost race moves one number up.
 _CLAIM_ATTEMPTS = 64
 # Writers of one name's state retry on a lost compare-and-swap; a few suffice unless writers spin.
 _UPDATE_ATTEMPTS = 20
-_CHUNK = 1 << 20
 
 State = dict[str, Any]
-
-
-def cache_root(cache_dir: Path, url: str) -> Path:
-    """Where versions fetched from `url` are kept under `cache_dir`."""
-    return cache_dir / CACHE_SUBDIR / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
-
-
-def _file_digest(path: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return path.stat().st_size, h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _parse_json(data: bytes, what: str) -> dict[str, Any]:
@@ -125,7 +93,7 @@ class ObjectStoreRegistry:
     def __init__(self, blobs: Blobs, cache_dir: Path) -> None:
         self.blobs = blobs
         self.url = blobs.url
-        self.cache = cache_root(cache_dir, blobs.url)
+        self.cache = VersionCache(cache_root(cache_dir, blobs.url))
         # Immutable once published, so kept for the process's life: manifests by (name, version),
         # and the versions whose files sit verified in the cache.
         self._manifests: dict[tuple[str, str], dict[str, Any]] = {}
@@ -140,7 +108,7 @@ class ObjectStoreRegistry:
         return cls(open_blobs(url), cache_dir)
 
     def __repr__(self) -> str:
-        return f"ObjectStoreRegistry({self.url!r}, cache={str(self.cache)!r})"
+        return f"ObjectStoreRegistry({self.url!r}, cache={str(self.cache.root)!r})"
 
     # -- reading: versions ---------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -177,10 +145,7 @@ class ObjectStoreRegistry:
         fetched = self._fetched.get((name, version))
         if fetched is not None:
             return fetched
-        return AdapterVersion(name, version, self._version_dir(name, version), self._manifest(name, version))
-
-    def _version_dir(self, name: str, version: str) -> Path:
-        return self.cache / name / "versions" / version
+        return AdapterVersion(name, version, self.cache.path(name, version), self._manifest(name, version))
 
     def versions(self, name: str) -> list[AdapterVersion]:
         """All readable versions, oldest first, from their manifests (their files are fetched by
@@ -212,33 +177,18 @@ class ObjectStoreRegistry:
         key = (name, version)
         if key in self._fetched:
             return self._fetched[key]
-        local = self._version_dir(name, version)
         try:
-            found = self._from_cache(name, version, local)
-            if found is None:
-                found = self._fetch(name, version, self._manifest(name, version), local)
+            found = self.cache.load(name, version) or self._fetch(name, version, self._manifest(name, version))
         except CorruptEntry as exc:
             if version not in self._version_names(name):
                 known = ", ".join(v.version for v in self.versions(name)) or "none"
                 raise NotFound(f"adapter {name} has no version {version} (known versions: {known})") from None
             raise NotFound(f"adapter {name} version {version} is unreadable: {exc}") from exc
+        self._manifests[key] = found.manifest
         self._fetched[key] = found
         return found
 
-    def _from_cache(self, name: str, version: str, local: Path) -> AdapterVersion | None:
-        # A cached directory was verified before it was renamed into place; versions never change.
-        try:
-            manifest = json.loads((local / MANIFEST).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            log.warning("adapter registry: cached %s/%s is damaged; fetching it again", name, version)
-            shutil.rmtree(local, ignore_errors=True)
-            return None
-        self._manifests[(name, version)] = manifest
-        return AdapterVersion(name, version, local, manifest)
-
-    def _fetch(self, name: str, version: str, manifest: dict[str, Any], local: Path) -> AdapterVersion:
+    def _fetch(self, name: str, version: str, manifest: dict[str, Any]) -> AdapterVersion:
         def download(file: str, dest: Path) -> None:
             try:
                 self.blobs.download(f"{name}/versions/{version}/{file}", dest)
@@ -246,50 +196,11 @@ class ObjectStoreRegistry:
                 raise CorruptEntry(f"{file} is listed in the manifest but missing from the store") from None
 
         started = time.monotonic()
-        found = self._install(name, version, manifest, local, download)
-        log.info("adapter registry: fetched %s/%s into %s in %.2f s", name, version, local, time.monotonic() - started)
+        found = self.cache.install(name, version, manifest, download)
+        log.info(
+            "adapter registry: fetched %s/%s into %s in %.2f s", name, version, found.path, time.monotonic() - started
+        )
         return found
-
-    def _install(
-        self, name: str, version: str, manifest: dict[str, Any], local: Path, put: Callable[[str, Path], None]
-    ) -> AdapterVersion:
-        """Fill a temporary directory with the manifest's files (`put(file, dest)`), verify each,
-        and rename it to `local`: a crash or a bad file leaves no directory there."""
-        parent = local.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_fetches(parent)
-        tmp = parent / f"{_FETCH_PREFIX}{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
-            for file, expected in manifest["files"].items():
-                put(file, tmp / file)
-                size, digest = _file_digest(tmp / file)
-                if (size, digest) != (expected.get("size"), expected.get("sha256")):
-                    raise CorruptEntry(f"{file} does not match its manifest (size {size}, sha256 {digest[:12]}...)")
-                _fsync(tmp / file)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
-            _fsync(tmp / MANIFEST)
-            _fsync(tmp)
-            try:
-                os.rename(tmp, local)
-            except OSError:
-                if not (local / MANIFEST).is_file():
-                    raise
-                # Another process on this host fetched it first: the same immutable files.
-            else:
-                _fsync(parent)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return AdapterVersion(name, version, local, manifest)
-
-    @staticmethod
-    def _remove_stale_fetches(parent: Path) -> None:
-        now = time.time()
-        for p in parent.iterdir():
-            if p.name.startswith(_FETCH_PREFIX):
-                with contextlib.suppress(OSError):
-                    if now - p.stat().st_mtime > _STALE_FETCH_S:
-                        shutil.rmtree(p, ignore_errors=True)
 
     def resolve(self, name: str, version: str = "") -> AdapterVersion:
         """A pinned version, or the one channel `current` points to."""
@@ -383,7 +294,7 @@ class ObjectStoreRegistry:
         src, files = check_publish(name, adapter_dir, manifest, channel)
         listed = {}
         for f in files:
-            size, digest = _file_digest(src / f)
+            size, digest = file_digest(src / f)
             listed[f] = {"size": size, "sha256": digest}
         version = self._claim(name)
         full = {
@@ -402,7 +313,7 @@ class ObjectStoreRegistry:
             raise Unavailable(f"adapter {name} {version} was claimed by this publisher but holds another manifest")
         full = json.loads(body)  # exactly what readers will parse (default=str applied)
         self._manifests[(name, version)] = full
-        published = self._install(name, version, full, self._version_dir(name, version), _copier(src))
+        published = self.cache.install(name, version, full, _copier(src))
         self._fetched[(name, version)] = published
         if accepted and channel is not None:
             self._update(name, lambda state: _move(state, channel, version))
