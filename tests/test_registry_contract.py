@@ -326,3 +326,11 @@ def test_the_cli_reads_the_shared_registry(
     assert shown["version"] == "v1" and Path(shown["path"]).is_relative_to(cache_root(Path(cache), s3_url))
     assert main(["adapters", "list", "--registry-url", "s3://no-such-bucket/x"]) == 1
     assert "registry_url 's3://no-such-bucket/x'" in capsys.readouterr().err
+
+
+def test_a_registry_at_the_root_of_a_bucket(s3_url: str, tmp_path: Path) -> None:
+    bucket_root = s3_url.rsplit("/", 1)[0]
+    reg = open_registry(bucket_root, tmp_path)
+    assert reg.names() == []
+    reg.publish("a", make_adapter(tmp_path), MANIFEST)
+    assert reg.names() == ["a"] and open_registry(bucket_root, tmp_path / "b").resolve("a").version == "v1"

@@ -215,7 +215,8 @@ class S3Blobs(Blobs):
         return True
 
     def children(self, key: str) -> list[str]:
-        prefix = self._key(key).rstrip("/") + "/"
+        base = self._key(key).strip("/")
+        prefix = f"{base}/" if base else ""  # a bucket's root lists with no prefix at all
         names: list[str] = []
         token: dict[str, str] = {}
         while True:
