@@ -21,7 +21,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -165,14 +165,14 @@ class DataParallel:
     def _comm_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
-    def _collective(self, what: str, call: Any) -> None:
+    def _collective(self, what: str, call: Callable[[Any], object]) -> None:
         if not self._usable:
             raise CollectiveFailed(f"rank {self.rank}: no {what} after an earlier failure with the other ranks")
         import torch.distributed as dist  # noqa: PLC0415 - only data-parallel runs reach here
 
         try:
             call(dist)
-        except Exception as exc:  # gloo and NCCL raise RuntimeError subclasses with their own wording
+        except Exception as exc:  # gloo and NCCL raise their own RuntimeError subclasses and wording
             self._usable = False
             raise CollectiveFailed(
                 f"rank {self.rank} of {self.world_size}: {what} with the other ranks failed ({exc}); another "
@@ -193,7 +193,7 @@ def _split(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tenso
 def init_data_parallel(launch: Launch, device: torch.device, timeout_minutes: float) -> DataParallel:
     """Join the process group torchrun set up (env:// rendezvous). On a GPU, each rank takes the
     device LOCAL_RANK names, so `torch.device("cuda")` means that device from here on."""
-    import torch.distributed as dist  # noqa: PLC0415 - single-process runs never import it
+    import torch.distributed as dist  # noqa: PLC0415 - only data-parallel runs reach here
 
     if not dist.is_available():
         raise LaunchError("this torch build has no torch.distributed; run the trainer as one process")
