@@ -64,7 +64,12 @@ class Replica:
 @dataclass
 class ReplicaSet:
     """`count` replicas of `tuneloop serve` sharing `store_url` and `registry_flags` (the registry:
-    `--adapter-dir DIR`, or `--registry-url ...`). `flags` are added to every replica's command."""
+    `--adapter-dir DIR`, or `--registry-url ...`). `flags` are added to every replica's command.
+
+    `pin_cores` binds replica i's engine to core i (modulo the host's cores): vLLM's CPU backend
+    binds every engine on a host to the same core otherwise, so replicas on one host would share
+    one core and leave the others idle.
+    """
 
     model_dir: Path
     store_url: str
@@ -73,6 +78,7 @@ class ReplicaSet:
     count: int = 2
     flags: Sequence[str] = ()
     env: dict[str, str] = field(default_factory=dict)
+    pin_cores: bool = False
     replicas: list[Replica] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -94,6 +100,8 @@ class ReplicaSet:
         bound; its engine goes on starting (see `wait_serving`)."""
         replica.home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TUNELOOP_HOME": str(replica.home), "VLLM_CPU_KVCACHE_SPACE": "1", **self.env}
+        if self.pin_cores:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(replica.index % (os.cpu_count() or 1))
         with open(replica.log, "w") as log:
             replica.proc = subprocess.Popen(
                 self._command(replica), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -10,11 +10,7 @@ SIGTERM drains with NOT_SERVING first.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import socket
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -25,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from haproxy_front import haproxy_front
 from replica_set import Replica, ReplicaSet
 
 from tuneloop.client import Client, TuneloopError
@@ -35,7 +32,6 @@ from tuneloop.server.store import open_store
 pytestmark = pytest.mark.engine
 
 NAME = "default"
-HAPROXY_CFG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
 GENERATE_OK = {"method": "Generate", "code": "OK"}
 
 
@@ -183,36 +179,8 @@ def test_a_replica_killed_under_load_fails_no_retried_call_and_rejoins(cluster: 
 
 @pytest.fixture(scope="module")
 def haproxy(cluster: ReplicaSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    if not os.path.exists(binary):
-        if os.environ.get("CI"):
-            pytest.fail("CI must exercise the HAProxy front: deploy/install.sh installs the haproxy package")
-        pytest.skip("no haproxy binary (deploy/install.sh installs Debian's haproxy package)")
-    with socket.socket() as s:  # HAProxy cannot report a port it picked: take a free one
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "TUNELOOP_HAPROXY_BIND": f"127.0.0.1:{port}",
-        **{f"TUNELOOP_REPLICA_{r.index + 1}": r.address for r in cluster.replicas},
-    }
-    log = tmp_path_factory.mktemp("haproxy") / "haproxy.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([binary, "-db", "-f", str(HAPROXY_CFG)], stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 30
-        while True:  # listening once a connection is accepted
-            assert proc.poll() is None, log.read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"haproxy did not listen on {port}:\n{log.read_text()}"
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with haproxy_front(cluster.addresses, tmp_path_factory.mktemp("haproxy") / "haproxy.log") as address:
+        yield address
 
 
 def test_haproxy_balances_calls_over_both_replicas(cluster: ReplicaSet, haproxy: str) -> None:
