@@ -96,3 +96,14 @@ def test_loopback_detection() -> None:
     assert ServerConfig(host="::1").is_loopback()
     assert ServerConfig(host="localhost").is_loopback()
     assert not ServerConfig(host="0.0.0.0").is_loopback()
+
+
+def test_registry_url_comes_from_env_and_slows_the_default_poll(tmp_path: Path) -> None:
+    assert load_config([], env={}).registry_poll_s == 0.05  # a directory: a poll is one stat
+    cfg = load_config([], env={"TUNELOOP_REGISTRY_URL": "s3://bucket/adapters"})
+    assert cfg.registry_url == "s3://bucket/adapters" and cfg.registry_poll_s == 0.25
+    assert load_config(["--registry-url", "s3://b/p", "--registry-poll-s", "2"], env={}).registry_poll_s == 2.0
+    with pytest.raises(ConfigError, match="registry_url 'bucket/adapters' is not a URL"):
+        ServerConfig(registry_url="bucket/adapters")
+    with pytest.raises(ConfigError, match="registry_poll_s"):
+        ServerConfig(registry_url="s3://b/p", registry_poll_s=60)

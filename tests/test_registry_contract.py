@@ -334,3 +334,14 @@ def test_a_registry_at_the_root_of_a_bucket(s3_url: str, tmp_path: Path) -> None
     assert reg.names() == []
     reg.publish("a", make_adapter(tmp_path), MANIFEST)
     assert reg.names() == ["a"] and open_registry(bucket_root, tmp_path / "b").resolve("a").version == "v1"
+
+
+def test_the_trainer_opens_the_servers_registry(s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuneloop.trainer.config import TrainerConfig
+
+    monkeypatch.delenv("TUNELOOP_REGISTRY_URL", raising=False)
+    assert isinstance(TrainerConfig(registry_dir=str(tmp_path)).open_registry(), AdapterRegistry)
+    monkeypatch.setenv("TUNELOOP_REGISTRY_URL", s3_url)  # the server's variable, as for the store
+    reg = TrainerConfig(registry_dir=str(tmp_path)).open_registry()
+    assert isinstance(reg, ObjectStoreRegistry) and reg.url == s3_url
+    assert reg.cache.root.is_relative_to(tmp_path)
