@@ -214,11 +214,12 @@ def torchrun(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[
 
 
 # Rank 1 never reaches the collective rank 0 waits in (it waits on an event nobody sets, until
-# torchrun stops it when rank 0 exits).
+# torchrun stops it when rank 0 exits). The timeout also bounds joining the group, so it leaves
+# room for the two processes' imports to finish at different times on a loaded host.
 _ABSENT_PEER = """
 import sys, threading, torch
 from tuneloop.trainer.distributed import CollectiveFailed, detect_launch, init_data_parallel, shutdown
-parallel = init_data_parallel(detect_launch(), torch.device("cpu"), timeout_minutes=0.05)
+parallel = init_data_parallel(detect_launch(), torch.device("cpu"), timeout_minutes=0.25)
 if parallel.rank == 1:
     threading.Event().wait()
 try:
