@@ -296,8 +296,8 @@ class ComputeConfig:
     # the gate after it; torch's own default is 30 minutes too.
     collective_timeout_minutes: float = setting(
         30.0,
-        "torchrun launches: how long a rank waits for the others at a collective before the round fails "
-        "(cover rank 0's store read and gate, during which the other ranks wait).",
+        "torchrun launches: how long a rank waits for the others, to join and at each collective, before the "
+        "round fails (cover rank 0's store read and gate, during which the other ranks wait).",
     )
 
     def __post_init__(self) -> None:
