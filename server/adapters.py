@@ -25,7 +25,7 @@ from .domain import BASE, AdapterRef, SamplingSpec, new_id
 from .engine import Engine, EngineRequest, LoadedAdapter, next_adapter_id
 from .errors import FailedPrecondition, InvalidArgument, NotFound, TuneloopError
 from .metrics import Metrics
-from .registry import ACCEPTED, DEFAULT_CHANNEL, POLICY, AdapterVersion, CanaryEntry, Registry
+from .registry import ACCEPTED, DEFAULT_CHANNEL, POLICY, AdapterVersion, CanaryEntry, Registry, RegistryUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class AdapterManager:
         self._refused: dict[str, str] = {}  # "name@version" -> why this server refused it
         self._share_labels: dict[str, set[str]] = {}  # traffic_share label sets in use, per name
         self._swap_lock = asyncio.Lock()
+        self._registry_unreachable = False
         self._folded_labels: tuple[str, str] | None = None
         if hasattr(engine, "serve_folded"):
             engine.on_fold = self._observe_fold  # type: ignore[attr-defined]
@@ -296,6 +297,8 @@ class AdapterManager:
                 await self._probe(adapter)
                 if slot is not None:
                     slot.probed = True
+        except RegistryUnavailable:
+            raise  # the shared store did not answer: nothing is wrong with the version, try it again
         except TuneloopError as exc:
             self._refused[key] = str(exc)
             self._metrics.swaps.labels("refused").inc()
@@ -382,14 +385,23 @@ class AdapterManager:
         names = set(self._routes)
         if self.default_adapter:
             names.add(self.default_adapter)
+        unreachable: RegistryUnavailable | None = None
         for name in sorted(names):
             try:
                 await self._follow_current(name)
                 await self._follow_canary(name)
+            except RegistryUnavailable as exc:
+                unreachable = exc  # serving stays as it is; the next poll tries again
             except TuneloopError:
                 continue  # a refusal: logged and counted by prepare
             except Exception:  # noqa: BLE001 - one adapter's trouble must not stop the others' swaps
                 log.exception("following the registry for adapter %s failed", name)
+        # Said once when the registry stops answering and once when it answers again, not per poll.
+        if unreachable is not None and not self._registry_unreachable:
+            log.warning("adapter registry unreachable; serving stays as it is until it answers: %s", unreachable)
+        elif unreachable is None and self._registry_unreachable:
+            log.info("adapter registry answers again")
+        self._registry_unreachable = unreachable is not None
         self._update_fast_path()
 
     async def _follow_current(self, name: str) -> None:

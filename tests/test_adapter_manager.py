@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
@@ -162,9 +163,10 @@ async def test_a_version_the_server_cannot_serve_is_refused_and_the_old_one_keep
         assert lease.ref.version == "v1"
     await settle()
     assert f"{NAME}@v2" not in engine.loaded  # nothing half-loaded stays behind
-    assert metrics.registry.get_sample_value(
-        "tuneloop_adapter_refused_total", {"adapter": NAME, "adapter_version": "v2"}
-    ) == 1.0
+    assert (
+        metrics.registry.get_sample_value("tuneloop_adapter_refused_total", {"adapter": NAME, "adapter_version": "v2"})
+        == 1.0
+    )
     await manager.sync()  # refused once: not retried on every poll
     assert engine.loads.count(f"{NAME}@v2") <= 1
 
@@ -196,3 +198,40 @@ async def test_naming_an_adapter_with_nothing_accepted_is_not_found(env) -> None
             pass
     async with manager.lease("", "") as lease:  # the default adapter before its first publish
         assert lease.role == "base"
+
+
+async def test_a_shared_registry_that_stops_answering_refuses_nothing_and_is_followed_again(
+    s3_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outage of the object store (injected into a real registry on the session's S3 server)
+    keeps the loaded version serving, is logged once, and refuses no version: the next poll after
+    the store answers again swaps as if nothing happened."""
+    from tuneloop.server.registry import RegistryUnavailable
+    from tuneloop.server.registry.objectstore import ObjectStoreRegistry
+
+    caplog.set_level(logging.INFO, logger="tuneloop.server.adapters")
+    trainer = ObjectStoreRegistry.open(s3_url, tmp_path / "trainer")
+    replica = ObjectStoreRegistry.open(s3_url, tmp_path / "replica")
+    manager = AdapterManager(
+        FakeEngine(), replica, Metrics(CollectorRegistry()), default_adapter=NAME, max_lora_rank=16, base_model="base@1"
+    )
+    trainer.publish(NAME, lora(tmp_path), MANIFEST)
+    await manager.sync()
+    trainer.publish(NAME, lora(tmp_path), MANIFEST)
+
+    def down(*args: object) -> None:
+        raise RegistryUnavailable("registry_url: connection refused")
+
+    with monkeypatch.context() as outage:
+        outage.setattr(replica.blobs, "download", down)  # v2's files cannot be fetched
+        await manager.sync()
+        outage.setattr(replica.blobs, "etag", down)  # and then not even the channels can be read
+        await manager.sync()
+        async with manager.lease("", "") as lease:
+            assert lease.ref.version == "v1"
+    assert manager.refusals(NAME) == {}
+    assert caplog.text.count("adapter registry unreachable") == 1
+    await manager.sync()
+    async with manager.lease("", "") as lease:
+        assert lease.ref.version == "v2"
+    assert "adapter registry answers again" in caplog.text

@@ -14,12 +14,14 @@ a config file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from .base import RegistryUnavailable
@@ -52,40 +54,39 @@ class Blob:
     etag: str  # the store's version tag of exactly these bytes, for `replace`
 
 
-class Blobs:
-    """Keys are '/'-separated paths under the URL's prefix."""
+class Blobs(Protocol):
+    """Keys are '/'-separated paths under the URL's prefix. Every method raises
+    RegistryUnavailable when the store does not answer."""
 
     url: str
 
     def read(self, key: str) -> Blob | None:
         """The object's bytes and tag in one request, or None if there is none."""
-        raise NotImplementedError
+        ...
 
     def etag(self, key: str) -> str | None:
         """The object's tag without its bytes (a HEAD), or None if there is none."""
-        raise NotImplementedError
+        ...
 
-    def write(self, key: str, data: bytes) -> None:
-        raise NotImplementedError
+    def write(self, key: str, data: bytes) -> None: ...
 
     def create(self, key: str, data: bytes) -> bool:
         """Write only if no object has this key; False if one does (another writer's)."""
-        raise NotImplementedError
+        ...
 
     def replace(self, key: str, data: bytes, etag: str) -> bool:
         """Overwrite only if the object still carries `etag`; False if it changed or vanished."""
-        raise NotImplementedError
+        ...
 
     def children(self, key: str) -> list[str]:
         """Names directly under `key/` (objects and deeper prefixes alike), one listing request."""
-        raise NotImplementedError
+        ...
 
-    def upload(self, local: Path, key: str) -> None:
-        raise NotImplementedError
+    def upload(self, local: Path, key: str) -> None: ...
 
     def download(self, key: str, local: Path) -> None:
         """Raises FileNotFoundError if there is no such object."""
-        raise NotImplementedError
+        ...
 
 
 def open_blobs(url: str) -> Blobs:
@@ -104,7 +105,7 @@ def open_blobs(url: str) -> Blobs:
     )
 
 
-class S3Blobs(Blobs):
+class S3Blobs:
     def __init__(self, fs: Any, bucket: str, prefix: str, url: str) -> None:
         self.fs = fs
         self.bucket = bucket
@@ -162,6 +163,19 @@ class S3Blobs(Blobs):
                 "instance role) for credentials"
             ) from None
 
+    @contextlib.contextmanager
+    def _answering(self, what: str, key: str) -> Iterator[None]:
+        """Store failures (no connection, timeouts, refusals) as RegistryUnavailable: the caller
+        keeps what it has and tries again later. Absent and already-present objects are answers."""
+        try:
+            yield
+        except (FileNotFoundError, FileExistsError, RegistryUnavailable):
+            raise
+        except Exception as exc:  # noqa: BLE001 - botocore's and aiohttp's errors share no base
+            raise RegistryUnavailable(
+                f"{SETTING} {self.url!r}: {what} {key} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
@@ -183,17 +197,20 @@ class S3Blobs(Blobs):
             finally:
                 resp["Body"].close()
 
-        result: Blob | None = sync(self.fs.loop, get)
+        with self._answering("GET", key):
+            result: Blob | None = sync(self.fs.loop, get)
         return result
 
     def etag(self, key: str) -> str | None:
-        try:
-            return str(self.fs.call_s3("head_object", Bucket=self.bucket, Key=self._key(key))["ETag"])
-        except FileNotFoundError:
-            return None
+        with self._answering("HEAD", key):
+            try:
+                return str(self.fs.call_s3("head_object", Bucket=self.bucket, Key=self._key(key))["ETag"])
+            except FileNotFoundError:
+                return None
 
     def write(self, key: str, data: bytes) -> None:
-        self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._key(key), Body=data)
+        with self._answering("PUT", key):
+            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def create(self, key: str, data: bytes) -> bool:
         return self._put_if(key, data, IfNoneMatch="*")
@@ -202,38 +219,42 @@ class S3Blobs(Blobs):
         return self._put_if(key, data, IfMatch=etag)
 
     def _put_if(self, key: str, data: bytes, **condition: str) -> bool:
-        try:
-            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
-        except FileExistsError:  # s3fs's name for 412 PreconditionFailed on If-None-Match
-            return False
-        except FileNotFoundError:  # If-Match on an object deleted meanwhile
-            return False
-        except OSError as exc:
-            if _lost_race(exc):
+        with self._answering("conditional PUT", key):
+            try:
+                self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+            except FileExistsError:  # s3fs's name for 412 PreconditionFailed on If-None-Match
                 return False
-            raise
-        return True
+            except FileNotFoundError:  # If-Match on an object deleted meanwhile
+                return False
+            except OSError as exc:
+                if _lost_race(exc):
+                    return False
+                raise
+            return True
 
     def children(self, key: str) -> list[str]:
         base = self._key(key).strip("/")
         prefix = f"{base}/" if base else ""  # a bucket's root lists with no prefix at all
         names: list[str] = []
         token: dict[str, str] = {}
-        while True:
-            page = self.fs.call_s3(
-                "list_objects_v2", Bucket=self.bucket, Prefix=prefix, Delimiter="/", MaxKeys=1000, **token
-            )
-            names += [p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
-            names += [o["Key"][len(prefix) :] for o in page.get("Contents", [])]
-            if not page.get("IsTruncated"):
-                return names
-            token = {"ContinuationToken": page["NextContinuationToken"]}
+        with self._answering("LIST", prefix):
+            while True:
+                page = self.fs.call_s3(
+                    "list_objects_v2", Bucket=self.bucket, Prefix=prefix, Delimiter="/", MaxKeys=1000, **token
+                )
+                names += [p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+                names += [o["Key"][len(prefix) :] for o in page.get("Contents", [])]
+                if not page.get("IsTruncated"):
+                    return names
+                token = {"ContinuationToken": page["NextContinuationToken"]}
 
     def upload(self, local: Path, key: str) -> None:
-        self.fs.put_file(str(local), self._path(key))
+        with self._answering("upload to", key):
+            self.fs.put_file(str(local), self._path(key))
 
     def download(self, key: str, local: Path) -> None:
-        self.fs.get_file(self._path(key), str(local))
+        with self._answering("download of", key):
+            self.fs.get_file(self._path(key), str(local))
 
 
 # 412: the condition did not hold. 409: S3 refused one of two conditional writes racing on one key
