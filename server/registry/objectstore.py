@@ -310,7 +310,10 @@ class ObjectStoreRegistry:
             self.blobs.upload(src / f, f"{prefix}/{f}")
         body = json.dumps(full, indent=2, sort_keys=True, default=str).encode()
         if not self.blobs.create(f"{prefix}/{MANIFEST}", body):
-            raise Unavailable(f"adapter {name} {version} was claimed by this publisher but holds another manifest")
+            # Present already: our own write, if the client retried one whose answer was lost.
+            existing = self.blobs.read(f"{prefix}/{MANIFEST}")
+            if existing is None or existing.data != body:
+                raise Unavailable(f"adapter {name} {version} was claimed by this publisher but holds another manifest")
         full = json.loads(body)  # exactly what readers will parse (default=str applied)
         self._manifests[(name, version)] = full
         published = self.cache.install(name, version, full, _copier(src))
