@@ -163,12 +163,16 @@ def run(args: argparse.Namespace) -> int:
 def _run_data_parallel(cfg: TrainerConfig, launch: Launch, metrics: TrainerMetrics) -> int:
     """`trainer once` as one rank of a torchrun launch: rank 0 runs the round, the others train
     beside it (`tuneloop.trainer.parallel_round`)."""
-    from tuneloop.trainer.distributed import shutdown  # noqa: PLC0415
+    from tuneloop.trainer.distributed import CollectiveFailed, LaunchError, shutdown  # noqa: PLC0415
     from tuneloop.trainer.parallel_round import follow_round, join, lead_round  # noqa: PLC0415
     from tuneloop.trainer.runner import run_round  # noqa: PLC0415
     from tuneloop.trainer.source import StoreSource  # noqa: PLC0415
 
-    parallel = join(cfg, launch)
+    try:
+        parallel = join(cfg, launch)
+    except (LaunchError, CollectiveFailed) as exc:
+        print(f"tuneloop trainer: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, LaunchError) else 1
     try:
         if not parallel.is_main:
             try:

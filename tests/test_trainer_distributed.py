@@ -16,7 +16,14 @@ from trainer_fixtures import BAD, GOOD, QUESTIONS, chat_prompt
 
 from tuneloop.cli.main import main
 from tuneloop.server.registry import AdapterRegistry
-from tuneloop.trainer.distributed import DataParallel, Launch, LaunchError, detect_launch, shard_bounds
+from tuneloop.trainer.distributed import (
+    DataParallel,
+    Launch,
+    LaunchError,
+    detect_launch,
+    init_data_parallel,
+    shard_bounds,
+)
 from tuneloop.trainer.parallel_round import RoundOver, follow_round, lead_round
 from tuneloop.trainer.runner import RoundResult
 
@@ -31,6 +38,13 @@ def test_a_launch_is_read_from_torchruns_variables() -> None:
         detect_launch({k: v for k, v in TORCHRUN_ENV.items() if k != "MASTER_PORT"})
     with pytest.raises(LaunchError, match="outside"):
         detect_launch({**TORCHRUN_ENV, "RANK": "2"})
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="this host has a GPU for each of two ranks")
+def test_a_gpu_launch_with_more_ranks_than_gpus_is_refused_before_joining() -> None:
+    with pytest.raises(LaunchError, match="LOCAL_RANK=1 but this machine has [01] CUDA device"):
+        init_data_parallel(Launch(1, 2, 1), torch.device("cuda"), timeout_minutes=1)
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.parametrize(("n", "world"), [(3, 2), (8, 3), (1, 2), (0, 2), (4, 4)])
@@ -167,6 +181,7 @@ async def test_two_processes_train_the_round_one_process_trains_and_rank_0_alone
     store_url = f"sqlite:///{tmp_path}/store.db"
     await write_pairs(store_url)
     assert main(round_args(store_url, tmp_path / "one", model_dir)) == 0
+    assert not torch.distributed.is_initialized()  # one process: no process group
     assert "outcome=published" in capsys.readouterr().out
     # --standalone: a rendezvous on a free local port; torchrun's default gives each rank one thread.
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}

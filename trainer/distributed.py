@@ -206,12 +206,18 @@ def init_data_parallel(launch: Launch, device: torch.device, timeout_minutes: fl
         torch.cuda.set_device(launch.local_rank)
         device = torch.device("cuda", launch.local_rank)
     parallel = DataParallel(launch, device)
-    dist.init_process_group(
-        backend=parallel.backend,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-        rank=launch.rank,
-        world_size=launch.world_size,
-    )
+    try:
+        dist.init_process_group(
+            backend=parallel.backend,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            rank=launch.rank,
+            world_size=launch.world_size,
+        )
+    except Exception as exc:  # the rendezvous store's and the backend's own errors
+        raise CollectiveFailed(
+            f"rank {launch.rank} of {launch.world_size} could not join the process group ({exc}); another rank "
+            "failed to start or did not arrive within --collective-timeout-minutes: see its log"
+        ) from exc
     log.info("rank %d of %d joined the process group (%s)", launch.rank, launch.world_size, parallel.backend)
     return parallel
 
