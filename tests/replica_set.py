@@ -102,12 +102,14 @@ class ReplicaSet:
         env = {**os.environ, "TUNELOOP_HOME": str(replica.home), "VLLM_CPU_KVCACHE_SPACE": "1", **self.env}
         if self.pin_cores:
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(replica.index % (os.cpu_count() or 1))
-        with open(replica.log, "w") as log:
+        # A restart appends to the log: its start-up line is looked for after the earlier runs'.
+        start = len(replica.log.read_text(errors="replace")) if replica.log.exists() else 0
+        with open(replica.log, "a") as log:
             replica.proc = subprocess.Popen(
                 self._command(replica), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
         deadline = time.monotonic() + 120
-        while not (m := _STARTED.search(replica.log.read_text(errors="replace"))):
+        while not (m := _STARTED.search(replica.log.read_text(errors="replace"), start)):
             if replica.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"replica {replica.index} did not bind its port:\n{replica.log_tail()}")
             time.sleep(0.2)
