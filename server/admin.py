@@ -77,8 +77,11 @@ class AdminService:
     async def list(self, name: str = "") -> list[AdapterView]:
         if name:
             validate_name(name)
-        names = [name] if name else self.registry.names()
-        if name and name not in self.registry.names():
+        # Every registry call is a file read here, and a network request on a shared registry:
+        # off the event loop, which serves generation meanwhile.
+        known = await asyncio.to_thread(self.registry.names)
+        names = [name] if name else known
+        if name and name not in known:
             raise NotFound(f"no adapter named {name} in the registry")
         views = []
         for n in sorted(names):
@@ -138,7 +141,7 @@ class AdminService:
 
     # -- acting --------------------------------------------------------------------------------
     async def promote(self, name: str, version: str) -> AdapterView:
-        found = self.registry.get(name, version)
+        found = await asyncio.to_thread(self.registry.get, name, version)
         if found.status != ACCEPTED:
             raise FailedPrecondition(f"{name}@{version} was rejected by its gate and cannot be served")
         # Load and probe here before moving the channel every replica follows.
@@ -151,10 +154,10 @@ class AdminService:
         return (await self.list(name))[0]
 
     async def rollback(self, name: str, to_version: str = "") -> AdapterView:
-        current = self.registry.channel(name, DEFAULT_CHANNEL)
+        current = await asyncio.to_thread(self.registry.channel, name, DEFAULT_CHANNEL)
         if current is None:
             raise FailedPrecondition(f"adapter {name} has no current version to roll back from")
-        target = to_version or self._previous(name, current)
+        target = to_version or await asyncio.to_thread(self._previous, name, current)
         if target == current:
             raise FailedPrecondition(f"{name}@{current} is already current")
         log.warning("rolling back %s: %s -> %s", name, current, target)

@@ -138,3 +138,19 @@ def judge(
     wins += sum(1 for x in head_to_head if x)
     losses += sum(1 for x in head_to_head if not x)
     return sprt(wins, losses, policy)
+
+
+@dataclass(frozen=True)
+class LeaseTiming:
+    renew_s: float = 2.0  # how often the holder renews (and a follower tries to take it)
+    ttl_s: float = 6.0  # how long a lease lasts after its last renewal, in the database's clock
+
+    def __post_init__(self) -> None:
+        if not self.renew_s > 0:
+            raise ValueError(f"the lease's renew interval must be > 0 seconds, got {self.renew_s}")
+        # Two renewals may fail or run late before the lease can lapse under a live holder, and it
+        # keeps one whole interval between stopping here and another replica starting.
+        if self.ttl_s < 3 * self.renew_s:
+            raise ValueError(
+                f"the lease's ttl ({self.ttl_s} s) must be at least 3x its renew interval ({self.renew_s} s)"
+            )

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .canary import CanaryPolicy
-from .decider import LeaseTiming
+from .canary import CanaryPolicy, LeaseTiming
 from .settings import add_flags, field_type, parse_value, setting
 
 ROLES = ("generate", "feedback", "admin")

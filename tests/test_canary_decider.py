@@ -16,8 +16,9 @@ from test_adapter_manager import MANIFEST, NAME, FakeEngine, lora
 
 from tuneloop.server.adapters import AdapterManager
 from tuneloop.server.admin import AdminService, monitor_canaries
+from tuneloop.server.canary import LeaseTiming
 from tuneloop.server.config import ConfigError, ServerConfig
-from tuneloop.server.decider import Decider, LeaseTiming
+from tuneloop.server.decider import Decider
 from tuneloop.server.feedback import FeedbackEvent
 from tuneloop.server.feedback.service import FeedbackService
 from tuneloop.server.metrics import Metrics
@@ -39,9 +40,12 @@ class Replica:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def decisions(self, outcome: str) -> float:
-        return self.metrics.registry.get_sample_value(
-            "tuneloop_canary_decisions_total", {"adapter": NAME, "decision": outcome}
-        ) or 0.0
+        return (
+            self.metrics.registry.get_sample_value(
+                "tuneloop_canary_decisions_total", {"adapter": NAME, "decision": outcome}
+            )
+            or 0.0
+        )
 
     def handovers(self, change: str) -> float:
         sample = self.metrics.registry.get_sample_value
@@ -260,4 +264,3 @@ def test_the_lease_settings_are_validated_with_the_flags_named() -> None:
     with pytest.raises(ConfigError, match="renew interval must be > 0"):
         ServerConfig(canary_lease_renew_s=0.0)
     assert ServerConfig().canary_lease() == LeaseTiming(renew_s=2.0, ttl_s=6.0)
-
