@@ -88,6 +88,13 @@ class ServerConfig:
         "speed, no per-token LoRA cost); the bare base and other versions stay exact through LoRAs of the "
         "difference. Off: every version through vLLM's LoRA path.",
     )
+    fold_settle_s: float = setting(
+        1.0,
+        "How long a version serves through LoRA after it takes default traffic before it is folded into the "
+        "weights (seconds). A fold holds new requests while it reloads (about 0.5-1 s on a CPU): the settle "
+        "lets the new version's first requests answer at once, and a publish undone within it (a rollback, "
+        "a newer publish) is folded once, not twice. 0 folds at once.",
+    )
     default_max_tokens: int = setting(128, "max_tokens when a request does not set it.")
     # 0 follows max_model_len, so `--max-model-len 1024` alone is a valid configuration.
     max_tokens_limit: int = setting(
@@ -217,6 +224,7 @@ class ServerConfig:
             f"({self.max_tokens_limit}): set --default-max-tokens",
         )
         need(self.max_loras >= 1, "max_loras must be >= 1")
+        need(0 <= self.fold_settle_s <= 600, "fold_settle_s must be between 0 and 600 seconds")
         need(
             self.max_lora_rank in VLLM_LORA_RANKS,
             f"max_lora_rank must be one of the ranks vLLM allocates for, {', '.join(map(str, VLLM_LORA_RANKS))}; "

@@ -373,4 +373,4 @@ async def start_engine(config: ServerConfig, model_dir: str) -> Engine:
         return engine
     from .fast_path import FastPath  # noqa: PLC0415 - it imports this module
 
-    return FastPath(engine, config.max_lora_rank)
+    return FastPath(engine, config.max_lora_rank, settle_s=config.fold_settle_s)

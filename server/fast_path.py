@@ -11,12 +11,15 @@ Hot-swap guarantees hold: a request is translated against the weights it will ru
 fold waits until every request submitted under the old weights has finished (new ones wait for
 the fold, they are never failed), so no response mixes two sets of weights. A publish or
 rollback takes effect at once through the difference LoRAs; the fold that makes the new
-version fast follows in the background.
+version fast follows in the background, `settle_s` later (the version's first requests answer
+at once instead of waiting behind the reload, and a version replaced within the settle is never
+folded), and holds new requests only once the adapter's files are read and the reload can start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
@@ -50,8 +53,11 @@ class _Fold:
 class FastPath:
     """An `Engine` that serves one adapter version folded into the base weights."""
 
-    def __init__(self, inner: FoldableEngine, max_lora_rank: int) -> None:
+    def __init__(self, inner: FoldableEngine, max_lora_rank: int, *, settle_s: float = 0.0) -> None:
         self._inner = inner
+        self._settle_s = settle_s
+        self._fold_not_before = 0.0  # monotonic time before which no fold starts
+        self._asked = asyncio.Event()  # set by every serve_folded: the settle may have moved
         self.max_model_len = inner.max_model_len
         self._max_rank = max_lora_rank
         self._folded: _Fold | None = None  # what the engine's weights hold now
@@ -65,7 +71,7 @@ class FastPath:
         self._derived: dict[tuple[str, str], LoadedAdapter] = {}  # (plus key or "", folded key) -> adapter
         self._unfoldable: dict[str, str] = {}  # adapter key -> why it is served through LoRA only
         self._dir = Path(tempfile.mkdtemp(prefix="tuneloop-fold-"))
-        # Told of every reload: (folded key or "", seconds from request to serving again, ok).
+        # Told of every reload: (folded key or "", seconds new requests were held, ok).
         self.on_fold: Callable[[str, float, bool], None] | None = None
         self._broken = False  # a failed fold could not restore the base weights
 
@@ -75,17 +81,28 @@ class FastPath:
         """Key of the version folded into the weights now ("" for the bare base)."""
         return self._folded.adapter.key if self._folded else ""
 
-    def serve_folded(self, adapter: LoadedAdapter | None) -> None:
+    def serve_folded(self, adapter: LoadedAdapter | None, *, at_once: bool = False) -> None:
         """Ask for `adapter` (None: the bare base) to be the folded version; the fold runs in the
-        background once the requests now running have finished."""
+        background after the settle (none with `at_once`), once the requests running then have
+        finished."""
         if adapter is not None and adapter.key in self._unfoldable:
             adapter = None
+        now = time.monotonic()
         if (adapter.key if adapter else "") == (self._target.key if self._target else ""):
+            if at_once and self._fold_not_before > now:  # the same version, now without the settle
+                self._fold_not_before = now
+                self._asked.set()
             return
         self._target = adapter
-        self._open.clear()  # requests from now on wait for the fold
+        self._fold_not_before = now + (0.0 if at_once else self._settle_s)
+        self._asked.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._converge(), name="fast-path-fold")
+
+    @property
+    def holding(self) -> bool:
+        """True while a fold holds new requests (from the moment it can start until it is done)."""
+        return not self._open.is_set()
 
     async def settled(self) -> None:
         """Wait until the folded version is the one asked for (tests and benches)."""
@@ -192,13 +209,18 @@ class FastPath:
             self._unfoldable[self._target.key] = why
         if self._folded is not None:
             self._unfoldable[self._folded.adapter.key] = why
-        self.serve_folded(None)
+        self.serve_folded(None, at_once=True)  # a request waits for this one
 
     # -- folding --------------------------------------------------------------------------------
     async def _converge(self) -> None:
-        asked_at = time.perf_counter()
         try:
             while (self._target.key if self._target else "") != self.folded:
+                # Requests keep flowing (through LoRA) during the settle and the file read; a
+                # newer ask restarts the settle, so only the version that stays gets folded.
+                while (wait := self._fold_not_before - time.monotonic()) > 0:
+                    self._asked.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._asked.wait(), wait)
                 target = self._target
                 lora: Lora | None = None
                 if target is not None:
@@ -214,12 +236,17 @@ class FastPath:
                         self._unfoldable[target.key] = str(exc)
                         self._target = None
                         continue
+                if target is not self._target or self._fold_not_before > time.monotonic():
+                    continue  # asked for another version while its files were read
+                held_at = time.perf_counter()
+                self._open.clear()  # requests from now on wait for the fold
                 await self._idle.wait()
-                await self._fold(target, lora, asked_at)
+                await self._fold(target, lora, held_at)
+                self._open.set()
         finally:
             self._open.set()
 
-    async def _fold(self, target: LoadedAdapter | None, lora: Lora | None, asked_at: float) -> None:
+    async def _fold(self, target: LoadedAdapter | None, lora: Lora | None, held_at: float) -> None:
         started = time.perf_counter()
         ok = True
         try:
@@ -245,11 +272,11 @@ class FastPath:
             asyncio.get_running_loop().run_in_executor(None, _remove_files, stale)
         now = time.perf_counter()
         log.info(
-            "fast path: %s in the base weights (reload %.2f s, %.2f s after it was asked for)",
-            self.folded or "nothing", now - started, now - asked_at,
+            "fast path: %s in the base weights (reload %.2f s; new requests held %.2f s)",
+            self.folded or "nothing", now - started, now - held_at,
         )  # fmt: skip
         if self.on_fold is not None:
-            self.on_fold(self.folded, now - asked_at, ok)
+            self.on_fold(self.folded, now - held_at, ok)
 
 
 def _remove_files(adapters: list[LoadedAdapter]) -> None:

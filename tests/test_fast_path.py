@@ -150,6 +150,8 @@ async def test_a_fold_waits_for_running_requests_and_holds_new_ones_until_it_is_
     while fake.running == 0:
         await asyncio.sleep(0)
     fp.serve_folded(v)
+    while not fp.holding:  # the adapter's files are read first, requests still flowing
+        await asyncio.sleep(0.001)
     waiting = asyncio.create_task(_run(fp, "waiting", v))
     for _ in range(20):
         await asyncio.sleep(0)
@@ -158,6 +160,24 @@ async def test_a_fold_waits_for_running_requests_and_holds_new_ones_until_it_is_
     await asyncio.gather(running, waiting)
     await fp.settled()
     assert [(rid, key, w) for rid, key, w in fake.ran] == [("running", "a@v1", ""), ("waiting", None, v.path)]
+
+
+async def test_requests_flow_through_lora_during_the_settle_and_a_replaced_version_is_never_folded(
+    tmp_path: Path,
+) -> None:
+    fake = FoldingFake()
+    fp = FastPath(fake, max_lora_rank=16, settle_s=3600.0)
+    v1 = LoadedAdapter("a@v1", 1, str(write_lora(tmp_path / "v1", rank=4, seed=1)))
+    v2 = LoadedAdapter("a@v2", 2, str(write_lora(tmp_path / "v2", rank=4, seed=2)))
+    fp.serve_folded(v1)
+    await _run(fp, "settling", v1)  # not held: served through LoRA on the unchanged weights
+    assert fake.ran[-1] == ("settling", "a@v1", "") and not fp.holding and fake.folds == []
+    fp.serve_folded(v2)  # v1 replaced within its settle (a newer publish, a rollback)
+    fp.serve_folded(v2, at_once=True)  # the same version, folded now
+    await asyncio.wait_for(fp.settled(), 30)
+    assert fake.folds == [v2.path] and fp.folded == "a@v2"
+    await _run(fp, "folded", v2)
+    assert fake.ran[-1] == ("folded", None, v2.path)
 
 
 async def test_a_request_the_fold_cannot_serve_exactly_unfolds_it_for_good(tmp_path: Path) -> None:
