@@ -8,8 +8,10 @@ SDK's round_robin client. Measures, in one run:
      to core 0 otherwise; `--no-pin` keeps that); on a 2-core host the two servers' own threads
      still share those cores, so it cannot double
   2. publish -> every replica serving the new version: `--publishes` LoRA versions published to the
-     registry; from the start of each publish until every replica answers with it (each replica
-     asked directly, one probe after another); p50 over the publishes (goal <= 1.5 s)
+     registry, `--publish-interval` seconds apart (each from a settled set, the last one's fold
+     done); from the start of each publish (the upload included) until every replica answers
+     with it (each replica asked directly, one probe after another); p50 over the publishes
+     (goal <= 1.5 s). The S3 server runs in its own process.
   3. a replica SIGKILLed and restarted under load: `--streams` workers (half unary Generate, a
      quarter feedback, a quarter streams) through the balanced client; failed calls per kind
      (goal 0 for the retried calls: Generate and feedback; a stream the dead replica was sending
@@ -18,7 +20,8 @@ SDK's round_robin client. Measures, in one run:
      batches of 500) into its feedback-only server over each store
 
     .venv/bin/python bench/replicas.py [--streams 16] [--requests 4] [--max-tokens 64]
-                                       [--publishes 5] [--events 20000] [--registry s3|dir]
+                                       [--publishes 5] [--publish-interval 5] [--events 20000]
+                                       [--registry s3|dir]
 
 Needs the Debian PostgreSQL server (deploy/install.sh installs it). The last line is
 `replicas_all_switched_p50_s: X`.
@@ -28,8 +31,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -55,24 +58,35 @@ NAME = "default"
 TOPICS = ["the sea", "a garden", "trains", "winter", "coffee", "a library", "running", "old maps"]
 
 
-def start_s3() -> object:
-    """A moto S3 server on loopback, with the AWS variables every process here inherits."""
-    from moto.server import ThreadedMotoServer  # noqa: PLC0415 - only for the object store
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+def start_s3() -> subprocess.Popen[bytes]:
+    """A moto S3 server on loopback in its own process (as a real object store is: its work does
+    not share this process's interpreter with the probes), with the AWS variables every process
+    here inherits."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     os.environ.update(
-        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
         AWS_ACCESS_KEY_ID="tuneloop-bench",
         AWS_SECRET_ACCESS_KEY="tuneloop-bench",
         AWS_DEFAULT_REGION="us-east-1",
     )
     import s3fs  # noqa: PLC0415
 
-    s3fs.S3FileSystem().mkdir("tuneloop-bench")
-    return server
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            s3fs.S3FileSystem(skip_instance_cache=True).mkdir("tuneloop-bench")
+            return server
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError("the moto S3 server did not start") from None
+            time.sleep(0.2)
 
 
 # ------------------------------------------------------------------------ 1. throughput
@@ -111,11 +125,14 @@ def serving_version(replica: Replica, version: str, deadline: float) -> float:
 
 
 def publish_to_all_serving(
-    cluster: ReplicaSet, registry: Registry, loras: list[Path], manifest: dict[str, object], n: int
+    cluster: ReplicaSet, registry: Registry, loras: list[Path], manifest: dict[str, object], n: int, interval: float
 ) -> list[float]:
     seconds = []
     with ThreadPoolExecutor(len(cluster.replicas)) as pool:
         for i in range(n):
+            # Each publish starts from a settled set, as publishes do in use (minutes apart): the
+            # last version's fold into the weights has had time to end.
+            time.sleep(interval)
             t0 = time.perf_counter()
             version = registry.publish(NAME, loras[i % len(loras)], manifest).version
             published = time.perf_counter() - t0
@@ -234,7 +251,7 @@ async def main(args: argparse.Namespace) -> None:
               flush=True)  # fmt: skip
 
         print(f"publish -> every replica serving, {args.publishes} publishes:", flush=True)
-        switched = publish_to_all_serving(cluster, registry, loras, manifest, args.publishes)
+        switched = publish_to_all_serving(cluster, registry, loras, manifest, args.publishes, args.publish_interval)
 
         print(f"one replica SIGKILLed and restarted under {args.streams} workers:", flush=True)
         outcomes = await kill_under_load(cluster, args.streams, min(args.max_tokens, 16))
@@ -246,7 +263,8 @@ async def main(args: argparse.Namespace) -> None:
         if cluster is not None:
             cluster.stop()
         if s3 is not None:
-            s3.stop()  # type: ignore[attr-defined]
+            s3.terminate()
+            s3.wait(10)
         postgres.stop()
     print(f"publish -> all replicas serving: p50 {statistics.median(switched):.2f} s, max {max(switched):.2f} s "
           f"over {len(switched)} (goal p50 <= 1.5)")  # fmt: skip
@@ -259,6 +277,9 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=4, help="streams per worker in the throughput runs")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per stream")
     parser.add_argument("--publishes", type=int, default=5, help="versions published for the switch timing")
+    parser.add_argument(
+        "--publish-interval", type=float, default=5.0, help="seconds between one publish being served and the next"
+    )
     parser.add_argument("--events", type=int, default=20_000, help="feedback events per store in the ingest runs")
     parser.add_argument("--registry", choices=["s3", "dir"], default="s3", help="object store (moto) or directory")
     parser.add_argument(
