@@ -89,12 +89,11 @@ class ServerConfig:
         "difference. Off: every version through vLLM's LoRA path.",
     )
     fold_settle_s: float = setting(
-        0.0,
+        1.0,
         "How long a version serves through LoRA after it takes default traffic before it is folded into the "
         "weights (seconds; 0 folds at once). A fold holds new requests while it reloads (about 0.5-1 s on a "
-        "CPU): a settle of 1 s lets the new version's first requests answer at once, and a publish undone "
-        "within it (a rollback, a newer publish) is folded once, not twice; but more requests then run on "
-        "difference LoRAs at once, and the fold's drain under heavy load grows.",
+        "CPU): the settle lets the new version's first requests answer at once, and a publish undone "
+        "within it (a rollback, a newer publish) is folded once, not twice.",
     )
     default_max_tokens: int = setting(128, "max_tokens when a request does not set it.")
     # 0 follows max_model_len, so `--max-model-len 1024` alone is a valid configuration.

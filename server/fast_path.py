@@ -68,7 +68,9 @@ class FastPath:
         self._idle.set()
         self._running = 0
         self._worker: asyncio.Task[None] | None = None
-        self._derived: dict[tuple[str, str], LoadedAdapter] = {}  # (plus key or "", folded key) -> adapter
+        # (plus key or "", folded key) -> the difference LoRA, written once: vLLM tells LoRAs apart
+        # by name within a batch, so two ids under one name in flight would leave one unloaded.
+        self._derived: dict[tuple[str, str], asyncio.Task[LoadedAdapter]] = {}
         self._unfoldable: dict[str, str] = {}  # adapter key -> why it is served through LoRA only
         self._dir = Path(tempfile.mkdtemp(prefix="tuneloop-fold-"))
         # Told of every reload: (folded key or "", seconds new requests were held, ok).
@@ -180,11 +182,21 @@ class FastPath:
         if adapter is not None and adapter.key == fold.adapter.key:
             return None
         key = (adapter.key if adapter else "", fold.adapter.key)
-        derived = self._derived.get(key)
-        if derived is None:
-            derived = await asyncio.to_thread(self._write_derived, adapter, fold)
-            self._derived[key] = derived
-        return derived
+        task = self._derived.get(key)
+        if task is None:
+            # Requests held by a fold are released together and ask for the same difference at
+            # once: one writes it, the others wait for that one (shielded: one waiter cancelled
+            # must not cancel the write the others wait on).
+            task = asyncio.ensure_future(asyncio.to_thread(self._write_derived, adapter, fold))
+            self._derived[key] = task
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # NotFoldable, or the write failed: the next request tries afresh
+            if self._derived.get(key) is task:
+                del self._derived[key]
+            raise
 
     def _write_derived(self, adapter: LoadedAdapter | None, fold: _Fold) -> LoadedAdapter:
         # Read again for each difference written (once per version and fold): keeping every
@@ -268,8 +280,8 @@ class FastPath:
         # with none running, and later requests are translated against the new weights).
         # Removed off the event loop and without holding requests any longer.
         stale, self._derived = list(self._derived.values()), {}
-        if stale:
-            asyncio.get_running_loop().run_in_executor(None, _remove_files, stale)
+        for task in stale:  # one still being written had only cancelled waiters
+            task.add_done_callback(_remove_written)
         now = time.perf_counter()
         log.info(
             "fast path: %s in the base weights (reload %.2f s; new requests held %.2f s)",
@@ -279,6 +291,8 @@ class FastPath:
             self.on_fold(self.folded, now - held_at, ok)
 
 
-def _remove_files(adapters: list[LoadedAdapter]) -> None:
-    for adapter in adapters:
-        shutil.rmtree(adapter.path, ignore_errors=True)
+def _remove_written(task: asyncio.Task[LoadedAdapter]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    path = task.result().path
+    asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, path, True)

@@ -172,12 +172,23 @@ async def test_the_folded_version_and_every_other_path_write_what_the_lora_path_
             while engine.folded != "support@v1":
                 await engine.settled()
                 await asyncio.sleep(0.05)  # until the registry watcher has asked for the fold
+        # The first requests on the difference LoRAs arrive together (as requests a fold held
+        # are released): one LoRA per path, or vLLM's batch loses one and its engine dies.
+        burst = await asyncio.gather(
+            *(
+                stub.Generate(pb.GenerateRequest(prompt=FOLD_PROMPTS[0], sampling=sampling, adapter=selectors[label]))
+                for label in ("base", "v2") * 6
+            )
+        )
         folded = await generate(stub)
         default = await stub.Generate(pb.GenerateRequest(prompt=FOLD_PROMPTS[0], sampling=sampling))
     assert len({tuple(t for t, _ in seq) for seq in lora_path.values()}) > len(FOLD_PROMPTS)  # paths differ
     differences = {k: why for k in lora_path if (why := _same_or_near_tie(lora_path[k], folded[k], exact))}
     assert not differences, differences
     assert default.completions[0].adapter.version == "v1"
+    for label, got in zip(("base", "v2") * 6, burst, strict=True):  # batched: same text, near logprobs
+        seq = [(lp.token_id, lp.logprob) for lp in got.completions[0].logprobs]
+        assert not (why := _same_or_near_tie(seq, folded[label, FOLD_PROMPTS[0]], exact=False)), why
     assert [(lp.token_id, lp.logprob) for lp in default.completions[0].logprobs] == folded["v1", FOLD_PROMPTS[0]]
     metrics = server.metrics
     assert metrics.folded.labels("support", "v1")._value.get() == 1

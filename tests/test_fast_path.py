@@ -80,6 +80,7 @@ class FoldingFake:
         self.release.set()
         self.folds: list[str | None] = []
         self.running = 0
+        self.ids: dict[str, set[int]] = {}  # LoRA name -> the int ids requests carried under it
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return ""
@@ -89,6 +90,8 @@ class FoldingFake:
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineDelta, None]:
         start = self.weights
+        if request.adapter is not None:
+            self.ids.setdefault(request.adapter.key, set()).add(request.adapter.int_id)
         self.running += 1
         try:
             await self.release.wait()
@@ -178,6 +181,21 @@ async def test_requests_flow_through_lora_during_the_settle_and_a_replaced_versi
     assert fake.folds == [v2.path] and fp.folded == "a@v2"
     await _run(fp, "folded", v2)
     assert fake.ran[-1] == ("folded", None, v2.path)
+
+
+async def test_requests_released_together_share_one_difference_lora_per_version(tmp_path: Path) -> None:
+    # vLLM keys a batch's LoRAs by name: two ids under one name in one batch leave one of them
+    # out of the active slots, and the engine dies on the next step.
+    fake = FoldingFake()
+    fp = FastPath(fake, max_lora_rank=16)
+    v = LoadedAdapter("a@v1", 1, str(write_lora(tmp_path / "v1", rank=4, seed=1)))
+    c = LoadedAdapter("a@v2", 2, str(write_lora(tmp_path / "v2", rank=4, seed=2)))
+    fp.serve_folded(v)
+    await fp.settled()
+    await asyncio.gather(*(_run(fp, f"r{i}", (None, c)[i % 2]) for i in range(16)))
+    assert fake.ids == {"base~a@v1": fake.ids["base~a@v1"], "a@v2~a@v1": fake.ids["a@v2~a@v1"]}
+    assert all(len(ids) == 1 for ids in fake.ids.values()), fake.ids
+    assert len(list(fp._dir.iterdir())) == 2  # each difference written once
 
 
 async def test_a_request_the_fold_cannot_serve_exactly_unfolds_it_for_good(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import InvalidArgument, Unavailable
+from ..errors import FailedPrecondition, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,14 @@ def check_settable(channel: str) -> None:
     validate_name(channel, "channel")
     if channel == CANARY_CHANNEL:
         raise InvalidArgument(f"'{CANARY_CHANNEL}' is set with start_canary (it carries a traffic share)")
+
+
+def check_servable(name: str, target: AdapterVersion) -> None:
+    """Only a version its gate accepted may take traffic (a channel or a canary)."""
+    if target.status != ACCEPTED:
+        raise FailedPrecondition(
+            f"adapter {name} version {target.version} was rejected by its gate and cannot be served"
+        )
 
 
 def check_share(share: float) -> None:

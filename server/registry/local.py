@@ -45,6 +45,7 @@ from .base import (
     CanaryEntry,
     CorruptEntry,
     check_publish,
+    check_servable,
     check_settable,
     check_share,
     default_registry_dir,
@@ -309,9 +310,7 @@ class AdapterRegistry:
         """Point `channel` at an accepted version, atomically."""
         validate_name(name)
         check_settable(channel)
-        target = self.get(name, version)
-        if target.status != ACCEPTED:
-            raise FailedPrecondition(f"adapter {name} version {version} was rejected by its gate and cannot be served")
+        check_servable(name, self.get(name, version))
         with self._locked(name) as ndir:
             self._move_channel(ndir, channel, version)
 
@@ -320,9 +319,7 @@ class AdapterRegistry:
         running canary). Every replica that follows the registry starts routing to it."""
         validate_name(name)
         check_share(share)
-        target = self.get(name, version)
-        if target.status != ACCEPTED:
-            raise FailedPrecondition(f"adapter {name} version {version} was rejected by its gate and cannot be served")
+        check_servable(name, self.get(name, version))
         with self._locked(name) as ndir:
             if self.channel(name, DEFAULT_CHANNEL) == version:
                 raise FailedPrecondition(f"{name}@{version} is already current; a canary must be another version")

@@ -55,6 +55,7 @@ from .base import (
     CanaryEntry,
     CorruptEntry,
     check_publish,
+    check_servable,
     check_settable,
     check_share,
     parse_canary,
@@ -350,8 +351,7 @@ class ObjectStoreRegistry:
             if version not in self._version_names(name):
                 raise NotFound(f"adapter {name} has no version {version}") from None
             raise NotFound(f"adapter {name} version {version} is unreadable: {exc}") from exc
-        if target.status != ACCEPTED:
-            raise FailedPrecondition(f"adapter {name} version {version} was rejected by its gate and cannot be served")
+        check_servable(name, target)
 
     def start_canary(self, name: str, version: str, share: float, *, auto_decide: bool = True) -> CanaryEntry:
         """Put an accepted version on trial with `share` of default traffic (replacing any
