@@ -23,7 +23,7 @@ model's, transformers here) and distinct-2 relative to the base.
 
 Default sizes (they fit 60 minutes on 2 cores): 512 events from the VADER users with a learning
 curve at 64, 128 and 256 of them, and 256 from the readability users. The reward model trains
-with REWARD_ARGS below (its defaults underfit this log).
+with the trainer's defaults (chosen on this log: see RewardConfig in trainer/config.py).
 
 Writes bench/out/compare/{results.json,table.md,frontier.png,learning_curve.png,events-*.jsonl};
 ends with `gain_<algo>: X` (VADER gain at --events) per method, then `algorithms_compared: N`.
@@ -67,11 +67,6 @@ KINDS = ("pairwise", "thumbs", "rating")
 NEW_TOKENS = 64
 CONCURRENCY = 16
 NOISE = 0.1  # judgement noise, in standard deviations of the oracle's scores
-# The reward model's defaults (2 epochs at 3e-4, LoRA on attention only) underfit a 512-event
-# log of these users (held-out pairwise accuracy 0.56, thumbs AUC 0.51: its gate refuses it and
-# PPO has nothing to optimise); 4 epochs at 1e-3 with the MLP adapted too reach 0.62 and pass.
-REWARD_ARGS = ["--reward-epochs", "4", "--reward-learning-rate", "1e-3", "--reward-lora-targets",
-               "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- oracles
@@ -236,7 +231,7 @@ def train(
            "--store-url", store_url, "--model-dir", str(model_dir), "--publish", "current", "--no-progress",
            "--min-train-pairs", "1", "--min-heldout-pairs", "1", "--max-completion-tokens", str(NEW_TOKENS),
            "--ppo-iterations", str(args.ppo_iterations), "--ppo-max-minutes", str(args.ppo_max_minutes),
-           *REWARD_ARGS, *args.trainer_arg]  # fmt: skip
+           *args.trainer_arg]  # fmt: skip
     log = args.out / f"trainer-{run.name}.log"
     t0 = time.perf_counter()
     with log.open("w") as out:
