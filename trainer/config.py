@@ -199,6 +199,8 @@ class RewardConfig:
     reward_thumbs_weight: float = setting(1.0, "Weight of the thumbs loss against the pairwise loss.")
     reward_ratings_weight: float = setting(1.0, "Weight of the ordinal ratings loss against the pairwise loss.")
     reward_center_coefficient: float = setting(0.01, "Penalty on the squared mean reward (0 turns centering off).")
+    # Each floor is checked against the figure's one-sided 95% upper bound on the held-out evidence,
+    # as in the policy's gate: only a figure below it beyond sampling noise fails.
     reward_min_accuracy: float = setting(0.6, "Gate: held-out pairwise accuracy must reach this.")
     reward_min_thumbs_auc: float = setting(0.6, "Gate: held-out thumbs AUC (up above down) must reach this.")
     reward_min_rating_spearman: float = setting(

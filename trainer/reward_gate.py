@@ -1,10 +1,15 @@
 """The reward model's gate: pure functions over held-out scores, and the decision.
 
-A reward model is published only if it ranks held-out pairs better than `reward_min_accuracy`
+A reward model is published only if it ranks held-out pairs as well as `reward_min_accuracy`
 and better than a length-only baseline (the longer reply wins, or the shorter, whichever fits
 the training pairs): a model that learned only length would hand PPO a reward to hack. Where
 held-out thumbs and ratings exist, their AUC and rank correlation must reach their thresholds
 too; a high correlation of reward with length is warned about.
+
+As in the policy's gate (`gate.py`), a floor fails only when the held-out evidence puts the
+figure below it beyond sampling noise (its one-sided 95% upper bound is below the floor): a
+512-event log holds out some 35 thumbs, on which the same model's AUC moved from 0.59 to 0.74
+between two logs of the same users, so a point estimate against 0.6 refused good models by chance.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .config import RewardConfig
-from .gate import GateResult
+from .gate import GateResult, auc_upper, wilson_upper
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,16 @@ def auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
     return (pos_rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
 
+def spearman_upper(rho: float, n: int, z: float = 1.645) -> float:
+    """One-sided upper confidence bound (95% for z = 1.645) of a Spearman correlation over n
+    points: Fisher's z-transform with the standard error sqrt(1.06 / (n - 3)) of Fieller, Hartley
+    and Pearson (1957); 1 with fewer than 4 points."""
+    if n < 4:
+        return 1.0
+    clipped = max(-0.999999, min(0.999999, rho))
+    return math.tanh(math.atanh(clipped) + z * math.sqrt(1.06 / (n - 3)))
+
+
 @dataclass
 class RewardGateMetrics:
     heldout_pairs: int
@@ -90,6 +105,9 @@ class RewardGateMetrics:
     length_correlation: float
     reward_mean: float  # over training completions, for normalising the reward in PPO
     reward_std: float
+    heldout_thumbs_up: int = 0
+    heldout_thumbs_down: int = 0
+    heldout_ratings: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,18 +119,25 @@ def decide_reward(m: RewardGateMetrics, cfg: RewardConfig) -> GateResult:
     evidence of any kind the model is not published."""
     failed: list[tuple[str, str]] = []
     if m.heldout_pairs > 0:
-        if not m.accuracy >= cfg.reward_min_accuracy:
-            failed.append(("accuracy", f"held-out pairwise accuracy {m.accuracy:.3f} < reward_min_accuracy "
+        if not (upper := wilson_upper(m.accuracy, m.heldout_pairs)) >= cfg.reward_min_accuracy:
+            failed.append(("accuracy", f"held-out pairwise accuracy {m.accuracy:.3f} over {m.heldout_pairs} pairs "
+                                       f"(95% upper bound {upper:.3f}) < reward_min_accuracy "
                                        f"{cfg.reward_min_accuracy:.3f}"))  # fmt: skip
         if not m.accuracy > m.length_baseline_accuracy:
             failed.append(("length_baseline", f"held-out accuracy {m.accuracy:.3f} does not beat the length-only "
                                               f"baseline's {m.length_baseline_accuracy:.3f}"))  # fmt: skip
-    if m.thumbs_auc is not None and not m.thumbs_auc >= cfg.reward_min_thumbs_auc:
-        failed.append(("thumbs_auc", f"held-out thumbs AUC {m.thumbs_auc:.3f} < reward_min_thumbs_auc "
-                                     f"{cfg.reward_min_thumbs_auc:.3f}"))  # fmt: skip
-    if m.rating_spearman is not None and not m.rating_spearman >= cfg.reward_min_rating_spearman:
-        failed.append(("rating_spearman", f"held-out rating rank correlation {m.rating_spearman:.3f} < "
-                       f"reward_min_rating_spearman {cfg.reward_min_rating_spearman:.3f}"))  # fmt: skip
+    if m.thumbs_auc is not None:
+        upper = auc_upper(m.thumbs_auc, m.heldout_thumbs_up, m.heldout_thumbs_down)
+        if not upper >= cfg.reward_min_thumbs_auc:
+            failed.append(("thumbs_auc", f"held-out thumbs AUC {m.thumbs_auc:.3f} over {m.heldout_thumbs_up} up and "
+                                         f"{m.heldout_thumbs_down} down (95% upper bound {upper:.3f}) < "
+                                         f"reward_min_thumbs_auc {cfg.reward_min_thumbs_auc:.3f}"))  # fmt: skip
+    if m.rating_spearman is not None:
+        upper = spearman_upper(m.rating_spearman, m.heldout_ratings)
+        if not upper >= cfg.reward_min_rating_spearman:
+            failed.append(("rating_spearman", f"held-out rating rank correlation {m.rating_spearman:.3f} over "
+                           f"{m.heldout_ratings} ratings (95% upper bound {upper:.3f}) < "
+                           f"reward_min_rating_spearman {cfg.reward_min_rating_spearman:.3f}"))  # fmt: skip
     if m.heldout_pairs == 0 and m.thumbs_auc is None and m.rating_spearman is None:
         failed.append(("evidence", "no held-out pairs, thumbs of both kinds or ratings to check the reward model on"))
     if abs(m.length_correlation) > cfg.reward_max_length_correlation:

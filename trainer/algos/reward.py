@@ -110,6 +110,9 @@ class Reward:
             length_correlation=pearson(chosen + rejected + point_scores, [float(n) for n in lengths]),
             reward_mean=statistics.fmean(stats) if stats else 0.0,
             reward_std=statistics.pstdev(stats) if len(stats) > 1 else 1.0,
+            heldout_thumbs_up=sum(1 for _, up in thumbs if up),
+            heldout_thumbs_down=sum(1 for _, up in thumbs if not up),
+            heldout_ratings=len(rated),
         )
         verdict = decide_reward(m, rc)
         metrics.heldout_accuracy.set(m.accuracy)
