@@ -40,6 +40,7 @@ def metrics(**kw: object) -> RewardGateMetrics:
     base: dict[str, object] = dict(
         heldout_pairs=20, accuracy=0.75, length_baseline_accuracy=0.55, margin=1.0, thumbs_auc=0.8,
         rating_spearman=0.5, length_correlation=0.1, reward_mean=0.0, reward_std=1.0,
+        heldout_thumbs_up=0, heldout_thumbs_down=0, heldout_ratings=0,
     )  # fmt: skip
     base.update(kw)
     return RewardGateMetrics(**base)  # type: ignore[arg-type]
@@ -85,5 +86,6 @@ def test_the_upper_bound_of_a_rank_correlation() -> None:
     # Fisher z: tanh(atanh(0.2) + 1.645 * sqrt(1.06 / 97)) by hand.
     assert spearman_upper(0.2, 100) == pytest.approx(0.35809, abs=1e-4)
     assert spearman_upper(0.2, 3) == 1.0  # too few points to bound anything
+    assert not spearman_upper(float("nan"), 100) >= -1.0  # a NaN correlation still fails its floor
     assert spearman_upper(1.0, 50) <= 1.0 and spearman_upper(-1.0, 50) > -1.0
     assert spearman_upper(0.2, 1000) < spearman_upper(0.2, 100)  # more points, tighter bound

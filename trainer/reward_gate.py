@@ -88,6 +88,8 @@ def spearman_upper(rho: float, n: int, z: float = 1.645) -> float:
     """One-sided upper confidence bound (95% for z = 1.645) of a Spearman correlation over n
     points: Fisher's z-transform with the standard error sqrt(1.06 / (n - 3)) of Fieller, Hartley
     and Pearson (1957); 1 with fewer than 4 points."""
+    if math.isnan(rho):
+        return rho  # a broken score fails the floor, as the point estimate did
     if n < 4:
         return 1.0
     clipped = max(-0.999999, min(0.999999, rho))
@@ -105,9 +107,9 @@ class RewardGateMetrics:
     length_correlation: float
     reward_mean: float  # over training completions, for normalising the reward in PPO
     reward_std: float
-    heldout_thumbs_up: int = 0
-    heldout_thumbs_down: int = 0
-    heldout_ratings: int = 0
+    heldout_thumbs_up: int  # the counts the bounds are taken over: no default, or a forgotten
+    heldout_thumbs_down: int  # count would bound over nothing and pass every floor
+    heldout_ratings: int
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
