@@ -6,10 +6,13 @@ every finished completion, while three LoRA versions are published to the regist
 3/4 of the run (the server hot-swaps each in). It samples the server's resident memory (the server
 process and its children, the engine core among them) every 10 s.
 
-    .venv/bin/python bench/soak.py [--minutes 10] [--streams 64]
+    .venv/bin/python bench/soak.py [--minutes 10] [--streams 64] [--out bench/out/soak]
 
 Prints per minute: requests, errors, p99 time to first token, RSS; then the RSS growth from the
 end of minute 2 to the end (goal < 5%) and the errors (goal 0). Last line `soak_errors: N`.
+`--out` also writes every request (start, time to first token, end, version) to requests.csv
+and a timeline (timeline.png: time to first token of each request, the publishes and the
+server's weight folds, and the RSS).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--streams", type=int, default=64)
+    ap.add_argument("--out", type=Path, help="directory for requests.csv and timeline.png")
     args = ap.parse_args()
 
     from tuneloop.server.model_cache import ensure_default_model
@@ -81,12 +85,14 @@ async def main() -> None:
         port = wait_port(log, server)
         wait_serving(grpc.insecure_channel(f"127.0.0.1:{port}"))
         print(f"server ready (log {log})", flush=True)
-        await _soak(args, port, server.pid, home, model_dir, loras)
+        await _soak(args, port, server.pid, home, model_dir, loras, log)
     finally:
         stop(server)
 
 
-async def _soak(args: argparse.Namespace, port: int, pid: int, home: Path, model_dir: Path, loras: list[Path]) -> None:
+async def _soak(
+    args: argparse.Namespace, port: int, pid: int, home: Path, model_dir: Path, loras: list[Path], log: Path
+) -> None:
     reg = AdapterRegistry(home / "adapters")
     manifest = {"base_model": base_model_fingerprint(model_dir)}
     duration = args.minutes * 60
@@ -97,6 +103,8 @@ async def _soak(args: argparse.Namespace, port: int, pid: int, home: Path, model
     errors: dict[int, list[str]] = defaultdict(list)
     rss: list[tuple[float, int]] = []
     versions: dict[str, int] = defaultdict(int)
+    trace: list[tuple[float, float, float, str]] = []  # (start, time to first token, end, version) per request
+    published: list[float] = []
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         gen, fb = pb_grpc.GenerationServiceStub(ch), fpb_grpc.FeedbackServiceStub(ch)
@@ -130,11 +138,13 @@ async def _soak(args: argparse.Namespace, port: int, pid: int, home: Path, model
                     continue
                 requests[minute] += 1
                 ttfts[minute].append(first or 0.0)
+                trace.append((started - t0, first or 0.0, time.monotonic() - t0, done.adapter.version or "base"))
 
         async def swaps() -> None:
             for i, lora in enumerate(loras):
                 await asyncio.sleep(max(0.0, t0 + duration * (i + 1) / 4 - time.monotonic()))
                 v = await asyncio.to_thread(reg.publish, "default", lora, manifest)
+                published.append(time.monotonic() - t0)
                 print(f"{time.monotonic() - t0:6.0f} s: published {v.version}", flush=True)
 
         async def memory() -> None:
@@ -162,7 +172,53 @@ async def _soak(args: argparse.Namespace, port: int, pid: int, home: Path, model
         print("errors by code:", {c: codes.count(c) for c in sorted(set(codes))})
     if len(p99s) >= 3:  # flat: the last full minute against minute 2 (minute 1 includes warm-up)
         print(f"ttft_p99_last_over_minute_2_ratio: {p99s[-1] / p99s[1]:.2f}")
+    if args.out is not None:
+        write_timeline(args.out, trace, published, fold_times(log, time.time() - (time.monotonic() - t0)), rss)
     print(f"soak_errors: {len(codes)}")
+
+
+def fold_times(log: Path, t0_wall: float) -> list[tuple[float, float]]:
+    """(seconds into the soak, seconds new requests were held) of each weight fold in the server's log."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if "fast path:" in line and "new requests held" in line:
+            stamp = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
+            held = float(line.split("new requests held ")[1].split(" s")[0])
+            out.append((stamp - t0_wall, held))
+    return out
+
+
+def write_timeline(
+    out: Path,
+    trace: list[tuple[float, float, float, str]],
+    published: list[float],
+    folds: list[tuple[float, float]],
+    rss: list[tuple[float, int]],
+) -> None:
+    import matplotlib  # noqa: PLC0415 - only for --out
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "requests.csv").open("w") as f:
+        f.write("start_s,ttft_s,end_s,version\n")
+        f.writelines(f"{s:.3f},{t:.3f},{e:.3f},{v}\n" for s, t, e, v in trace)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, height_ratios=(3, 1))
+    top.scatter([s for s, *_ in trace], [t for _, t, *_ in trace], s=3, alpha=0.5, label="a request's first token")
+    for i, at in enumerate(published):
+        top.axvline(at, color="tab:green", ls="--", lw=1, label="published" if i == 0 else None)
+    for i, (at, held) in enumerate(folds):
+        top.axvspan(at - held, at, color="tab:red", alpha=0.3, label="fold held new requests" if i == 0 else None)
+    top.set_ylabel("time to first token (s)")
+    top.legend(loc="upper left")
+    top.set_title(f"soak: {len(trace)} requests")
+    bottom.plot([t for t, _ in rss], [b / 2**20 for _, b in rss])
+    bottom.set_ylabel("server RSS (MiB)")
+    bottom.set_xlabel("seconds into the soak")
+    fig.tight_layout()
+    fig.savefig(out / "timeline.png", dpi=110)
+    print(f"wrote {out / 'requests.csv'} and {out / 'timeline.png'}")
 
 
 if __name__ == "__main__":

@@ -261,10 +261,11 @@ class AdapterManager:
     def _uses(route: Route, key: str) -> bool:
         return any(v is not None and f"{v.name}@{v.version}" == key for v in (route.stable, route.canary))
 
-    def _observe_fold(self, folded: str, seconds: float, ok: bool) -> None:
+    def _observe_fold(self, folded: str, seconds: float, ok: bool, preempted: int) -> None:
         m = self._metrics
         m.folds.labels("failed" if not ok else "folded" if folded else "unfolded").inc()
         m.fold_seconds.observe(seconds)
+        m.fold_preempted.inc(preempted)
         if self._folded_labels is not None:
             m.folded.remove(*self._folded_labels)
             self._folded_labels = None

@@ -53,6 +53,9 @@ class EngineRequest:
     prompt_token_ids: list[int]
     sampling: SamplingSpec
     adapter: LoadedAdapter | None
+    # Output tokens already generated and appended to the prompt: a request resumed after a
+    # preemption (server/fast_path.py) continues at this output position.
+    output_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -246,7 +249,7 @@ class VllmEngine:
         from vllm.exceptions import VLLMClientError  # noqa: PLC0415
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError  # noqa: PLC0415
 
-        params = self._sampling_params(request.sampling)
+        params = self._sampling_params(request.sampling, request.output_offset)
         lora = self._lora_request(request.adapter)
         try:
             async for out in self._llm.generate(  # type: ignore[attr-defined]
@@ -285,7 +288,7 @@ class VllmEngine:
             cause = exc.__cause__
             raise RequestFailed(f"generation failed: {type(cause).__name__ if cause else 'error'}: {cause}") from exc
 
-    def _sampling_params(self, s: SamplingSpec) -> object:
+    def _sampling_params(self, s: SamplingSpec, start: int = 0) -> object:
         from vllm import SamplingParams  # noqa: PLC0415
         from vllm.sampling_params import RequestOutputKind  # noqa: PLC0415
 
@@ -294,7 +297,7 @@ class VllmEngine:
         temperature, top_p, top_k, seed, extra = s.temperature, s.top_p, s.top_k, s.seed, None
         if self._samples_seed_here(s):
             # vLLM sees an unseeded request whose every step SeededSampler has already decided.
-            extra = seeded_extra_args(s.seed, temperature, top_p, top_k)  # type: ignore[arg-type]
+            extra = seeded_extra_args(s.seed, temperature, top_p, top_k, start)  # type: ignore[arg-type]
             temperature, top_p, top_k, seed = 1.0, 1.0, 0, None
         return SamplingParams(
             n=s.n,
@@ -321,6 +324,23 @@ class VllmEngine:
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)  # type: ignore[attr-defined]
 
+    # -- preemption (server/fast_path.py) --------------------------------------------------
+    def resumable(self, request: EngineRequest) -> bool:
+        """Whether the request can be stopped and continued as a new request with its output so
+        far appended to the prompt, sampling what it would have. Not with stop strings (vLLM holds
+        back the text that may begin one, and a stop spanning the cut would be missed), not n > 1
+        (candidates share one request), not seeded where vLLM samples the seed (its generator's
+        state cannot be carried over)."""
+        s = request.sampling
+        seeded_ok = s.seed is None or s.temperature == 0 or self._samples_seed_here(s)
+        return s.n == 1 and not s.stop and seeded_ok
+
+    def ends_a_character(self, output_token_ids: list[int]) -> bool:
+        """Whether text decoded from these output tokens ends at a character boundary: a cut
+        inside a character's bytes would leave its first bytes to a request that never prints
+        them. (A character spans at most four byte-level tokens.)"""
+        return not self._tokenizer.decode(output_token_ids[-4:]).endswith("\ufffd")
+
     # -- adapters --------------------------------------------------------------------------
     async def add_adapter(self, adapter: LoadedAdapter) -> None:
         """Load the adapter into the engine; raises FailedPrecondition when vLLM refuses its files."""
@@ -340,7 +360,11 @@ class VllmEngine:
         """Reload the weights as base + the adapter at `adapter_path` (server/vllm_fold.py); only
         while no request runs. The prefix cache is dropped: its blocks hold the old weights' keys."""
         [result] = await self._llm.collective_rpc("tuneloop_fold", args=(adapter_path,))  # type: ignore[attr-defined]
-        await self._llm.reset_prefix_cache()  # type: ignore[attr-defined]
+        # No request runs now, so nothing is preempted by `reset_running_requests`; it only makes
+        # sure the reset happens (without it vLLM skips the reset while any block is in use, and a
+        # stale block would hand later requests the old weights' keys and values).
+        if not await self._llm.reset_prefix_cache(reset_running_requests=True):  # type: ignore[attr-defined]
+            log.warning("vLLM did not drop its prefix cache after a weight fold")
         return dict(result)
 
     # -- lifecycle -------------------------------------------------------------------------

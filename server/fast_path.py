@@ -7,13 +7,28 @@ base + that version's update, then serves it with no LoRA at all. Every other pa
 through LoRAs of the difference (`lora_algebra.py`): the bare base is the folded weights minus
 the version, another version C is the folded weights plus C minus the version.
 
-Hot-swap guarantees hold: a request is translated against the weights it will run on, and a
-fold waits until every request submitted under the old weights has finished (new ones wait for
-the fold, they are never failed), so no response mixes two sets of weights. A publish or
-rollback takes effect at once through the difference LoRAs; the fold that makes the new
-version fast follows in the background, `settle_s` later (the version's first requests answer
-at once instead of waiting behind the reload, and a version replaced within the settle is never
-folded), and holds new requests only once the adapter's files are read and the reload can start.
+Hot-swap guarantees hold: a request is translated against the weights it will run on, and no
+request is in the engine while a fold changes them, so no response mixes two sets of weights. A
+fold runs in two steps:
+
+1. Drain. The requests running on the weights as they are, with no LoRA (the version folded now),
+   finish on them: after the reload they would need a LoRA, and a continuation re-reads its whole
+   prefix, which on a CPU's LoRA path costs more than waiting. New requests for that version
+   wait for the fold; every other request keeps flowing, on its LoRA.
+2. Hold. New requests wait (they are never failed) while the running ones, all on LoRAs now, are
+   preempted: each is aborted at a character boundary and, once the weights are reloaded,
+   continued as a new engine request with its output so far appended to the prompt, on the LoRA
+   that gives its version on the new weights (none for the new version, the common case). Its
+   caller sees a pause, not a seam: the same version produces the rest of the text (a seeded
+   request samples at the positions it would have). Requests that cannot be continued that way
+   (stop strings, n > 1; see `FoldableEngine.resumable`) are waited for instead.
+
+So the first tokens of new requests wait for a reload (~0.5-0.8 s on 2 cores), not for the
+longest running reply.
+
+A publish or rollback takes effect at once through the difference LoRAs; the fold that makes the
+new version fast follows in the background, `settle_s` later (a version replaced within the
+settle is never folded), and holds new requests only once the adapter's files are read.
 """
 
 from __future__ import annotations
@@ -43,6 +58,48 @@ class FoldableEngine(Engine, Protocol):
         Called only while no request runs."""
         ...
 
+    def resumable(self, request: EngineRequest) -> bool:
+        """Whether `request` can be aborted and continued as a new request whose prompt ends with
+        its output so far (`EngineRequest.output_offset`), sampling what it would have."""
+        ...
+
+    def ends_a_character(self, output_token_ids: list[int]) -> bool:
+        """Whether the text of these output tokens ends at a character boundary."""
+        ...
+
+
+@dataclasses.dataclass(eq=False)
+class _Run:
+    """One caller's request across the engine requests that serve it (more than one once a fold
+    preempted it)."""
+
+    request: EngineRequest
+    resumable: bool
+    tokens: list[int] = dataclasses.field(default_factory=list)  # output the caller has been given
+    submitted: bool = False  # its current engine request is in the engine
+    plain: bool = False  # ... with no LoRA: on the folded weights as they are
+    cut: bool = False  # aborted for a fold after `tokens`; what the engine sends after is dropped
+    resumes: int = 0
+
+    @property
+    def engine_id(self) -> str:
+        rid = self.request.request_id
+        return rid if self.resumes == 0 else f"{rid}~{self.resumes}"
+
+    def engine_request(self, adapter: LoadedAdapter | None) -> EngineRequest:
+        """The engine request that produces the rest of the output on `adapter`."""
+        r, done = self.request, len(self.tokens)
+        if self.resumes == 0:
+            return dataclasses.replace(r, adapter=adapter)
+        return dataclasses.replace(
+            r,
+            request_id=self.engine_id,
+            prompt_token_ids=[*r.prompt_token_ids, *self.tokens],
+            sampling=dataclasses.replace(r.sampling, max_tokens=r.sampling.max_tokens - done),
+            adapter=adapter,
+            output_offset=r.output_offset + done,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class _Fold:
@@ -66,15 +123,23 @@ class FastPath:
         self._open.set()
         self._idle = asyncio.Event()  # set while no request runs on the engine
         self._idle.set()
-        self._running = 0
+        self._running: set[_Run] = set()  # being translated or in the engine
+        self._plain: set[_Run] = set()  # in the engine with no LoRA
+        self._no_plain = asyncio.Event()  # set while `_plain` is empty
+        self._no_plain.set()
+        self._draining = asyncio.Event()  # set while a fold waits for `_plain` to empty
+        self._folded_now = asyncio.Event()  # cleared while a fold drains or holds
+        self._folded_now.set()
+        self._cutting = False  # a fold is preempting the running requests
         self._worker: asyncio.Task[None] | None = None
         # (plus key or "", folded key) -> the difference LoRA, written once: vLLM tells LoRAs apart
         # by name within a batch, so two ids under one name in flight would leave one unloaded.
         self._derived: dict[tuple[str, str], asyncio.Task[LoadedAdapter]] = {}
         self._unfoldable: dict[str, str] = {}  # adapter key -> why it is served through LoRA only
         self._dir = Path(tempfile.mkdtemp(prefix="tuneloop-fold-"))
-        # Told of every reload: (folded key or "", seconds new requests were held, ok).
-        self.on_fold: Callable[[str, float, bool], None] | None = None
+        # Told of every reload: (folded key or "", seconds new requests were held, ok, requests preempted).
+        self.on_fold: Callable[[str, float, bool, int], None] | None = None
+        self.preempted = 0  # requests preempted by folds and continued, since start
         self._broken = False  # a failed fold could not restore the base weights
 
     # -- what the adapter manager calls -------------------------------------------------------------
@@ -106,6 +171,11 @@ class FastPath:
         """True while a fold holds new requests (from the moment it can start until it is done)."""
         return not self._open.is_set()
 
+    @property
+    def draining(self) -> bool:
+        """True while a fold waits for the requests on the weights as they are to finish."""
+        return self._draining.is_set()
+
     async def settled(self) -> None:
         """Wait until the folded version is the one asked for (tests and benches)."""
         while self._worker is not None and not self._worker.done():
@@ -119,33 +189,61 @@ class FastPath:
         return self._inner.tokenize(text)
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineDelta, None]:
+        run = _Run(request, resumable=self._inner.resumable(request))
         while True:
             await self._open.wait()
             if self._broken:
                 raise EngineUnavailable("a weight fold failed and the base weights could not be restored")
             # From here to the submit, the folded version cannot change: a fold first waits
-            # for this request to finish (it counts as running).
-            self._running += 1
-            self._idle.clear()
+            # for this request (it counts as running).
+            self._enter(run)
             try:
                 adapter = await self._translate(request.adapter)
             except NotFoldable as exc:
-                self._finished()
+                self._leave(run)
                 self._give_up_fold(str(exc))
                 await self.settled()  # the unfold; then this request is translated again
                 continue
             except BaseException:  # cancelled while its difference LoRA was written: not running
-                self._finished()
+                self._leave(run)
                 raise
+            if self._cutting and run.resumable:  # a fold began meanwhile: translate after it
+                self._leave(run)
+                continue
+            if adapter is None and self._draining.is_set():
+                # It would run on the weights the fold is about to replace, and hold it up.
+                self._leave(run)
+                await self._folded_now.wait()
+                continue
+            run.submitted, run.plain = True, adapter is None
+            if run.plain:
+                self._plain.add(run)
+                self._no_plain.clear()
             try:
-                async for delta in self._inner.generate(dataclasses.replace(request, adapter=adapter)):
-                    yield delta
+                # Closed here when the caller goes away, so the engine request is aborted before
+                # this one counts as gone (not later, when the garbage collector gets to it).
+                async with contextlib.aclosing(self._inner.generate(run.engine_request(adapter))) as stream:
+                    async for delta in stream:
+                        if run.cut:
+                            continue  # computed after the cut: the continuation generates it again
+                        if delta.finish_reason is not None:
+                            self._leave(run)  # done in the engine, whenever its caller reads this
+                        run.tokens.extend(delta.token_ids)
+                        # A continuation's engine queue time is not the caller's: keep the first.
+                        yield delta if run.resumes == 0 else dataclasses.replace(delta, queue_s=None)
+                        if self._cutting and delta.finish_reason is None and not run.cut:
+                            await self._cut(run)  # it was mid-character when the fold began
             finally:
-                self._finished()
-            return
+                self._leave(run)
+            if not run.cut:
+                return
+            run.cut, run.submitted, run.plain = False, False, False
+            run.resumes += 1
 
     async def abort(self, request_id: str) -> None:
-        await self._inner.abort(request_id)
+        engine_ids = [r.engine_id for r in self._running if r.request.request_id == request_id]
+        for engine_id in engine_ids or [request_id]:
+            await self._inner.abort(engine_id)
 
     async def add_adapter(self, adapter: LoadedAdapter) -> None:
         await self._inner.add_adapter(adapter)
@@ -169,10 +267,31 @@ class FastPath:
         return getattr(self._inner, name)
 
     # -- translation ----------------------------------------------------------------------------
-    def _finished(self) -> None:
-        self._running -= 1
-        if self._running == 0:
+    def _enter(self, run: _Run) -> None:
+        self._running.add(run)
+        self._idle.clear()
+
+    def _leave(self, run: _Run) -> None:
+        self._running.discard(run)
+        if not self._running:
             self._idle.set()
+        self._plain.discard(run)
+        if not self._plain:
+            self._no_plain.set()
+
+    async def _cut(self, run: _Run) -> None:
+        """Preempt `run` for a fold if it can be continued from here; it leaves the engine once
+        its abort is sent (the engine handles it before the fold's reload, sent after it)."""
+        if run.cut or not (run.resumable and run.submitted) or run not in self._running:
+            return
+        if not self._inner.ends_a_character(run.tokens):
+            return  # cut at its next token instead: the bytes so far are not a whole character
+        run.cut = True
+        self.preempted += 1
+        try:
+            await self._inner.abort(run.engine_id)
+        finally:
+            self._leave(run)
 
     async def _translate(self, adapter: LoadedAdapter | None) -> LoadedAdapter | None:
         """The LoRA that gives `adapter`'s weights (None: the bare base) on the folded weights."""
@@ -250,15 +369,34 @@ class FastPath:
                         continue
                 if target is not self._target or self._fold_not_before > time.monotonic():
                     continue  # asked for another version while its files were read
+                drain_from = time.perf_counter()
+                self._folded_now.clear()
+                self._draining.set()  # 1. the requests on the weights as they are finish on them
+                await self._no_plain.wait()
+                self._draining.clear()
+                if target is not self._target or self._fold_not_before > time.monotonic():
+                    self._folded_now.set()
+                    continue  # asked for another version meanwhile
                 held_at = time.perf_counter()
-                self._open.clear()  # requests from now on wait for the fold
-                await self._idle.wait()
-                await self._fold(target, lora, held_at)
+                self._open.clear()  # 2. requests from now on wait for the fold
+                self._cutting = True  # and the running ones are preempted
+                preempted = self.preempted
+                for run in list(self._running):
+                    await self._cut(run)
+                await self._idle.wait()  # the ones that could not be cut yet, or not at all
+                self._cutting = False
+                await self._fold(target, lora, held_at - drain_from, held_at, self.preempted - preempted)
                 self._open.set()
+                self._folded_now.set()
         finally:
+            self._cutting = False
+            self._draining.clear()
             self._open.set()
+            self._folded_now.set()
 
-    async def _fold(self, target: LoadedAdapter | None, lora: Lora | None, held_at: float) -> None:
+    async def _fold(
+        self, target: LoadedAdapter | None, lora: Lora | None, drained_s: float, held_at: float, preempted: int
+    ) -> None:
         started = time.perf_counter()
         ok = True
         try:
@@ -284,11 +422,12 @@ class FastPath:
             task.add_done_callback(_remove_written)
         now = time.perf_counter()
         log.info(
-            "fast path: %s in the base weights (reload %.2f s; new requests held %.2f s)",
-            self.folded or "nothing", now - started, now - held_at,
+            "fast path: %s in the base weights (reload %.2f s; new requests held %.2f s; %d running requests "
+            "preempted and continued; %.2f s drain before)",
+            self.folded or "nothing", now - started, now - held_at, preempted, drained_s,
         )  # fmt: skip
         if self.on_fold is not None:
-            self.on_fold(self.folded, now - held_at, ok)
+            self.on_fold(self.folded, now - held_at, ok, preempted)
 
 
 def _remove_written(task: asyncio.Task[LoadedAdapter]) -> None:

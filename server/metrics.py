@@ -160,9 +160,14 @@ class Metrics:
         )
         self.fold_seconds = Histogram(
             "tuneloop_fast_path_fold_seconds",
-            "Wall time of a fast-path weight reload, from its request until it served again (includes waiting "
-            "for running requests to finish).",
+            "Wall time new requests were held by a fast-path weight reload (the reload, and waiting for the "
+            "running requests it could not preempt).",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.fold_preempted = Counter(
+            "tuneloop_fast_path_preempted",
+            "Running requests a fast-path weight reload preempted and continued on the new weights.",
             registry=r,
         )
         self.folded = Gauge(

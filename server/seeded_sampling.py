@@ -27,9 +27,12 @@ _MASK64 = (1 << 64) - 1
 EXTRA_KEY = "tuneloop_seeded"
 
 
-def seeded_extra_args(seed: int, temperature: float, top_p: float, top_k: int) -> dict[str, object]:
-    """What a seeded request carries in `SamplingParams.extra_args` for the sampler."""
-    return {EXTRA_KEY: {"seed": seed, "temperature": temperature, "top_p": top_p, "top_k": top_k}}
+def seeded_extra_args(seed: int, temperature: float, top_p: float, top_k: int, start: int = 0) -> dict[str, object]:
+    """What a seeded request carries in `SamplingParams.extra_args` for the sampler. `start` is
+    the output position of its first token: > 0 for a request resumed with its earlier output
+    appended to the prompt (server/fast_path.py), so it samples what it would have sampled."""
+    spec = {"seed": seed, "temperature": temperature, "top_p": top_p, "top_k": top_k, "start": start}
+    return {EXTRA_KEY: spec}
 
 
 def mix(seed: int, position: int) -> int:

@@ -28,6 +28,7 @@ class _Row:
     temperature: float
     top_p: float
     top_k: int
+    start: int  # output position of the request's first token (> 0 once resumed)
     output_ids: list[int]  # vLLM's live list of the request's generated tokens
 
 
@@ -46,7 +47,10 @@ class SeededSampler(LogitsProcessor):
         spec = (params.extra_args or {}).get(EXTRA_KEY)
         if spec is None:
             return None
-        return _Row(int(spec["seed"]), float(spec["temperature"]), float(spec["top_p"]), int(spec["top_k"]), output_ids)
+        return _Row(
+            int(spec["seed"]), float(spec["temperature"]), float(spec["top_p"]), int(spec["top_k"]),
+            int(spec.get("start", 0)), output_ids,
+        )  # fmt: skip
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         process_dict_updates(self._rows, batch_update, self._row)
@@ -56,7 +60,8 @@ class SeededSampler(LogitsProcessor):
             # The position is the number of tokens generated so far: a chunk of a prompt that is
             # still being prefilled samples at the same position as the chunk that finishes it,
             # and its sample is discarded, so no state has to be rewound.
-            token = seeded_token(logits[index], row.temperature, row.top_p, row.top_k, row.seed, len(row.output_ids))
+            position = row.start + len(row.output_ids)
+            token = seeded_token(logits[index], row.temperature, row.top_p, row.top_k, row.seed, position)
             logits[index].fill_(float("-inf"))
             logits[index, token] = 0.0
         return logits

@@ -207,3 +207,55 @@ async def test_the_folded_version_and_every_other_path_write_what_the_lora_path_
     assert not differences, differences
     engine.serve_folded(None)
     await engine.settled()
+
+
+async def test_requests_running_across_a_fold_continue_with_what_their_version_writes(
+    make_server, lora_dirs, model_dir: Path
+) -> None:
+    """A fold preempts the running requests and continues each on the new weights: the streams
+    pause, and the rest of each text is what the version writes without a fold."""
+    from tuneloop.server.hardware import fastest_dtype
+
+    server = await make_server(default_adapter="support", fold_settle_s=0.0)
+    reg = AdapterRegistry(server.config.adapter_dir)
+    reg.publish("support", lora_dirs["r8a"], {"base_model": base_model_fingerprint(model_dir)}, channel=None)
+    v1 = pb.AdapterSelector(name="support", version="v1")
+    sampling = pb.SamplingParams(max_tokens=96, temperature=0.0, logprobs=True)
+    prompts = ("Tell me a long story about a lighthouse keeper.", *FOLD_PROMPTS)
+    engine = server.engine
+    first_tokens = asyncio.Semaphore(0)
+
+    async def stream(stub: pb_grpc.GenerationServiceStub, prompt: str) -> tuple[str, str, list[tuple[int, float]]]:
+        deltas: list[str] = []
+        async for msg in stub.GenerateStream(pb.GenerateRequest(prompt=prompt, sampling=sampling, adapter=v1)):
+            if msg.HasField("completion"):
+                c = msg.completion
+                assert c.adapter.version == "v1"
+                return "".join(deltas), c.text, [(lp.token_id, lp.logprob) for lp in c.logprobs]
+            if not deltas:
+                first_tokens.release()
+            deltas.append(msg.text_delta)
+        raise AssertionError("the stream ended without its completion")
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = pb_grpc.GenerationServiceStub(ch)
+        alone = await asyncio.gather(*(stream(stub, p) for p in prompts))  # the LoRA path, no fold
+        tasks = [asyncio.create_task(stream(stub, p)) for p in prompts]
+        for _ in prompts:
+            await first_tokens.acquire()
+        reg.set_channel("support", "current", "v1")  # the watcher asks for the fold at once
+        async with asyncio.timeout(60):
+            while engine.folded != "support@v1":
+                await engine.settled()
+                await asyncio.sleep(0.05)
+        across = await asyncio.gather(*tasks)
+    assert engine.preempted >= 1, "every request finished before the fold: nothing was preempted"
+    assert server.metrics.fold_preempted._value.get() == engine.preempted
+    exact = fastest_dtype(server.config.dtype) == "float32"
+    for prompt, (_, text, ref), (streamed, got_text, got) in zip(prompts, alone, across, strict=True):
+        assert streamed == got_text, prompt  # the stream's pieces make the stored text, cut or not
+        assert not (why := _same_or_near_tie(ref, got, exact)), (prompt, why)
+        if [t for t, _ in ref] == [t for t, _ in got]:
+            assert got_text == text, prompt
+    engine.serve_folded(None)
+    await engine.settled()

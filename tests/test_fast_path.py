@@ -69,18 +69,31 @@ def test_adapters_whose_update_is_not_b_a_are_not_folded(tmp_path: Path) -> None
 
 # --------------------------------------------------------------------------- the fold protocol
 class FoldingFake:
-    """Records which LoRA each request ran with and the weights it ran on; requests can be held."""
+    """Records which LoRA each request ran with and the weights it ran on. Each request emits
+    `max_tokens` tokens, token = 100 + its output position, one at a time while the token budget
+    allows (None: unlimited); an aborted request ends with finish reason "abort", as vLLM's."""
 
     max_model_len = 1024
 
     def __init__(self) -> None:
         self.weights = ""  # adapter path folded in, "" for the bare base
         self.ran: list[tuple[str, str | None, str]] = []  # (request id, adapter key, weights at start)
-        self.release = asyncio.Event()
-        self.release.set()
+        self.requests: list[EngineRequest] = []  # as the engine received them
+        self.budget: int | None = None  # tokens any request may still emit before waiting
+        self.budgets: dict[str, int | None] = {}  # the same for one request (continuations included)
+        self.changed = asyncio.Event()  # the budget grew, or a request was aborted
         self.folds: list[str | None] = []
-        self.running = 0
+        self.running: set[str] = set()  # request ids in the engine
+        self.aborted: set[str] = set()
+        self.partial: set[int] = set()  # output positions whose token ends mid-character
         self.ids: dict[str, set[int]] = {}  # LoRA name -> the int ids requests carried under it
+
+    def allow(self, tokens: int | None, request_id: str | None = None) -> None:
+        if request_id is None:
+            self.budget = tokens
+        else:
+            self.budgets[request_id] = tokens
+        self.changed.set()
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return ""
@@ -88,26 +101,58 @@ class FoldingFake:
     def tokenize(self, text: str) -> list[int]:
         return [1]
 
+    def resumable(self, request: EngineRequest) -> bool:
+        return request.sampling.n == 1 and not request.sampling.stop
+
+    def ends_a_character(self, output_token_ids: list[int]) -> bool:
+        return not output_token_ids or output_token_ids[-1] - 100 not in self.partial
+
+    async def _may_emit(self, request_id: str) -> bool:
+        key = request_id.split("~")[0]
+        while request_id not in self.aborted:
+            budget = self.budgets[key] if key in self.budgets else self.budget
+            if budget is None or budget > 0:
+                if budget is not None and key in self.budgets:
+                    self.budgets[key] = budget - 1
+                elif budget is not None:
+                    self.budget = budget - 1
+                return True
+            self.changed.clear()
+            await self.changed.wait()
+        return False
+
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineDelta, None]:
         start = self.weights
+        self.requests.append(request)
         if request.adapter is not None:
             self.ids.setdefault(request.adapter.key, set()).add(request.adapter.int_id)
-        self.running += 1
+        rid = request.request_id
+        self.running.add(rid)
         try:
-            await self.release.wait()
-            assert self.weights == start, "a fold changed the weights under a running request"
-            self.ran.append((request.request_id, request.adapter.key if request.adapter else None, start))
-            yield EngineDelta(0, "x", (1,), None, "stop", "", None)
+            n = request.sampling.max_tokens
+            for i in range(n):
+                if not await self._may_emit(rid):
+                    yield EngineDelta(0, "", (), None, "abort", "", None)
+                    return
+                assert self.weights == start, "a fold changed the weights under a running request"
+                if i == 0:
+                    self.ran.append((rid, request.adapter.key if request.adapter else None, start))
+                token = 100 + request.output_offset + i
+                yield EngineDelta(0, "x", (token,), None, "length" if i == n - 1 else None, "", None)
         finally:
-            self.running -= 1
+            self.running.discard(rid)
 
     async def fold_weights(self, adapter_path: str | None) -> dict[str, object]:
-        assert self.running == 0, "folded while a request ran"
+        assert not self.running, "folded while a request ran"
         self.folds.append(adapter_path)
         self.weights = adapter_path or ""
         return {}
 
-    async def abort(self, request_id: str) -> None: ...
+    async def abort(self, request_id: str) -> None:
+        self.aborted.add(request_id)
+        self.running.discard(request_id)  # the engine drops it before anything sent after the abort
+        self.changed.set()
+
     async def add_adapter(self, adapter: LoadedAdapter) -> None: ...
     async def remove_adapter(self, adapter: LoadedAdapter) -> None: ...
     async def check_health(self) -> None: ...
@@ -144,13 +189,15 @@ async def test_each_request_gets_the_lora_that_gives_its_version_on_the_folded_w
     assert fake.ran[-1] == ("after", "a@v1", "")
 
 
-async def test_a_fold_waits_for_running_requests_and_holds_new_ones_until_it_is_done(tmp_path: Path) -> None:
+async def test_a_fold_waits_for_requests_it_cannot_preempt_and_holds_new_ones_until_it_is_done(tmp_path: Path) -> None:
     fake = FoldingFake()
     fp = FastPath(fake, max_lora_rank=16)
     v = LoadedAdapter("a@v1", 1, str(write_lora(tmp_path / "v1", rank=4, seed=1)))
-    fake.release.clear()
-    running = asyncio.create_task(_run(fp, "running", v))
-    while fake.running == 0:
+    fake.allow(0)
+    # Stop strings: the engine holds back text that may begin one, so it cannot be continued.
+    req = EngineRequest("running", [1], SamplingSpec(max_tokens=1, temperature=0.0, stop=("\n",)), v)
+    running = asyncio.create_task(_consume(fp, req))
+    while not fake.running:
         await asyncio.sleep(0)
     fp.serve_folded(v)
     while not fp.holding:  # the adapter's files are read first, requests still flowing
@@ -158,11 +205,104 @@ async def test_a_fold_waits_for_running_requests_and_holds_new_ones_until_it_is_
     waiting = asyncio.create_task(_run(fp, "waiting", v))
     for _ in range(20):
         await asyncio.sleep(0)
-    assert fake.folds == [] and fake.running == 1  # the fold waits; the new request is held
-    fake.release.set()
+    assert fake.folds == [] and fake.running == {"running"}  # the fold waits; the new request is held
+    fake.allow(None)
     await asyncio.gather(running, waiting)
     await fp.settled()
     assert [(rid, key, w) for rid, key, w in fake.ran] == [("running", "a@v1", ""), ("waiting", None, v.path)]
+    assert fp.preempted == 0 and not fake.aborted
+
+
+async def _consume(fp: FastPath, request: EngineRequest) -> list[EngineDelta]:
+    return [d async for d in fp.generate(request)]
+
+
+async def test_a_fold_preempts_a_running_request_and_continues_it_on_the_new_weights(tmp_path: Path) -> None:
+    fake = FoldingFake()
+    fp = FastPath(fake, max_lora_rank=16)
+    v = LoadedAdapter("a@v1", 1, str(write_lora(tmp_path / "v1", rank=4, seed=1)))
+    fake.allow(2)
+    req = EngineRequest("long", [1, 2], SamplingSpec(max_tokens=5, temperature=0.7, seed=7), v)
+    task = asyncio.create_task(_consume(fp, req))
+    while fake.budget:  # two tokens out, the third waits
+        await asyncio.sleep(0)
+    fp.serve_folded(v, at_once=True)
+    await asyncio.wait_for(fp.settled(), 5)  # not waiting for the request to finish
+    assert fake.folds == [v.path] and fake.aborted == {"long"} and fp.preempted == 1
+    fake.allow(None)
+    deltas = await task
+    # The caller sees one stream: positions continue where the cut was, and it ends once.
+    assert [t for d in deltas for t in d.token_ids] == [100, 101, 102, 103, 104]
+    assert [d.finish_reason for d in deltas] == [None] * 4 + ["length"]
+    first, resumed = fake.requests
+    assert (first.request_id, first.adapter) == ("long", v)
+    assert resumed.request_id == "long~1" and resumed.adapter is None  # v1 now in the weights
+    assert resumed.prompt_token_ids == [1, 2, 100, 101] and resumed.output_offset == 2
+    assert resumed.sampling == SamplingSpec(max_tokens=3, temperature=0.7, seed=7)
+
+
+async def test_a_request_mid_character_is_cut_at_its_next_token(tmp_path: Path) -> None:
+    fake = FoldingFake()
+    fake.partial = {1}  # the second token holds the first bytes of a character
+    fp = FastPath(fake, max_lora_rank=16)
+    v = LoadedAdapter("a@v1", 1, str(write_lora(tmp_path / "v1", rank=4, seed=1)))
+    c = LoadedAdapter("a@v2", 2, str(write_lora(tmp_path / "v2", rank=4, seed=2)))
+    fake.allow(2)
+    task = asyncio.create_task(_consume(fp, EngineRequest("r", [1], SamplingSpec(max_tokens=4), c)))
+    while fake.budget:
+        await asyncio.sleep(0)
+    fp.serve_folded(v, at_once=True)
+    while not fp.holding:
+        await asyncio.sleep(0.001)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert fake.folds == [] and not fake.aborted  # not cut inside the character
+    fake.allow(1)
+    await asyncio.wait_for(fp.settled(), 5)
+    assert fake.folds == [v.path] and fake.aborted == {"r"}
+    fake.allow(None)
+    deltas = await task
+    assert [t for d in deltas for t in d.token_ids] == [100, 101, 102, 103]
+    assert fake.requests[1].prompt_token_ids == [1, 100, 101, 102]
+    assert fake.requests[1].adapter is not None and fake.requests[1].adapter.key == "a@v2~a@v1"
+
+
+async def test_requests_on_the_weights_a_fold_replaces_finish_on_them_while_others_flow(tmp_path: Path) -> None:
+    # The bare base runs with no LoRA before v1 is folded and would need one after: it is not
+    # preempted (its continuation would re-read its prefix through a LoRA) but drained, and new
+    # base requests wait for the fold; v1's requests flow meanwhile and are preempted at the reload.
+    fake = FoldingFake()
+    fp = FastPath(fake, max_lora_rank=16)
+    v = LoadedAdapter("a@v1", 1, str(write_lora(tmp_path / "v1", rank=4, seed=1)))
+    fake.allow(1, "old")
+    old = asyncio.create_task(_consume(fp, EngineRequest("old", [1], SamplingSpec(max_tokens=3), None)))
+    while fake.budgets["old"]:
+        await asyncio.sleep(0)
+    fp.serve_folded(v, at_once=True)
+    while not fp.draining:
+        await asyncio.sleep(0.001)
+    fake.allow(2, "new")  # the new version's request gets its first tokens during the drain
+    new = asyncio.create_task(_consume(fp, EngineRequest("new", [2], SamplingSpec(max_tokens=4), v)))
+    held = asyncio.create_task(_consume(fp, EngineRequest("held", [3], SamplingSpec(max_tokens=1), None)))
+    while fake.budgets["new"]:
+        await asyncio.sleep(0)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert [r.request_id for r in fake.requests] == ["old", "new"] and fake.folds == []
+    assert not fp.holding and not fake.aborted
+    fake.allow(None, "old")  # "old" finishes on the bare base: the drain is over
+    await asyncio.wait_for(fp.settled(), 5)
+    assert fake.folds == [v.path] and fake.aborted == {"new"}
+    fake.allow(None, "new")
+    got = {
+        name: [t for d in await task for t in d.token_ids]
+        for name, task in (("old", old), ("new", new), ("held", held))
+    }
+    assert got == {"old": [100, 101, 102], "new": [100, 101, 102, 103], "held": [100]}
+    runs = {r.request_id: r for r in fake.requests}
+    assert runs["old"].adapter is None and runs["new"].adapter == v  # before the fold
+    assert runs["new~1"].adapter is None and runs["new~1"].prompt_token_ids == [2, 100, 101]  # v1 folded now
+    assert runs["held"].adapter is not None and runs["held"].adapter.key == "base~a@v1"
 
 
 async def test_requests_flow_through_lora_during_the_settle_and_a_replaced_version_is_never_folded(

@@ -26,6 +26,27 @@ def test_same_seed_and_position_give_the_same_token_and_others_vary() -> None:
     assert len(set(first)) > 10  # positions draw independent noise, not one token repeated
 
 
+def test_a_request_resumed_with_its_output_in_the_prompt_samples_at_the_positions_it_would_have() -> None:
+    # After a fold preempts it (server/fast_path.py), a seeded request continues as a new engine
+    # request whose own output starts empty: `start` carries the position it had reached.
+    from vllm import SamplingParams
+
+    from tuneloop.server.seeded_sampling import seeded_extra_args
+    from tuneloop.server.vllm_sampling import SeededSampler
+
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(1))
+
+    def token(extra: dict[str, object], output_ids: list[int]) -> int:
+        sampler = SeededSampler.__new__(SeededSampler)
+        sampler._rows = {0: SeededSampler._row(SamplingParams(extra_args=extra), None, output_ids)}
+        return int(sampler.apply(logits.clone())[0].argmax())
+
+    whole = [token(seeded_extra_args(9, 1.0, 1.0, 0), [0] * t) for t in range(6)]
+    resumed = [token(seeded_extra_args(9, 1.0, 1.0, 0, start=3), [0] * t) for t in range(3)]
+    assert resumed == whole[3:]
+    assert whole[:3] != whole[3:]  # the positions differ: the test can tell them apart
+
+
 def test_mix_separates_neighbouring_seeds_and_positions() -> None:
     values = {mix(s, t) for s in range(50) for t in range(50)}
     assert len(values) == 2500
