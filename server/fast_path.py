@@ -131,6 +131,9 @@ class FastPath:
         self._folded_now = asyncio.Event()  # cleared while a fold drains or holds
         self._folded_now.set()
         self._cutting = False  # a fold is preempting the running requests
+        # Cleared from a hold until the requests it held have gone to the engine: they go first.
+        self._continuations = asyncio.Event()
+        self._continuations.set()
         self._worker: asyncio.Task[None] | None = None
         # (plus key or "", folded key) -> the difference LoRA, written once: vLLM tells LoRAs apart
         # by name within a batch, so two ids under one name in flight would leave one unloaded.
@@ -192,6 +195,8 @@ class FastPath:
         run = _Run(request, resumable=self._inner.resumable(request))
         while True:
             await self._open.wait()
+            if run.resumes:
+                await self._continuations.wait()
             if self._broken:
                 raise EngineUnavailable("a weight fold failed and the base weights could not be restored")
             # From here to the submit, the folded version cannot change: a fold first waits
@@ -378,6 +383,7 @@ class FastPath:
                     self._folded_now.set()
                     continue  # asked for another version meanwhile
                 held_at = time.perf_counter()
+                self._continuations.clear()
                 self._open.clear()  # 2. requests from now on wait for the fold
                 self._cutting = True  # and the running ones are preempted
                 preempted = self.preempted
@@ -388,11 +394,17 @@ class FastPath:
                 await self._fold(target, lora, held_at - drain_from, held_at, self.preempted - preempted)
                 self._open.set()
                 self._folded_now.set()
+                # The held requests reach the engine ahead of the continuations (one loop turn
+                # takes each as far as its submit): their prefills are short and give first
+                # tokens, the continuations' are long ones of replies already under way.
+                await asyncio.sleep(0)
+                self._continuations.set()
         finally:
             self._cutting = False
             self._draining.clear()
             self._open.set()
             self._folded_now.set()
+            self._continuations.set()
 
     async def _fold(
         self, target: LoadedAdapter | None, lora: Lora | None, drained_s: float, held_at: float, preempted: int

@@ -83,6 +83,8 @@ class FoldingFake:
         self.budgets: dict[str, int | None] = {}  # the same for one request (continuations included)
         self.changed = asyncio.Event()  # the budget grew, or a request was aborted
         self.folds: list[str | None] = []
+        self.reloading = asyncio.Event()  # a reload may finish (tests clear it to hold one)
+        self.reloading.set()
         self.running: set[str] = set()  # request ids in the engine
         self.aborted: set[str] = set()
         self.partial: set[int] = set()  # output positions whose token ends mid-character
@@ -144,6 +146,7 @@ class FoldingFake:
 
     async def fold_weights(self, adapter_path: str | None) -> dict[str, object]:
         assert not self.running, "folded while a request ran"
+        await self.reloading.wait()
         self.folds.append(adapter_path)
         self.weights = adapter_path or ""
         return {}
@@ -239,6 +242,29 @@ async def test_a_fold_preempts_a_running_request_and_continues_it_on_the_new_wei
     assert resumed.request_id == "long~1" and resumed.adapter is None  # v1 now in the weights
     assert resumed.prompt_token_ids == [1, 2, 100, 101] and resumed.output_offset == 2
     assert resumed.sampling == SamplingSpec(max_tokens=3, temperature=0.7, seed=7)
+
+
+async def test_requests_held_by_a_fold_reach_the_engine_before_its_continuations(tmp_path: Path) -> None:
+    # Theirs are short prefills that give first tokens; a continuation's reply is under way.
+    fake = FoldingFake()
+    fp = FastPath(fake, max_lora_rank=16)
+    v = LoadedAdapter("a@v1", 1, str(write_lora(tmp_path / "v1", rank=4, seed=1)))
+    fake.allow(1)
+    long = asyncio.create_task(_consume(fp, EngineRequest("long", [1], SamplingSpec(max_tokens=3), v)))
+    while fake.budget:
+        await asyncio.sleep(0)
+    fake.reloading.clear()
+    fp.serve_folded(v, at_once=True)
+    while "long" not in fake.aborted:
+        await asyncio.sleep(0.001)
+    fresh = asyncio.create_task(_consume(fp, EngineRequest("fresh", [2], SamplingSpec(max_tokens=1), v)))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert fp.holding and [r.request_id for r in fake.requests] == ["long"]
+    fake.allow(None)
+    fake.reloading.set()
+    await asyncio.gather(long, fresh)
+    assert [r.request_id for r in fake.requests] == ["long", "fresh", "long~1"]
 
 
 async def test_a_request_mid_character_is_cut_at_its_next_token(tmp_path: Path) -> None:
