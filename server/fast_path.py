@@ -23,8 +23,8 @@ fold runs in two steps:
    request samples at the positions it would have). Requests that cannot be continued that way
    (stop strings, n > 1; see `FoldableEngine.resumable`) are waited for instead.
 
-So the first tokens of new requests wait for a reload (~0.5-0.8 s on 2 cores), not for the
-longest running reply.
+So the first tokens of new requests wait for a reload (0.8-1.6 s under 64 busy streams on 2
+cores, `bench/soak.py`), not for the longest running reply.
 
 A publish or rollback takes effect at once through the difference LoRAs; the fold that makes the
 new version fast follows in the background, `settle_s` later (a version replaced within the
@@ -236,7 +236,7 @@ class FastPath:
                         run.tokens.extend(delta.token_ids)
                         # A continuation's engine queue time is not the caller's: keep the first.
                         yield delta if run.resumes == 0 else dataclasses.replace(delta, queue_s=None)
-                        if self._cutting and delta.finish_reason is None and not run.cut:
+                        if self._cutting:  # `_cut` passes over a run that finished or was cut
                             await self._cut(run)  # it was mid-character when the fold began
             finally:
                 self._leave(run)

@@ -49,7 +49,7 @@ class SeededSampler(LogitsProcessor):
             return None
         return _Row(
             int(spec["seed"]), float(spec["temperature"]), float(spec["top_p"]), int(spec["top_k"]),
-            int(spec.get("start", 0)), output_ids,
+            int(spec["start"]), output_ids,
         )  # fmt: skip
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
