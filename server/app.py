@@ -31,6 +31,7 @@ from .engine import Engine, start_engine
 from .errors import EngineUnavailable
 from .feedback.service import FeedbackService
 from .generation import GenerationService
+from .heap import freeze_startup_heap
 from .metrics import Metrics
 from .model_cache import ensure_default_model
 from .registry import Registry, base_model_fingerprint, open_registry
@@ -192,6 +193,7 @@ class TuneloopServer:
             log.exception("the engine failed to start; health stays NOT_SERVING")
             self.metrics.engine_healthy.set(0)
             return
+        freeze_startup_heap()  # engine, model and modules loaded: keep them out of every collection
         await self._set_serving(True)
         self._ready.set()
         log.info("engine ready; serving")

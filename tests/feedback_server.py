@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 import grpc
 
 from tuneloop.server.feedback.service import FeedbackService
+from tuneloop.server.heap import freeze_startup_heap
 from tuneloop.server.metrics import Metrics
 from tuneloop.server.servicers.feedback import FeedbackServicer
 from tuneloop.server.store import Store, open_store
@@ -46,6 +47,7 @@ async def _main(url: str) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     async with feedback_server(store) as (port, _service):
+        freeze_startup_heap()  # as the server does once ready
         print(f"PORT {port}", flush=True)
         await stop.wait()
     store.close()

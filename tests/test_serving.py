@@ -308,3 +308,15 @@ async def test_reflection_lists_and_describes_every_service(server) -> None:
     services, methods = await asyncio.to_thread(describe, f"127.0.0.1:{server.port}")
     assert {"tuneloop.v1.GenerationService", "grpc.health.v1.Health"} <= services
     assert methods == ["Generate", "GenerateStream"]
+
+
+async def test_a_ready_server_keeps_its_start_up_heap_out_of_garbage_collections(server) -> None:
+    """Objects made while starting (the engine client, the metrics) sit in the permanent generation
+    that collections skip (server/heap.py); objects made later are tracked as usual."""
+    import gc
+
+    made_later = [object()]
+    tracked = {id(o) for o in gc.get_objects()}
+    assert gc.get_freeze_count() > 0
+    assert id(server.metrics) not in tracked and id(server.engine) not in tracked
+    assert id(made_later) in tracked

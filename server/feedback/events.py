@@ -102,12 +102,15 @@ def check_batch_size(n_events: int) -> None:
 # --- domain types ---
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FeedbackEvent:
     """One event as sent. Exactly the fields of its `kind` are set (from_pb guarantees it).
 
     Slots, not an instance dict: a bulk call makes a thousand of these at once, and each one's
-    dict cost memory, attribute lookups and garbage-collector work.
+    dict cost memory, attribute lookups and garbage-collector work. Not frozen either, though no
+    code changes one after it is made (`dataclasses.replace` makes a new one): a frozen dataclass
+    sets each field through `object.__setattr__`, which tripled the cost of making one. The same
+    holds for FeedbackRecord and FeedbackAck, made once per event on the writer's path.
     """
 
     rater_id: str
@@ -128,38 +131,30 @@ class FeedbackEvent:
 
     @classmethod
     def from_pb(cls, msg: fpb.FeedbackEvent) -> FeedbackEvent:
+        # Positional: a bulk call converts a thousand of these on the event loop, and keyword
+        # arguments built from a shared dict cost a third of the conversion.
         kind = msg.WhichOneof("kind")
-        common = dict(
-            event_id=msg.event_id,
-            rater_id=msg.rater_id,
-            comment_text=msg.comment_text,
-            reason_tags=tuple(msg.reason_tags),
-        )
+        rater, event_id, comment = msg.rater_id, msg.event_id, msg.comment_text
+        tags = tuple(msg.reason_tags) if msg.reason_tags else ()
         if kind == "thumbs":
-            return cls(
-                kind="thumbs",
-                completion_id=msg.thumbs.completion_id,
-                thumb_up=_THUMB_FROM_PB.get(msg.thumbs.value),
-                **common,
-            )
+            t = msg.thumbs
+            return cls(rater, "thumbs", event_id, t.completion_id, "", "", _THUMB_FROM_PB.get(t.value), None, None,
+                       None, comment, tags)  # fmt: skip
         if kind == "rating":
-            return cls(kind="rating", completion_id=msg.rating.completion_id, rating=msg.rating.score, **common)
+            r = msg.rating
+            return cls(rater, "rating", event_id, r.completion_id, "", "", None, r.score, None, None, comment, tags)
         if kind == "comment":
-            return cls(kind="comment", completion_id=msg.comment.completion_id, **common)
+            return cls(rater, "comment", event_id, msg.comment.completion_id, comment_text=comment, reason_tags=tags)
         if kind == "correction":
             c = msg.correction
-            return cls(kind="correction", completion_id=c.completion_id, corrected_text=c.corrected_text, **common)
+            return cls(rater, "correction", event_id, c.completion_id, corrected_text=c.corrected_text,
+                       comment_text=comment, reason_tags=tags)  # fmt: skip
         if kind == "pairwise":
             p = msg.pairwise
-            return cls(
-                kind="pairwise",
-                completion_id=p.first_completion_id,
-                second_completion_id=p.second_completion_id,
-                group_id=p.group_id,
-                choice=_CHOICE_FROM_PB.get(p.choice),
-                **common,
-            )
-        return cls(kind=cast(Kind, ""), **common)  # refused by validate(), where it is counted
+            return cls(rater, "pairwise", event_id, p.first_completion_id, p.second_completion_id, p.group_id,
+                       choice=_CHOICE_FROM_PB.get(p.choice), comment_text=comment, reason_tags=tags)  # fmt: skip
+        # Refused by validate(), where it is counted.
+        return cls(rater, cast(Kind, ""), event_id, comment_text=comment, reason_tags=tags)
 
     def validate(self) -> None:
         """Checks everything that needs no store; raises InvalidFeedback naming the field."""
@@ -224,7 +219,7 @@ class FeedbackEvent:
                 self.rater_id, self.kind, self.completion_id, self.second_completion_id, self.group_id, self.thumb_up,
                 self.rating, self.choice, self.corrected_text, self.comment_text, self.reason_tags,
             )  # fmt: skip
-            object.__setattr__(self, "_content_sha256", hashlib.sha256(_json(fields).encode()).hexdigest())
+            self._content_sha256 = hashlib.sha256(_json(fields).encode()).hexdigest()
         return self._content_sha256
 
     @property
@@ -234,7 +229,7 @@ class FeedbackEvent:
         if self.kind not in SUPERSEDING_KINDS:
             return None
         if not self._judgement_key:
-            object.__setattr__(self, "_judgement_key", _json([self.kind, self.completion_id, self.rater_id]))
+            self._judgement_key = _json([self.kind, self.completion_id, self.rater_id])
         return self._judgement_key
 
     @property
@@ -272,7 +267,7 @@ class FeedbackBatch:
         return cls(tuple(map(FeedbackEvent.from_pb, msg.events)))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FeedbackAck:
     event_id: str
     duplicate: bool
@@ -294,7 +289,7 @@ class FeedbackAck:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FeedbackRecord:
     """A stored event: the event as sent plus what the server resolved and linked."""
 

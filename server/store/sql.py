@@ -218,20 +218,28 @@ class SqlFeedbackTx:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._sql = _FeedbackSql.for_dialect(conn.dialect.name)
+        self._current_seq: dict[str, int] = {}  # event id -> seq of the current judgements read
+
+    def _fetch(self, sql: str, params: Sequence[Any]) -> Sequence[Any]:
+        """All rows as the driver's tuples: SQLAlchemy's Row objects cost more than the query here."""
+        result = self._conn.exec_driver_sql(sql, tuple(params))
+        try:
+            return result.cursor.fetchall()
+        finally:
+            result.close()
 
     def completion_refs(self, completion_ids: Collection[str]) -> dict[str, CompletionRef]:
         if not completion_ids:
             return {}
         ids = list(completion_ids)
-        rows = self._conn.exec_driver_sql(self._sql.select_refs_by_id(len(ids)), tuple(ids))
-        return {r[0]: CompletionRef(*r) for r in rows}
+        return {r[0]: CompletionRef(*r) for r in self._fetch(self._sql.select_refs_by_id(len(ids)), ids)}
 
     def group_refs(self, group_ids: Collection[str]) -> dict[str, list[CompletionRef]]:
         wanted = [g for g in group_ids if g]  # "" is the group of every n=1 completion, never a real group
         if not wanted:
             return {}
         groups: dict[str, list[CompletionRef]] = {}
-        for r in self._conn.exec_driver_sql(self._sql.select_refs_by_group(len(wanted)), tuple(wanted)):
+        for r in self._fetch(self._sql.select_refs_by_group(len(wanted)), wanted):
             groups.setdefault(r[1], []).append(CompletionRef(*r))
         return groups
 
@@ -239,15 +247,16 @@ class SqlFeedbackTx:
         if not event_ids:
             return {}
         ids = list(event_ids)
-        rows = self._conn.exec_driver_sql(self._sql.select_stored(len(ids)), tuple(ids))
-        return {r[0]: StoredEventKey(*r) for r in rows}
+        return {r[0]: StoredEventKey(*r) for r in self._fetch(self._sql.select_stored(len(ids)), ids)}
 
     def current_judgements(self, judgement_keys: Collection[str]) -> dict[str, str]:
         if not judgement_keys:
             return {}
         keys = list(judgement_keys)
-        rows = self._conn.exec_driver_sql(self._sql.select_current(len(keys)), tuple(keys)).all()
-        return {key: event_id for key, event_id in rows}
+        rows = self._fetch(self._sql.select_current(len(keys)), keys)
+        # Kept for mark_superseded: these are the rows a batch supersedes, found again by primary key.
+        self._current_seq.update((event_id, seq) for _key, event_id, seq in rows)
+        return {key: event_id for key, event_id, _seq in rows}
 
     def insert_feedback(self, records: Sequence[FeedbackRecord]) -> list[int]:
         if not records:
@@ -265,21 +274,23 @@ class SqlFeedbackTx:
         PostgreSQL identity), so n strictly increasing numbers spanning n - 1 are exactly
         first..last: two index probes instead of one per row."""
         ends = tuple(dict.fromkeys((ids[0], ids[-1])))  # one id when one row
-        rows = self._conn.exec_driver_sql(self._sql.select_seqs(len(ends)), ends).all()
-        seq_of: dict[str, int] = {event_id: seq for event_id, seq in rows}
+        seq_of: dict[str, int] = dict(self._fetch(self._sql.select_seqs(len(ends)), ends))
         first, last = seq_of[ids[0]], seq_of[ids[-1]]
         return list(range(first, last + 1)) if last - first == len(ids) - 1 else None
 
     def _seqs(self, ids: Sequence[str]) -> list[int]:
         """The rows' sequence numbers, one probe per row (when a concurrent writer's rows interleave)."""
-        rows = self._conn.exec_driver_sql(self._sql.select_seqs(len(ids)), tuple(ids)).all()
-        seq_of: dict[str, int] = {event_id: seq for event_id, seq in rows}
+        seq_of: dict[str, int] = dict(self._fetch(self._sql.select_seqs(len(ids)), ids))
         return [seq_of[i] for i in ids]
 
     def mark_superseded(self, links: Sequence[tuple[str, str]]) -> None:
         if not links:
             return
-        self._conn.exec_driver_sql(self._sql.mark_superseded, [(new, old) for old, new in links])
+        seq_of = self._current_seq
+        if all(old in seq_of for old, _new in links):  # always, from the writer: it read them as current
+            self._conn.exec_driver_sql(self._sql.mark_superseded_by_seq, [(new, seq_of[old]) for old, new in links])
+        else:
+            self._conn.exec_driver_sql(self._sql.mark_superseded, [(new, old) for old, new in links])
 
 
 # The columns the writer sets, in the order of `_feedback_values`; `seq` and `txid` come from the database.
@@ -318,6 +329,10 @@ class _FeedbackSql:
     def mark_superseded(self) -> str:
         return f"UPDATE feedback SET superseded_by = {self.mark} WHERE event_id = {self.mark}"
 
+    @cached_property
+    def mark_superseded_by_seq(self) -> str:
+        return f"UPDATE feedback SET superseded_by = {self.mark} WHERE seq = {self.mark}"
+
     def select_refs_by_id(self, n: int) -> str:
         return f"SELECT {_REF_COLUMNS} FROM completions WHERE completion_id IN {self._in(n)}"
 
@@ -330,7 +345,7 @@ class _FeedbackSql:
 
     def select_current(self, n: int) -> str:
         return (
-            "SELECT judgement_key, event_id FROM feedback "
+            "SELECT judgement_key, event_id, seq FROM feedback "
             f"WHERE judgement_key IN {self._in(n)} AND superseded_by IS NULL"
         )
 
