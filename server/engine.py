@@ -56,6 +56,13 @@ class EngineRequest:
     # Output tokens already generated and appended to the prompt: a request resumed after a
     # preemption (server/fast_path.py) continues at this output position.
     output_offset: int = 0
+    # The engine admits waiting requests by (priority, arrival), lower first. A resumed request
+    # gets RESUMED_PRIORITY: its caller already has output, so its re-read prefix waits behind
+    # the prompts of new requests, whose callers are waiting for a first token.
+    priority: int = 0
+
+
+RESUMED_PRIORITY = 1
 
 
 @dataclass(frozen=True)
@@ -188,6 +195,7 @@ class VllmEngine:
             max_lora_rank=config.max_lora_rank,  # type: ignore[arg-type] # ServerConfig checks it is in VLLM_LORA_RANKS
             max_cpu_loras=max(config.max_loras * 2, 4),
             enable_chunked_prefill=chunked,
+            scheduling_policy="priority",  # EngineRequest.priority; equal priorities are first come, first served
             max_num_batched_tokens=batched_tokens(config.max_batched_tokens, chunked, config.max_model_len),
             logits_processors=[SEEDED_SAMPLER] if seeded_here else None,
             # The fast path folds the default adapter into the weights from inside the worker.
@@ -257,6 +265,7 @@ class VllmEngine:
                 params,
                 request.request_id,
                 lora_request=lora,
+                priority=request.priority,
             ):
                 queue_s = None
                 stats = out.metrics

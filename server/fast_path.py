@@ -45,7 +45,7 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Protocol
 
-from .engine import Engine, EngineDelta, EngineRequest, LoadedAdapter, next_adapter_id
+from .engine import RESUMED_PRIORITY, Engine, EngineDelta, EngineRequest, LoadedAdapter, next_adapter_id
 from .errors import EngineUnavailable
 from .lora_algebra import Lora, NotFoldable, read_lora, write_difference
 
@@ -98,6 +98,7 @@ class _Run:
             sampling=dataclasses.replace(r.sampling, max_tokens=r.sampling.max_tokens - done),
             adapter=adapter,
             output_offset=r.output_offset + done,
+            priority=RESUMED_PRIORITY,
         )
 
 

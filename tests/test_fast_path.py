@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from tuneloop.server.domain import SamplingSpec
-from tuneloop.server.engine import EngineDelta, EngineRequest, LoadedAdapter
+from tuneloop.server.engine import RESUMED_PRIORITY, EngineDelta, EngineRequest, LoadedAdapter
 from tuneloop.server.fast_path import FastPath
 from tuneloop.server.lora_algebra import NotFoldable, read_lora, weight_deltas, write_difference
 from tuneloop.server.vllm_fold import FoldWorkerExtension
@@ -241,6 +241,7 @@ async def test_a_fold_preempts_a_running_request_and_continues_it_on_the_new_wei
     assert (first.request_id, first.adapter) == ("long", v)
     assert resumed.request_id == "long~1" and resumed.adapter is None  # v1 now in the weights
     assert resumed.prompt_token_ids == [1, 2, 100, 101] and resumed.output_offset == 2
+    assert first.priority == 0 and resumed.priority == RESUMED_PRIORITY  # new prompts are admitted first
     assert resumed.sampling == SamplingSpec(max_tokens=3, temperature=0.7, seed=7)
 
 
