@@ -194,3 +194,14 @@ def test_store_keeps_at_most_one_current_judgement_per_rater_and_completion(tmp_
         assert tx.insert_feedback([thumbs("d", superseded_by="e"), thumbs("e", superseded_by="f")]) == [3, 4]
         assert tx._consecutive_seqs(["a", "d"]) is None  # 1 and 3: read row by row instead
         assert tx._seqs(["a", "d"]) == [1, 3]
+
+
+def test_a_driver_error_while_rows_are_fetched_is_a_store_error_the_writer_retries(tmp_path: Path) -> None:
+    """sqlite3 computes a query's rows as they are fetched, past SQLAlchemy's own wrapping: the
+    writer's reads wrap such an error as SQLAlchemy does one from execute (DBAPIError, retried)."""
+    from sqlalchemy.exc import OperationalError
+
+    store = open_store(_url(tmp_path))
+    overflow_on_second_row = "SELECT abs(-9223372036854775807 - value) FROM json_each('[0, 1]')"
+    with pytest.raises(OperationalError, match="integer overflow"), store.feedback_transaction() as tx:
+        tx._fetch(overflow_on_second_row, [])

@@ -35,6 +35,7 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 
 from ..domain import CompletionRecord
 from ..feedback.events import FeedbackEvent, FeedbackRecord, json_dumps_fast
@@ -221,10 +222,18 @@ class SqlFeedbackTx:
         self._current_seq: dict[str, int] = {}  # event id -> seq of the current judgements read
 
     def _fetch(self, sql: str, params: Sequence[Any]) -> Sequence[Any]:
-        """All rows as the driver's tuples: SQLAlchemy's Row objects cost more than the query here."""
-        result = self._conn.exec_driver_sql(sql, tuple(params))
+        """All rows as the driver's tuples: SQLAlchemy's Row objects cost more than the query here.
+
+        sqlite3 runs a query step by step as its rows are fetched, so a driver error can surface in
+        `fetchall`, past SQLAlchemy: it is wrapped the way SQLAlchemy wraps one from `execute`, so
+        the writer retries it like any other store error."""
+        values = tuple(params)
+        result = self._conn.exec_driver_sql(sql, values)
+        dbapi_error = self._conn.dialect.loaded_dbapi.Error
         try:
             return result.cursor.fetchall()
+        except dbapi_error as exc:
+            raise DBAPIError.instance(sql, values, exc, dbapi_error) from exc
         finally:
             result.close()
 
