@@ -41,8 +41,13 @@ MIN_TOKENS, MAX_TOKENS = 16, 48
 TOPICS = ["the sea", "a garden", "trains", "winter", "coffee", "a library", "running", "old maps"]
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of `pid` and all its descendants, from /proc."""
+RSS_KINDS = ("RssAnon", "RssFile", "RssShmem")
+
+
+def tree_rss(pid: int) -> dict[tuple[str, str], int]:
+    """Resident memory of `pid` and all its descendants, from /proc, in bytes by (process name,
+    kind): anonymous memory (the heaps) apart from mapped files (the model's checkpoint, libraries)
+    and shared memory (vLLM's message queues), so a growth can be put down to its cause."""
     children: dict[int, list[int]] = defaultdict(list)
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -51,17 +56,20 @@ def tree_rss_bytes(pid: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children[ppid].append(int(entry))
-    total, todo = 0, [pid]
+    out: dict[tuple[str, str], int] = defaultdict(int)
+    todo = [pid]
     while todo:
         p = todo.pop()
         todo += children.get(p, [])
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        name = "server" if p == pid else fields.get("Name", "?").strip()
+        for kind in RSS_KINDS:
+            if kind in fields:
+                out[(name, kind)] += int(fields[kind].split()[0]) * 1024
+    return dict(out)
 
 
 async def main() -> None:
@@ -102,6 +110,7 @@ async def _soak(
     requests: dict[int, int] = defaultdict(int)
     errors: dict[int, list[str]] = defaultdict(list)
     rss: list[tuple[float, int]] = []
+    parts: list[tuple[float, dict[tuple[str, str], int]]] = []
     versions: dict[str, int] = defaultdict(int)
     trace: list[tuple[float, float, float, str]] = []  # (start, time to first token, end, version) per request
     published: list[float] = []
@@ -149,7 +158,9 @@ async def _soak(
 
         async def memory() -> None:
             while time.monotonic() < end:
-                rss.append((time.monotonic() - t0, await asyncio.to_thread(tree_rss_bytes, pid)))
+                sample = await asyncio.to_thread(tree_rss, pid)
+                rss.append((time.monotonic() - t0, sum(sample.values())))
+                parts.append((rss[-1][0], sample))
                 await asyncio.sleep(10)
 
         await asyncio.gather(*(worker(w) for w in range(args.streams)), swaps(), memory())
@@ -167,6 +178,13 @@ async def _soak(
     after2 = [b for t, b in rss if t >= min(120.0, duration / 2)]
     if len(after2) >= 2:
         print(f"rss_growth_from_minute_2: {(after2[-1] - after2[0]) / after2[0] * 100:+.1f}%")
+        first = next(p for t, p in parts if t >= min(120.0, duration / 2))
+        last = parts[-1][1]
+        print("rss by process and kind, MiB (from minute 2 -> end):")
+        for key in sorted(set(first) | set(last)):
+            a, b = first.get(key, 0) / 2**20, last.get(key, 0) / 2**20
+            if max(a, b) >= 1:
+                print(f"  {key[0]:<24} {key[1]:<9} {a:8.0f} -> {b:8.0f}  ({b - a:+.0f})")
     codes = [c for m in errors.values() for c in m]
     if codes:
         print("errors by code:", {c: codes.count(c) for c in sorted(set(codes))})

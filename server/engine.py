@@ -23,7 +23,7 @@ from .hardware import fastest_dtype
 # vLLM loads these by name inside its worker process (both modules import torch, so the server
 # names them here instead of importing them).
 SEEDED_SAMPLER = "tuneloop.server.vllm_sampling:SeededSampler"
-FOLD_EXTENSION = "tuneloop.server.vllm_fold.FoldWorkerExtension"
+WORKER_EXTENSION = "tuneloop.server.vllm_worker.WorkerExtension"
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,8 @@ class VllmEngine:
             scheduling_policy="priority",  # EngineRequest.priority; equal priorities are first come, first served
             max_num_batched_tokens=batched_tokens(config.max_batched_tokens, chunked, config.max_model_len),
             logits_processors=[SEEDED_SAMPLER] if seeded_here else None,
-            # The fast path folds the default adapter into the weights from inside the worker.
-            worker_extension_cls=FOLD_EXTENSION if config.fold_adapters else "",
+            # The CPU LoRA kernels, and the fold of the fast path (run inside the worker).
+            worker_extension_cls=WORKER_EXTENSION,
             gpu_memory_utilization=config.gpu_memory_utilization,
             # Per-request timings (queue time) need the engine's request stats.
             disable_log_stats=False,

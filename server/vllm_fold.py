@@ -1,7 +1,7 @@
 """Folding a LoRA adapter into the base weights inside vLLM's worker process.
 
-vLLM mixes `FoldWorkerExtension` into its worker class (engine argument `worker_extension_cls`,
-by name: `engine.FOLD_EXTENSION`), and the server calls its method through `AsyncLLM.collective_rpc`.
+vLLM mixes `FoldWorkerExtension` into its worker class (through `vllm_worker.WorkerExtension`),
+and the server calls its method through `AsyncLLM.collective_rpc`.
 
 Why a reload and not an in-place add: the CPU backend repacks each linear weight into a oneDNN
 handle after loading and drops the original tensor, so there is nothing to add to. vLLM's
