@@ -16,9 +16,9 @@ stacked LoRA weights with each token's slot. Two faults follow, both measured he
 `GroupedPunicaWrapperCPU` keeps vLLM's wrapper (its metadata, its buffers, its call sites) and
 replaces only the products: tokens are grouped by slot once per batch mapping, slot -1 is left
 out. The arithmetic is vLLM's own (same dtypes: A products in float32, B products in the
-model's dtype). `use_grouped_lora_kernels()` makes vLLM's CPU platform name it as its LoRA
-wrapper; `vllm_worker.py` calls it in vLLM's worker process, where the wrapper is built. GPUs keep
-vLLM's Triton kernels, which skip slot -1.
+model's dtype), summed by float32 matmuls (see `_product`). `use_grouped_lora_kernels()` makes
+vLLM's CPU platform name it as its LoRA wrapper; `vllm_worker.py` calls it in vLLM's worker
+process, where the wrapper is built. GPUs keep vLLM's Triton kernels, which skip slot -1.
 """
 
 from __future__ import annotations
@@ -57,6 +57,15 @@ def _slot(stacked: torch.Tensor, slot: int) -> torch.Tensor:
     return w[0] if w.dim() == 3 else w
 
 
+def _product(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x @ w.T in `dtype`, as vLLM's ops compute it: both rounded to `dtype`, the product summed
+    in float32 and rounded to `dtype` once. Computed by a float32 matmul: torch's bfloat16 matmul
+    on CPU goes through oneDNN, which builds and keeps state for every new row count, and a
+    batch's row counts change every step (1,200 shapes of these products grew a process by
+    ~1 GB; float32 goes to a BLAS that keeps none)."""
+    return (x.to(dtype).float() @ w.to(dtype).float().T).to(dtype)
+
+
 def shrink(x: torch.Tensor, stacked_a: torch.Tensor, y: torch.Tensor, rows: SlotRows, scale: float) -> None:
     """y[t, :rank] = scale * x[t] @ A[slot(t)].T, computed in y's dtype; rows with no LoRA get 0."""
     rank = stacked_a.size(-2)
@@ -65,7 +74,7 @@ def shrink(x: torch.Tensor, stacked_a: torch.Tensor, y: torch.Tensor, rows: Slot
         out.zero_()
     for slot, idx in rows.groups:
         xs = x if idx is None else x.index_select(0, idx)
-        prod = (xs.to(y.dtype) @ _slot(stacked_a, slot).to(y.dtype).T).mul_(scale)
+        prod = _product(xs, _slot(stacked_a, slot), y.dtype).mul_(scale)
         if idx is None:
             out.copy_(prod)
         else:
@@ -90,7 +99,7 @@ def expand(
         out.zero_()
     for slot, idx in rows.groups:
         xs = x if idx is None else x.index_select(0, idx)
-        prod = xs.to(y.dtype) @ _slot(stacked_b, slot)[:width].to(y.dtype).T
+        prod = _product(xs, _slot(stacked_b, slot)[:width], y.dtype)
         if idx is None:
             out.add_(prod) if add else out.copy_(prod)
         elif add:
