@@ -109,8 +109,7 @@ async def _soak(
     ttfts: dict[int, list[float]] = defaultdict(list)
     requests: dict[int, int] = defaultdict(int)
     errors: dict[int, list[str]] = defaultdict(list)
-    rss: list[tuple[float, int]] = []
-    parts: list[tuple[float, dict[tuple[str, str], int]]] = []
+    parts: list[tuple[float, dict[tuple[str, str], int]]] = []  # (time, tree_rss) every 10 s
     versions: dict[str, int] = defaultdict(int)
     trace: list[tuple[float, float, float, str]] = []  # (start, time to first token, end, version) per request
     published: list[float] = []
@@ -158,12 +157,11 @@ async def _soak(
 
         async def memory() -> None:
             while time.monotonic() < end:
-                sample = await asyncio.to_thread(tree_rss, pid)
-                rss.append((time.monotonic() - t0, sum(sample.values())))
-                parts.append((rss[-1][0], sample))
+                parts.append((time.monotonic() - t0, await asyncio.to_thread(tree_rss, pid)))
                 await asyncio.sleep(10)
 
         await asyncio.gather(*(worker(w) for w in range(args.streams)), swaps(), memory())
+    rss = [(t, sum(sample.values())) for t, sample in parts]
 
     minutes = int(duration // 60) + (1 if duration % 60 else 0)
     print("minute  requests  errors  ttft_p99_ms  rss_mib")
@@ -175,11 +173,11 @@ async def _soak(
         at = [b for t, b in rss if m * 60 <= t < (m + 1) * 60]
         print(f"{m + 1:6d}  {requests[m]:8d}  {len(errors[m]):6d}  {p99:11.0f}  {(at[-1] if at else 0) / 2**20:7.0f}")
     print("served by version:", dict(sorted(versions.items())))
-    after2 = [b for t, b in rss if t >= min(120.0, duration / 2)]
+    after2 = [sample for t, sample in parts if t >= min(120.0, duration / 2)]
     if len(after2) >= 2:
-        print(f"rss_growth_from_minute_2: {(after2[-1] - after2[0]) / after2[0] * 100:+.1f}%")
-        first = next(p for t, p in parts if t >= min(120.0, duration / 2))
-        last = parts[-1][1]
+        first, last = after2[0], after2[-1]
+        before, after = sum(first.values()), sum(last.values())
+        print(f"rss_growth_from_minute_2: {(after - before) / before * 100:+.1f}%")
         print("rss by process and kind, MiB (from minute 2 -> end):")
         for key in sorted(set(first) | set(last)):
             a, b = first.get(key, 0) / 2**20, last.get(key, 0) / 2**20

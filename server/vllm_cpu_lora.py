@@ -23,10 +23,14 @@ process, where the wrapper is built. GPUs keep vLLM's Triton kernels, which skip
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from vllm.lora.layers import LoRAMapping
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+from vllm.platforms import current_platform
 
 WRAPPER = "tuneloop.server.vllm_cpu_lora.GroupedPunicaWrapperCPU"
 
@@ -66,15 +70,25 @@ def _product(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return (x.to(dtype).float() @ w.to(dtype).float().T).to(dtype)
 
 
+def _per_slot(
+    x: torch.Tensor, stacked: torch.Tensor, rows: SlotRows, dtype: torch.dtype, width: int | None = None
+) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
+    """(row numbers or None for every row, those rows of x @ W[slot].T) for each slot in the batch;
+    `width`: only W's first `width` outputs."""
+    for slot, idx in rows.groups:
+        xs = x if idx is None else x.index_select(0, idx)
+        w = _slot(stacked, slot)
+        yield idx, _product(xs, w if width is None else w[:width], dtype)
+
+
 def shrink(x: torch.Tensor, stacked_a: torch.Tensor, y: torch.Tensor, rows: SlotRows, scale: float) -> None:
     """y[t, :rank] = scale * x[t] @ A[slot(t)].T, computed in y's dtype; rows with no LoRA get 0."""
     rank = stacked_a.size(-2)
     out = y[:, :rank]
     if not rows.every_row:
         out.zero_()
-    for slot, idx in rows.groups:
-        xs = x if idx is None else x.index_select(0, idx)
-        prod = _product(xs, _slot(stacked_a, slot), y.dtype).mul_(scale)
+    for idx, prod in _per_slot(x, stacked_a, rows, y.dtype):
+        prod.mul_(scale)
         if idx is None:
             out.copy_(prod)
         else:
@@ -97,9 +111,7 @@ def expand(
     out = y[:, offset : offset + width]
     if not add and not rows.every_row:
         out.zero_()
-    for slot, idx in rows.groups:
-        xs = x if idx is None else x.index_select(0, idx)
-        prod = _product(xs, _slot(stacked_b, slot)[:width], y.dtype)
+    for idx, prod in _per_slot(x, stacked_b, rows, y.dtype, width):
         if idx is None:
             out.add_(prod) if add else out.copy_(prod)
         elif add:
@@ -112,28 +124,27 @@ def use_grouped_lora_kernels() -> bool:
     """Make vLLM's CPU platform build `GroupedPunicaWrapperCPU` for its LoRA layers (in this
     process: call it in vLLM's worker before the model is loaded). Returns whether it did: on any
     other platform vLLM's kernels stay."""
-    from vllm.platforms import current_platform  # noqa: PLC0415 - vLLM only where it runs
-
     if not current_platform.is_cpu():
         return False
     type(current_platform).get_punica_wrapper = classmethod(lambda cls: WRAPPER)  # type: ignore[method-assign,assignment]
     return True
 
 
-def _wrapper_base() -> type:
-    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: PLC0415
-
-    return PunicaWrapperCPU
-
-
-class GroupedPunicaWrapperCPU(_wrapper_base()):  # type: ignore[misc]
+class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     """vLLM's CPU LoRA wrapper with its products done per slot (see the module's docstring)."""
 
     _tokens = SlotRows((), False)
     _sequences = SlotRows((), False)
 
-    def update_metadata(self, mapping: Any, index_to_id: Any, max_loras: int, vocab_size: int, **kw: Any) -> None:
-        super().update_metadata(mapping, index_to_id, max_loras, vocab_size, **kw)
+    def update_metadata(
+        self,
+        mapping: LoRAMapping,
+        lora_index_to_id: list[int | None],
+        max_loras: int,
+        vocab_size: int,
+        **kwargs: Any,
+    ) -> None:
+        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         # vLLM calls this whenever the batch's mapping changes; every layer of the step reuses it.
         self._tokens = slot_rows(self.token_lora_indices)
         self._sequences = slot_rows(self.sampler_indices)
