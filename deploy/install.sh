@@ -13,18 +13,20 @@ for arg in "$@"; do
   esac
 done
 
-# Services the tests need, from Debian's packages, installed when missing and we may (root with
-# apt-get): the PostgreSQL server (the store tests run a throwaway one, tests/postgres_server.py),
-# Prometheus (promtool checks the shipped scrape config, alert rules and their unit tests) and
-# HAProxy (tests/test_replicas.py runs deploy/haproxy/haproxy.cfg in front of two replicas).
+# From Debian's packages, installed when missing and we may (root with apt-get): tcmalloc, which
+# vLLM's CPU processes allocate with (server/allocator.py), and the services the tests need: the
+# PostgreSQL server (the store tests run a throwaway one, tests/postgres_server.py), Prometheus
+# (promtool checks the shipped scrape config, alert rules and their unit tests) and HAProxy
+# (tests/test_replicas.py runs deploy/haproxy/haproxy.cfg in front of two replicas).
 # Debian's postgresql package also creates and starts a default cluster, and prometheus and haproxy
 # start a server where they can; the tests use none of them, so they are stopped again.
 missing=()
+compgen -G "/usr/lib/*/libtcmalloc_minimal.so.4" >/dev/null || missing+=(libtcmalloc-minimal4)
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
 command -v promtool >/dev/null || missing+=(prometheus)
 [ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null || missing+=(haproxy)
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "tuneloop: installing ${missing[*]} (Debian packages) for the tests" >&2
+  echo "tuneloop: installing ${missing[*]} (Debian packages)" >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
     || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; }
   for svc in postgresql prometheus haproxy; do service "$svc" stop >/dev/null 2>&1 || true; done

@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
+from .allocator import preload_tcmalloc_for_children
 from .config import ServerConfig
 from .domain import SamplingSpec
 from .errors import EngineUnavailable, FailedPrecondition, InvalidArgument, RequestFailed
@@ -183,6 +184,8 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM  # noqa: PLC0415
 
         cpu = _is_cpu_build()
+        if cpu:  # before vLLM spawns its processes: they inherit LD_PRELOAD
+            preload_tcmalloc_for_children()
         chunked, seeded_here = sampling_modes(config.chunked_prefill, config.seeded_sampling, cpu)
         dtype = fastest_dtype(config.dtype, "cpu" if cpu else "cuda")
         args = AsyncEngineArgs(
@@ -376,6 +379,10 @@ class VllmEngine:
             log.warning("vLLM did not drop its prefix cache after a weight fold")
         return dict(result)
 
+    async def worker_allocators(self) -> list[str]:
+        """The malloc each of vLLM's workers runs with (allocator.py)."""
+        return list(await self._llm.collective_rpc("tuneloop_allocator"))  # type: ignore[attr-defined]
+
     # -- lifecycle -------------------------------------------------------------------------
     async def check_health(self) -> None:
         if self._llm is None or getattr(self._llm, "errored", False):
@@ -402,6 +409,7 @@ async def start_engine(config: ServerConfig, model_dir: str) -> Engine:
     """Start the vLLM engine off the event loop so health checks keep answering meanwhile; with
     `fold_adapters`, behind the fast path that folds the default adapter into its weights."""
     engine = await asyncio.to_thread(VllmEngine.start, config, model_dir)
+    log.info("vLLM's workers allocate with %s", ", ".join(await engine.worker_allocators()))
     if not config.fold_adapters:
         return engine
     from .fast_path import FastPath  # noqa: PLC0415 - it imports this module

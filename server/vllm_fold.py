@@ -16,15 +16,13 @@ dropped by the reload (vLLM reloads them from their files on next use).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import logging
-import sys
 import time
 from collections.abc import Iterator
 
 import torch
 
+from .allocator import release_free_memory
 from .lora_algebra import Lora, read_lora
 
 # vLLM warns about every layer and weight a reload is not given; a fold leaves them out on purpose.
@@ -76,7 +74,8 @@ class FoldWorkerExtension:
             with _quiet(_RELOAD_LOGGERS):
                 self.model_runner.reload_weights(weights_iterator=weights())  # type: ignore[attr-defined]
         changed = frozenset(updates)
-        _return_freed_memory()
+        # The reload freed the replaced layers' weights and the streamed checkpoint tensors.
+        release_free_memory()
         if pending:
             raise ValueError(f"the adapter updates weights the base checkpoint does not have: {sorted(pending)[:4]}")
         self._tuneloop_changed = changed
@@ -119,16 +118,3 @@ def _quiet(names: tuple[str, ...]) -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
-
-
-def _return_freed_memory() -> None:
-    """A reload frees the replaced layers' weights and the streamed checkpoint tensors, which
-    glibc keeps in its arenas; hand them back so the worker's resident size stays flat across
-    publishes. Only CPU memory is concerned (on a GPU the streamed tensors are the CPU side)."""
-    gc.collect()
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl has no libc.so.6 nor malloc_trim): nothing to trim
-        pass

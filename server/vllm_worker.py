@@ -8,6 +8,7 @@ methods the server calls through `AsyncLLM.collective_rpc` (the weight fold, `vl
 
 from __future__ import annotations
 
+from .allocator import loaded_allocator
 from .vllm_cpu_lora import use_grouped_lora_kernels
 from .vllm_fold import FoldWorkerExtension
 
@@ -16,3 +17,7 @@ use_grouped_lora_kernels()
 
 class WorkerExtension(FoldWorkerExtension):
     """Mixed into vLLM's worker class; its methods carry a `tuneloop_` prefix."""
+
+    def tuneloop_allocator(self) -> str:
+        """The malloc this worker runs with ("tcmalloc", "glibc", ...; allocator.py), for the log."""
+        return loaded_allocator()
