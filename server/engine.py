@@ -379,9 +379,13 @@ class VllmEngine:
             log.warning("vLLM did not drop its prefix cache after a weight fold")
         return dict(result)
 
-    async def worker_allocators(self) -> list[str]:
-        """The malloc each of vLLM's workers runs with (allocator.py)."""
-        return list(await self._llm.collective_rpc("tuneloop_allocator"))  # type: ignore[attr-defined]
+    async def prepare_workers(self) -> None:
+        """Once the engine serves: freeze each worker's start-up heap (server/vllm_worker.py)."""
+        await self._llm.collective_rpc("tuneloop_freeze_heap")  # type: ignore[attr-defined]
+
+    async def worker_states(self) -> list[dict[str, object]]:
+        """Each worker's allocator and frozen object count (server/vllm_worker.py)."""
+        return [dict(s) for s in await self._llm.collective_rpc("tuneloop_state")]  # type: ignore[attr-defined]
 
     # -- lifecycle -------------------------------------------------------------------------
     async def check_health(self) -> None:
@@ -409,7 +413,9 @@ async def start_engine(config: ServerConfig, model_dir: str) -> Engine:
     """Start the vLLM engine off the event loop so health checks keep answering meanwhile; with
     `fold_adapters`, behind the fast path that folds the default adapter into its weights."""
     engine = await asyncio.to_thread(VllmEngine.start, config, model_dir)
-    log.info("vLLM's workers allocate with %s", ", ".join(await engine.worker_allocators()))
+    await engine.prepare_workers()
+    for state in await engine.worker_states():
+        log.info("vLLM worker: allocates with %(allocator)s; %(frozen_objects)d start-up objects frozen", state)
     if not config.fold_adapters:
         return engine
     from .fast_path import FastPath  # noqa: PLC0415 - it imports this module

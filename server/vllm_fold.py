@@ -16,6 +16,7 @@ dropped by the reload (vLLM reloads them from their files on next use).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Iterator
@@ -76,6 +77,7 @@ class FoldWorkerExtension:
         changed = frozenset(updates)
         # The reload freed the replaced layers' weights and the streamed checkpoint tensors.
         release_free_memory()
+        gc.freeze()  # the reloaded layers join the start-up heap the collector skips (vllm_worker.py)
         if pending:
             raise ValueError(f"the adapter updates weights the base checkpoint does not have: {sorted(pending)[:4]}")
         self._tuneloop_changed = changed

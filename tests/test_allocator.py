@@ -1,5 +1,6 @@
 """vLLM's CPU processes allocate with tcmalloc (server/allocator.py): the LD_PRELOAD the server sets
-for them, and on the real engine, the allocator its worker runs with."""
+for them; and on the real engine, the allocator its worker runs with and its frozen start-up heap
+(server/vllm_worker.py)."""
 
 from __future__ import annotations
 
@@ -35,5 +36,7 @@ def test_the_host_has_tcmalloc() -> None:
     assert find_tcmalloc() is not None, "install Debian's libtcmalloc-minimal4"
 
 
-async def test_the_engines_worker_allocates_with_tcmalloc(engine) -> None:
-    assert await engine.worker_allocators() == ["tcmalloc"]
+async def test_the_engines_worker_allocates_with_tcmalloc_and_its_start_up_heap_is_frozen(engine) -> None:
+    [state] = await engine.worker_states()
+    assert state["allocator"] == "tcmalloc"
+    assert state["frozen_objects"] > 10_000  # the model's modules and parameters, torch's, vLLM's
