@@ -4,7 +4,7 @@ vLLM's CPU worker allocates and frees activations of a new size at nearly every 
 has its own token count) from several OpenMP threads. With glibc's malloc that fragments the
 per-thread arenas: in a 10-minute soak of 64 streams the worker's anonymous memory grew 7-10% and
 the whole engine paused now and then for 1-3 s (no request finished meanwhile); with tcmalloc the
-same soak grew 4.7% and the pauses were rarer and shorter (README, "Soak"). vLLM's own CPU build
+same soak grew 4.0-5.1% and the pauses were rarer and shorter (README, Performance, the soak). vLLM's own CPU build
 preloads a tcmalloc it bundles into its wheel (`vllm/libs`) for the same reason, and warns when it
 is missing; the wheel tuneloop installs bundles none, so tuneloop preloads the host's
 (`libtcmalloc-minimal4`, a Debian package `deploy/install.sh` installs) the same way: through
