@@ -7,8 +7,13 @@ once per chunk and keeps only the last), rewinds that generator with `set_offset
 only for CUDA generators. On the CPU build that kills the engine core ("CPU Generator does not use
 offset"), so before this module chunked prefill had to be off on CPU, which tripled the time to
 first token under a burst. Here the noise for position `t` comes from a generator seeded with
-`mix(seed, t)`: a discarded sample leaves nothing to rewind, and the text depends only on the
-seed, never on what else was in the batch.
+`mix(seed, t)`: a discarded sample leaves nothing to rewind, and the sampler adds no dependence
+on what else is in the batch. The logits themselves are batch-invariant only where the CPU's
+kernels are: on AVX-512 without AMX, two identical seeded requests batched together wrote the same
+text; on a Xeon with AMX, vLLM's bf16 matmuls give rows slightly different values with the
+batch's row count, and a sample at temperature 1 (which lands in the distribution's long tail of
+tiny probabilities) follows them from the first few tokens on. A seed reproduces a request's text
+when it runs alone, or beside the same company.
 
 The sample is drawn by inverting the cumulative distribution of softmax(logits / T), restricted
 to the top-k / top-p set as vLLM does, at one uniform number u = mix(seed, t) / 2^64: one hash
