@@ -10,10 +10,10 @@ first token under a burst. Here the noise for position `t` comes from a generato
 `mix(seed, t)`: a discarded sample leaves nothing to rewind, and the sampler adds no dependence
 on what else is in the batch. The logits themselves are batch-invariant only where the CPU's
 kernels are: on AVX-512 without AMX, two identical seeded requests batched together wrote the same
-text; on a Xeon with AMX, vLLM's bf16 matmuls give rows slightly different values with the
-batch's row count, and a sample at temperature 1 (which lands in the distribution's long tail of
-tiny probabilities) follows them from the first few tokens on. A seed reproduces a request's text
-when it runs alone, or beside the same company.
+text; on a Xeon with AMX, a row's logits change slightly with what else is in the batch (the bf16
+kernels there are not batch-invariant), and a sample at temperature 1, which often lands in the
+distribution's long tail of tiny probabilities, follows them from the first few tokens on. A
+seed reproduces a request's text when it runs alone, or beside the same company.
 
 The sample is drawn by inverting the cumulative distribution of softmax(logits / T), restricted
 to the top-k / top-p set as vLLM does, at one uniform number u = mix(seed, t) / 2^64: one hash

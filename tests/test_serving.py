@@ -79,9 +79,9 @@ async def test_n2_gives_a_group_of_distinct_candidates(server, channel) -> None:
 
 
 async def test_same_seed_gives_same_text(server, channel) -> None:
-    """One after the other: where the CPU's kernels are not batch-invariant (bf16 matmuls on AMX),
-    a request batched beside another gets slightly different logits, and a sample at temperature
-    1 can follow them (README, `seeded_sampling`)."""
+    """One after the other: where the CPU's kernels are not batch-invariant (a Xeon with AMX), a
+    request batched beside another gets slightly different logits, and a sample at temperature 1
+    can follow them (server/seeded_sampling.py)."""
     stub = pb_grpc.GenerationServiceStub(channel)
     req = pb.GenerateRequest(
         prompt="My favourite food is", sampling=pb.SamplingParams(max_tokens=24, temperature=1.0, seed=1234)
