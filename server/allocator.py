@@ -30,12 +30,16 @@ TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")  # ctypes.util names, firs
 _ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
 
 
+def preloaded_allocator(ld_preload: str) -> str | None:
+    """The allocator `ld_preload` (LD_PRELOAD's value) names, if any."""
+    return next((name for name in _ALLOCATORS if name in ld_preload), None)
+
+
 def with_preloaded(ld_preload: str, library: str) -> str:
-    """`ld_preload` (LD_PRELOAD's value) with `library` first, unless it already names an allocator."""
-    entries = [e for e in ld_preload.replace(" ", ":").split(":") if e]
-    if any(name in e for e in entries for name in _ALLOCATORS):
+    """`ld_preload` with `library` first, unless it already names an allocator."""
+    if preloaded_allocator(ld_preload):
         return ld_preload
-    return ":".join([library, *entries])
+    return ":".join([library, *(e for e in ld_preload.replace(" ", ":").split(":") if e)])
 
 
 def find_tcmalloc() -> str | None:
@@ -49,23 +53,21 @@ def find_tcmalloc() -> str | None:
     return None
 
 
-def preload_tcmalloc_for_children() -> str:
-    """Set LD_PRELOAD so that processes started from now on run with tcmalloc; returns the
-    allocator they will have ("tcmalloc", or what the user preloads, or "glibc" when the host
-    has no tcmalloc)."""
+def preload_tcmalloc_for_children() -> None:
+    """Set LD_PRELOAD so that processes started from now on run with tcmalloc, unless it already
+    names an allocator; warns when the host has no tcmalloc. (Each worker reports what it got:
+    `loaded_allocator`.)"""
     current = os.environ.get("LD_PRELOAD", "")
-    preloaded = next((name for name in _ALLOCATORS if name in current), None)
-    if preloaded:
-        return preloaded
+    if preloaded_allocator(current):
+        return
     library = find_tcmalloc()
     if library is None:
         log.warning(
-            "tcmalloc not found: vLLM's CPU worker runs with glibc's malloc, which fragments under "
-            "steady load (install Debian's libtcmalloc-minimal4, or run deploy/install.sh as root)"
+            "tcmalloc not found: vLLM's CPU worker runs with glibc's malloc, slower under steady load "
+            "(install Debian's libtcmalloc-minimal4, or run deploy/install.sh as root)"
         )
-        return "glibc"
+        return
     os.environ["LD_PRELOAD"] = with_preloaded(current, library)
-    return "tcmalloc"
 
 
 def loaded_allocator(maps: str | None = None) -> str:
